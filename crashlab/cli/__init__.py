@@ -1,0 +1,47 @@
+"""The `crashlab` command line.
+
+Each stage contributes its commands from its own module in this package: a module that defines a
+module-level click command or group named `command` is added to the top-level group. This keeps
+every stage's command line beside nothing but itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import click
+
+from crashlab import __version__
+
+
+class CrashlabError(click.ClickException):
+    """An error for the user: printed as one line, exit status 2, no traceback."""
+
+    exit_code = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="crashlab")
+def cli() -> None:
+    """Crash-consistency fault injection for QEMU disk cache modes and filesystem barriers."""
+
+
+def _load_commands() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        command = getattr(module, "command", None)
+        if isinstance(command, click.Command):
+            cli.add_command(command)
+
+
+_load_commands()
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="crashlab")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

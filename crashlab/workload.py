@@ -1,0 +1,101 @@
+"""The in-guest workload harness: what every program under `workloads/` runs inside.
+
+A workload is a module `workloads/<name>.py` with `run(ctx: WorkloadContext) -> None`. It is
+deterministic from `ctx.seed`, does its file operations under `ctx.root`, and after each durability
+point (fsync, fdatasync, sync returned) calls `ctx.durable(name, promises)`: that writes an in-band
+marker named `name` and records what must hold after recovery in any crash state that lies after that
+marker. The harness writes `workload-start` before the workload and ticks every 100 ms throughout.
+
+Run in the guest as:
+    python3 -m crashlab.workload NAME --root DIR --seed S --scale N --promises FILE
+        [--marker-device DEV --marker-offset BYTES --marker-length BYTES --marker-block BYTES]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from crashlab import markers
+
+Promise = dict[str, Any]  # {"kind": ..., "path": ..., ...}: the oracle (crashlab.oracle) defines the kinds
+
+
+@dataclass
+class WorkloadContext:
+    root: Path
+    seed: int
+    scale: int
+    promises_out: TextIO
+    marker_writer: markers.MarkerWriter | None = None
+    rng: random.Random = field(init=False)
+    points: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def durable(self, name: str, promises: list[Promise] = ()) -> None:  # type: ignore[assignment]
+        """Mark a durability point that has just returned, with what it promises from now on."""
+        seq = self.marker_writer.mark(name).seq if self.marker_writer else self.points
+        for p in promises:
+            self.promises_out.write(json.dumps({"marker": name, "seq": seq, **p}, sort_keys=True) + "\n")
+        # The promise file lives outside the disk under test; flush so a killed guest loses nothing.
+        self.promises_out.flush()
+        self.points += 1
+
+
+def load(name: str) -> Callable[[WorkloadContext], None]:
+    try:
+        module = importlib.import_module(f"workloads.{name}")
+    except ModuleNotFoundError:
+        raise SystemExit(f"unknown workload {name!r}; available: {', '.join(available())}") from None
+    return module.run
+
+
+def available() -> list[str]:
+    import workloads
+
+    return sorted(p.stem for p in Path(workloads.__path__[0]).glob("*.py") if not p.stem.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m crashlab.workload")
+    ap.add_argument("name")
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--promises", type=Path, required=True)
+    ap.add_argument("--marker-device")
+    ap.add_argument("--marker-offset", type=int, default=0)
+    ap.add_argument("--marker-length", type=int, default=0)
+    ap.add_argument("--marker-block", type=int, default=markers.PAYLOAD)
+    ap.add_argument("--tick", type=float, default=markers.TICK_INTERVAL_S)
+    args = ap.parse_args(argv)
+    run = load(args.name)
+    writer = None
+    if args.marker_device:
+        writer = markers.MarkerWriter(args.marker_device, args.marker_offset, args.marker_length,
+                                      args.marker_block, tick_interval=args.tick)
+    try:
+        with args.promises.open("w") as out:
+            ctx = WorkloadContext(args.root, args.seed, args.scale, out, writer)
+            if writer:
+                writer.mark(markers.WORKLOAD_START)
+            run(ctx)
+            if writer:
+                writer.mark(markers.WORKLOAD_END)
+    finally:
+        if writer:
+            writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
