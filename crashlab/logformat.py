@@ -1,0 +1,494 @@
+"""The dm-log-writes log format: reading, writing and replaying.
+
+One format, two writers: the kernel's dm-log-writes target (drivers/md/dm-log-writes.c) and QEMU's
+`blklogwrites` filter node (block/blklogwrites.c). Layout, in units of the log's sector size:
+
+    sector 0    superblock: u64 magic, u64 version (1), u64 nr_entries, u32 sectorsize, zero padded
+    sector 1..  entries: one header sector {u64 sector, u64 nr_sectors, u64 flags, u64 data_len},
+                then nr_sectors data sectors (none for FLUSH, DISCARD and MARK entries). A MARK keeps
+                its name inline after the 32-byte header, data_len bytes long.
+
+The superblock's nr_entries is stale by design (the kernel updates it only on FUA and MARK entries,
+QEMU only on a flush or every 4096 entries, and never at all with cache.no-flush), so the reader
+scans on past it and stops at the first header that cannot be valid, reporting how many entries it
+recovered beyond the count. Data stays in the file: entries carry offsets and data is read through
+an mmap on demand, so a log of any size costs memory only for its headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import lzma
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from crashlab import markers
+
+MAGIC = 0x6A736677736872
+VERSION = 1
+
+FLUSH = 0x1
+FUA = 0x2
+DISCARD = 0x4
+MARK = 0x8
+METADATA = 0x10
+KNOWN_FLAGS = FLUSH | FUA | DISCARD | MARK | METADATA
+FLAG_NAMES = {FLUSH: "FLUSH", FUA: "FUA", DISCARD: "DISCARD", MARK: "MARK", METADATA: "METADATA"}
+
+_SUPER = struct.Struct("<QQQI")
+_ENTRY = struct.Struct("<QQQQ")
+SECTOR_SIZES = (512, 1024, 2048, 4096)
+
+
+class LogFormatError(Exception):
+    """The file is not a dm-log-writes log, or is damaged where it cannot be scanned past."""
+
+
+def flag_names(flags: int) -> str:
+    return "|".join(n for bit, n in FLAG_NAMES.items() if flags & bit) or "WRITE"
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock:
+    magic: int
+    version: int
+    nr_entries: int
+    sector_size: int
+
+    @property
+    def valid(self) -> bool:
+        return self.magic == MAGIC and self.version == VERSION and self.sector_size in SECTOR_SIZES
+
+    @property
+    def blank(self) -> bool:
+        """All zero: QEMU with cache.no-flush never writes it."""
+        return self.magic == self.version == self.nr_entries == self.sector_size == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    index: int  # 0-based position in the log
+    sector: int  # on the logged device, in log sectors
+    nr_sectors: int
+    flags: int
+    data_len: int
+    header_offset: int  # byte offset of the header in the log file
+    sector_size: int
+    mark: str | None = None  # name of a native MARK entry
+    marker: markers.Marker | None = None  # an in-band marker write (never replayed)
+
+    @property
+    def data_offset(self) -> int:
+        return self.header_offset + self.sector_size
+
+    @property
+    def offset(self) -> int:
+        """Byte offset on the logged device."""
+        return self.sector * self.sector_size
+
+    @property
+    def length(self) -> int:
+        """Bytes on the logged device (data written or range discarded)."""
+        return self.nr_sectors * self.sector_size
+
+    @property
+    def end_offset(self) -> int:
+        """Byte offset in the log just past this entry."""
+        return self.data_offset + (self.length if self.carries_data else 0)
+
+    @property
+    def carries_data(self) -> bool:
+        return self.nr_sectors > 0 and not self.flags & (DISCARD | MARK)
+
+    @property
+    def is_flush(self) -> bool:
+        return bool(self.flags & FLUSH)
+
+    @property
+    def is_fua(self) -> bool:
+        return bool(self.flags & FUA)
+
+    @property
+    def is_discard(self) -> bool:
+        return bool(self.flags & DISCARD)
+
+    @property
+    def is_mark(self) -> bool:
+        return bool(self.flags & MARK)
+
+    @property
+    def is_metadata(self) -> bool:
+        return bool(self.flags & METADATA)
+
+    @property
+    def is_write(self) -> bool:
+        """A data write the replayer applies (not an in-band marker)."""
+        return self.carries_data and self.marker is None
+
+    @property
+    def kind(self) -> str:
+        if self.is_mark:
+            return "mark"
+        if self.is_discard:
+            return "discard"
+        if self.marker is not None:
+            return "marker"
+        if self.carries_data:
+            return "write"
+        return "flush" if self.is_flush else "empty"
+
+    def describe(self) -> str:
+        what = {
+            "mark": f"mark {self.mark!r}",
+            "marker": f"marker {self.marker.name!r} seq {self.marker.seq}" if self.marker else "",
+            "discard": f"discard {self.offset}+{self.length}",
+            "write": f"write {self.offset}+{self.length}",
+            "flush": "flush",
+            "empty": "empty",
+        }[self.kind]
+        return f"{self.index:>8}  {flag_names(self.flags):<22} {what}"
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Where and why the scan stopped early, inside the entries the superblock promises."""
+
+    entry: int
+    offset: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"entry {self.entry} at byte offset {self.offset}: {self.reason}"
+
+
+@dataclass(slots=True)
+class Summary:
+    sector_size: int = 0
+    superblock: str = ""  # "valid", "blank" or "invalid"
+    superblock_entries: int = 0
+    entries: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    flushes: int = 0
+    fua: int = 0
+    discards: int = 0
+    bytes_discarded: int = 0
+    metadata: int = 0
+    marks: list[str] = field(default_factory=list)
+    markers: int = 0
+    ticks: int = 0
+    recovered_beyond_superblock: int = 0
+    log_bytes: int = 0
+    damage: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class LogReader:
+    """A dm-log-writes log opened for reading, scanned lazily through an mmap."""
+
+    def __init__(self, path: str | os.PathLike[str], sector_size: int | None = None) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("rb")
+        self.size = os.fstat(self._file.fileno()).st_size
+        if self.path.is_block_device():
+            self.size = self._file.seek(0, os.SEEK_END)
+        if self.size < 512:
+            self.close()
+            raise LogFormatError(f"{self.path}: {self.size} bytes is too short for a log superblock")
+        self._map = mmap.mmap(self._file.fileno(), self.size, prot=mmap.PROT_READ)
+        self.superblock = Superblock(*_SUPER.unpack_from(self._map, 0))
+        self.sector_size = self._pick_sector_size(sector_size)
+        self.damage: Damage | None = None
+        self._entries: list[Entry] | None = None
+
+    def _pick_sector_size(self, requested: int | None) -> int:
+        sb = self.superblock
+        if requested is not None:
+            if requested not in SECTOR_SIZES:
+                raise LogFormatError(f"sector size {requested} is not one of {SECTOR_SIZES}")
+            return requested
+        if sb.valid:
+            return sb.sector_size
+        if not sb.blank:
+            raise LogFormatError(
+                f"{self.path}: not a dm-log-writes log: bad superblock at byte offset 0 "
+                f"(magic {sb.magic:#x}, version {sb.version}, sector size {sb.sector_size})")
+        # A blank superblock (QEMU, cache.no-flush): the first header that parses decides.
+        for size in SECTOR_SIZES:
+            if size < self.size and self._header(0, size, size)[0] is not None:
+                return size
+        raise LogFormatError(f"{self.path}: blank superblock and no valid entry at any sector size")
+
+    def _header(self, index: int, offset: int, ss: int) -> tuple[Entry | None, str]:
+        """The entry whose header starts at `offset`, or None with the reason it cannot be one."""
+        if offset + ss > self.size:
+            return None, f"header needs {ss} bytes, {self.size - offset} left"
+        sector, nr_sectors, flags, data_len = _ENTRY.unpack_from(self._map, offset)
+        if flags & ~KNOWN_FLAGS:
+            return None, f"unknown flags {flags:#x}"
+        if flags & MARK:
+            if nr_sectors or not 0 < data_len <= ss - _ENTRY.size:
+                return None, f"mark with {nr_sectors} sectors and name length {data_len}"
+            pad_from = _ENTRY.size + data_len
+        else:
+            if data_len:
+                return None, f"data_len {data_len} on a non-mark entry"
+            if not nr_sectors and not flags & FLUSH:
+                return None, "empty entry without FLUSH (end of log)"
+            pad_from = _ENTRY.size
+        if any(self._map[offset + pad_from:offset + ss]):
+            return None, "non-zero padding after the header"
+        entry = Entry(index, sector, nr_sectors, flags, data_len, offset, ss)
+        if entry.end_offset > self.size:
+            return None, (f"{flag_names(flags)} of {nr_sectors} sectors runs "
+                          f"{entry.end_offset - self.size} bytes past the end of the log")
+        if flags & MARK:
+            raw = self._map[offset + _ENTRY.size:offset + _ENTRY.size + data_len]
+            name = raw.rstrip(b"\0").decode(errors="replace")
+            return Entry(index, sector, nr_sectors, flags, data_len, offset, ss, mark=name), ""
+        if entry.carries_data and self._map[entry.data_offset:entry.data_offset + 8] == markers.MAGIC:
+            found = markers.decode(self._map[entry.data_offset:entry.data_offset + markers.PAYLOAD])
+            if found is not None:
+                return Entry(index, sector, nr_sectors, flags, data_len, offset, ss, marker=found), ""
+        return entry, ""
+
+    def __iter__(self) -> Iterator[Entry]:
+        return self.entries()
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry in log order; stops at the first header that cannot be valid.
+
+        Stopping inside the superblock's count is damage (a cut or overwritten log) and is recorded
+        in `self.damage`; stopping past it is just the end of the log.
+        """
+        if self._entries is not None:
+            yield from self._entries
+            return
+        found: list[Entry] = []
+        ss, offset, index = self.sector_size, self.sector_size, 0
+        promised = self.superblock.nr_entries if self.superblock.valid else 0
+        while offset < self.size:
+            entry, why = self._header(index, offset, ss)
+            if entry is None:
+                if index < promised:
+                    self.damage = Damage(index, offset, f"{why}; the superblock promises {promised} entries")
+                break
+            found.append(entry)
+            yield entry
+            offset, index = entry.end_offset, index + 1
+        else:
+            if index < promised:
+                self.damage = Damage(index, offset, f"log ends; the superblock promises {promised} entries")
+        self._entries = found
+
+    def index(self) -> list[Entry]:
+        """All entries as a list (headers only; data stays in the file)."""
+        if self._entries is None:
+            for _ in self.entries():
+                pass
+        assert self._entries is not None
+        return self._entries
+
+    def data(self, entry: Entry) -> memoryview:
+        """The data an entry writes, as a view into the mapped log (no copy)."""
+        if not entry.carries_data:
+            return memoryview(b"")
+        return memoryview(self._map)[entry.data_offset:entry.data_offset + entry.length]
+
+    def summary(self) -> Summary:
+        s = Summary(sector_size=self.sector_size, log_bytes=self.size)
+        sb = self.superblock
+        s.superblock = "valid" if sb.valid else "blank" if sb.blank else "invalid"
+        s.superblock_entries = sb.nr_entries if sb.valid else 0
+        for e in self.entries():
+            s.entries += 1
+            s.flushes += e.is_flush
+            s.fua += e.is_fua
+            s.metadata += e.is_metadata
+            if e.is_mark:
+                s.marks.append(e.mark or "")
+            elif e.marker is not None:
+                s.markers += 1
+                s.ticks += e.marker.is_tick
+            elif e.is_discard:
+                s.discards += 1
+                s.bytes_discarded += e.length
+            elif e.carries_data:
+                s.writes += 1
+                s.bytes_written += e.length
+        s.recovered_beyond_superblock = max(0, s.entries - s.superblock_entries)
+        s.damage = str(self.damage) if self.damage else None
+        return s
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError, BufferError):
+            self._map.close()
+        self._file.close()
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def open_log(path: str | os.PathLike[str], sector_size: int | None = None) -> Iterator[LogReader]:
+    """Open a log; `.xz` logs are decompressed to a temporary file first (mmap needs a real file)."""
+    path = Path(path)
+    if not path.exists():
+        raise LogFormatError(f"{path}: no such log")
+    if path.suffix != ".xz":
+        with LogReader(path, sector_size) as reader:
+            yield reader
+        return
+    tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.NamedTemporaryFile(prefix="crashlab-log-", dir=tmpdir) as tmp:
+        try:
+            with lzma.open(path) as src:
+                shutil.copyfileobj(src, tmp, 1 << 20)
+        except lzma.LZMAError as e:
+            raise LogFormatError(f"{path}: cannot decompress: {e}") from None
+        tmp.flush()
+        with LogReader(tmp.name, sector_size) as reader:
+            yield reader
+
+
+class LogWriter:
+    """Writes a log in the kernel's layout (used by tests and to re-emit edited logs)."""
+
+    def __init__(self, path: str | os.PathLike[str], sector_size: int = 512) -> None:
+        if sector_size not in SECTOR_SIZES:
+            raise ValueError(f"sector size {sector_size} is not one of {SECTOR_SIZES}")
+        self.sector_size = sector_size
+        self.nr_entries = 0
+        self._file = Path(path).open("wb")  # noqa: SIM115 - owned for the writer's lifetime
+        self._file.write(b"\0" * sector_size)
+
+    def _header(self, sector: int, nr_sectors: int, flags: int, inline: bytes = b"") -> None:
+        head = _ENTRY.pack(sector, nr_sectors, flags, len(inline) if flags & MARK else 0) + inline
+        self._file.write(head.ljust(self.sector_size, b"\0"))
+        self.nr_entries += 1
+
+    def write(self, sector: int, data: bytes, flags: int = 0) -> None:
+        if not data or len(data) % self.sector_size:
+            raise ValueError(f"write of {len(data)} bytes is not whole {self.sector_size}-byte sectors")
+        self._header(sector, len(data) // self.sector_size, flags)
+        self._file.write(data)
+
+    def flush(self, flags: int = 0) -> None:
+        self._header(0, 0, FLUSH | flags)
+
+    def discard(self, sector: int, nr_sectors: int) -> None:
+        self._header(sector, nr_sectors, DISCARD)
+
+    def mark(self, name: str) -> None:
+        raw = name.encode()
+        if not 0 < len(raw) <= self.sector_size - _ENTRY.size:
+            raise ValueError(f"mark name of {len(raw)} bytes does not fit a header sector")
+        self._header(0, 0, MARK, raw)
+
+    def close(self, nr_entries: int | None = None, blank_superblock: bool = False) -> None:
+        """Finish the log; `nr_entries`/`blank_superblock` write a stale or missing count, as real
+        recorders leave it."""
+        self._file.seek(0)
+        if not blank_superblock:
+            count = self.nr_entries if nr_entries is None else nr_entries
+            self._file.write(_SUPER.pack(MAGIC, VERSION, count, self.sector_size))
+        self._file.close()
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Discard a range of an image file: a hole reads as zeroes and costs no space. Falls back to
+    writing zeroes where the filesystem cannot punch holes."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV):
+        raise OSError(err, os.strerror(err))
+    zero = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, zero[:end - offset], offset)
+
+
+def apply(reader: LogReader, entry: Entry, fd: int) -> None:
+    """Apply one entry to an open image: writes are written, discards punched; flushes, native
+    marks and in-band markers change nothing."""
+    if entry.is_write:
+        os.pwrite(fd, reader.data(entry), entry.offset)
+    elif entry.is_discard:
+        punch_hole(fd, entry.offset, entry.length)
+
+
+def stop_index(reader: LogReader, to: str) -> int:
+    """How many entries to replay for a `--to` target.
+
+    `all`; `entry:K` (the first K entries); `mark:NAME` (through the first native mark or in-band
+    marker of that name); `flush:N` (through the N-th flush entry, from 1).
+    """
+    entries = reader.index()
+    if to == "all":
+        return len(entries)
+    kind, _, arg = to.partition(":")
+    if kind == "entry" and arg.isdigit():
+        k = int(arg)
+        if k > len(entries):
+            raise LogFormatError(f"--to {to}: the log has only {len(entries)} entries")
+        return k
+    if kind == "mark" and arg:
+        for e in entries:
+            if e.mark == arg or (e.marker is not None and e.marker.name == arg):
+                return e.index + 1
+        raise LogFormatError(f"--to {to}: no mark or marker named {arg!r} in the log")
+    if kind == "flush" and arg.isdigit() and int(arg) > 0:
+        n = int(arg)
+        flushes = [e.index for e in entries if e.is_flush]
+        if n > len(flushes):
+            raise LogFormatError(f"--to {to}: the log has only {len(flushes)} flush entries")
+        return flushes[n - 1] + 1
+    raise LogFormatError(f"--to {to!r}: expected all, entry:K, mark:NAME or flush:N")
+
+
+def replay(reader: LogReader, image: str | os.PathLike[str], stop: int | None = None,
+           start: int = 0) -> int:
+    """Apply entries [start, stop) to `image` (created if missing); returns the number applied."""
+    entries = reader.index()
+    stop = len(entries) if stop is None else stop
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for entry in entries[start:stop]:
+            apply(reader, entry, fd)
+    finally:
+        os.close(fd)
+    return max(0, stop - start)
