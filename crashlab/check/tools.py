@@ -1,0 +1,85 @@
+"""Thin wrappers over the userspace tools: every call has a timeout and ends as a `ToolRun`.
+
+fsck and journal replay run on the host even when mounts run in a guest: they are userspace
+programs reading an image file, so a corrupted image can hang or crash them but not the host kernel,
+and they run at native speed instead of under TCG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Sequence
+
+import sh
+
+from crashlab.check.outcome import ToolRun
+
+DEFAULT_TIMEOUT = 120.0
+
+
+def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> ToolRun:
+    """Run `argv`, never raising for the tool's own failures: those are data for the record.
+
+    The tool gets its own session so that a timeout kills the whole group: sh's `_timeout` signals
+    only the leader, and a hung fsck wrapper's children would keep the output pipes open.
+    """
+    argv = [str(a) for a in argv]
+    run = ToolRun(argv=argv)
+    t0 = time.monotonic()
+    # Looked up on each call, from the PATH of the moment (tests put fake tools in front).
+    path = shutil.which(argv[0], path=os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin")
+    if path is None:
+        run.missing = True
+        run.error = f"{argv[0]} not found"
+        return run
+    proc = sh.Command(path)(*argv[1:], _bg=True, _bg_exc=False, _new_session=True, _ok_code=range(256))
+    try:
+        proc.wait(timeout=timeout)
+    except sh.TimeoutException:
+        run.timed_out = True
+        proc.kill_group()
+        with contextlib.suppress(sh.ErrorReturnCode):  # the SIGKILL we sent
+            proc.wait()
+    except sh.ErrorReturnCode:  # killed by a signal from elsewhere
+        pass
+    run.seconds = time.monotonic() - t0
+    run.rc = None if run.timed_out else proc.exit_code
+    run.stdout = _text(proc.stdout)
+    run.stderr = _text(proc.stderr)
+    return run
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def fsck_argv(fs: str, image: str) -> list[str]:
+    """The read-only check for `fs`, to run after recovery."""
+    match fs:
+        case "ext4":
+            return ["e2fsck", "-f", "-n", image]
+        case "xfs":
+            return ["xfs_repair", "-n", "-f", image]
+        case "btrfs":
+            return ["btrfs", "check", "--readonly", image]
+    raise ValueError(f"unsupported filesystem {fs!r}")
+
+
+def journal_replay_argv(image: str) -> list[str]:
+    """ext4 journal replay in userspace; writes the image, which is a disposable copy."""
+    return ["e2fsck", "-E", "journal_only", "-y", image]
+
+
+def tool_versions(fs: str, timeout: float = 10.0) -> dict[str, str]:
+    """Versions of the tools whose verdicts go into the record (the first line each prints)."""
+    argvs = {"ext4": [["e2fsck", "-V"]], "xfs": [["xfs_repair", "-V"]], "btrfs": [["btrfs", "--version"]]}
+    out: dict[str, str] = {}
+    for argv in argvs.get(fs, []):
+        run = run_tool(argv, timeout)
+        out[argv[0]] = (run.output.strip().splitlines() or ["unknown"])[0]
+    return out
