@@ -103,10 +103,50 @@ def e2fsck_check(run: ToolRun) -> StepVerdict:
         return StepVerdict(Verdict.TOOL_ERROR, "e2fsck saw an unrecovered journal: recovery did not happen")
     if rc & E2FSCK_OPERATIONAL:
         # After a successful recovery e2fsck could not even open or read the filesystem.
-        return StepVerdict(Verdict.BAD, f"e2fsck exit {rc}: could not check the filesystem")
+        return StepVerdict(Verdict.BAD, f"e2fsck exit {rc}: the filesystem could not be fully checked")
     if rc & (E2FSCK_UNCORRECTED | E2FSCK_CORRECTED | E2FSCK_REBOOT):
         return StepVerdict(Verdict.BAD, f"e2fsck exit {rc}: errors found")
     return StepVerdict(Verdict.OK, "e2fsck clean")
+
+
+EXT4_SB_OFFSET, EXT4_MAGIC = 1024, 0xEF53
+_EXT4_COMPAT_HAS_JOURNAL, _EXT4_INCOMPAT_RECOVER = 0x4, 0x4
+
+
+@dataclass(frozen=True)
+class Ext4Superblock:
+    magic_ok: bool
+    has_journal: bool
+    needs_recovery: bool
+
+
+def ext4_superblock(head: bytes) -> Ext4Superblock:
+    """The primary superblock's state, from the image's first 2 KiB (struct ext4_super_block)."""
+    sb = head[EXT4_SB_OFFSET:EXT4_SB_OFFSET + 1024]
+    if len(sb) < 1024 or int.from_bytes(sb[0x38:0x3A], "little") != EXT4_MAGIC:
+        return Ext4Superblock(False, False, False)
+    compat = int.from_bytes(sb[0x5C:0x60], "little")
+    incompat = int.from_bytes(sb[0x60:0x64], "little")
+    return Ext4Superblock(magic_ok=True, has_journal=bool(compat & _EXT4_COMPAT_HAS_JOURNAL),
+                          needs_recovery=bool(incompat & _EXT4_INCOMPAT_RECOVER))
+
+
+def ext4_precheck(sb: Ext4Superblock) -> StepVerdict | None:
+    """What a kernel mount would decide before any replay; None: go on and replay.
+
+    Needed because e2fsck is more forgiving than the kernel: with a bad primary superblock it
+    quietly uses a backup (and with -y writes it back), where a mount fails.
+    """
+    if not sb.magic_ok:
+        return StepVerdict(Verdict.BAD, "primary superblock has no ext4 magic: a mount would fail")
+    if not sb.needs_recovery:
+        return StepVerdict(Verdict.OK, "journal clean: nothing to replay")
+    return None
+
+
+# e2fsck prints these only when it went past the journal into a full check. With -y that repairs
+# the image, so nothing after it can be checked; the kernel would have refused to mount instead.
+_E2FSCK_ESCALATED = ("Pass 1:", "journal has been deleted", "Cannot proceed")
 
 
 def e2fsck_journal_replay(run: ToolRun) -> StepVerdict:
@@ -122,6 +162,8 @@ def e2fsck_journal_replay(run: ToolRun) -> StepVerdict:
         return StepVerdict(Verdict.TOOL_ERROR, f"e2fsck exit {rc}: usage, cancel or library error")
     if rc & (E2FSCK_OPERATIONAL | E2FSCK_UNCORRECTED):
         return StepVerdict(Verdict.BAD, f"journal replay failed: e2fsck exit {rc}")
+    if any(s in run.output for s in _E2FSCK_ESCALATED):
+        return StepVerdict(Verdict.BAD, "journal unusable: e2fsck went past journal replay into a repair")
     replayed = "recovering journal" in run.output
     return StepVerdict(Verdict.OK, "journal replayed" if replayed else "journal clean")
 
@@ -217,6 +259,7 @@ class CheckRecord:
     violations: list[Any] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase and "total"
     kernel_log: str = ""  # guest kernel messages during this image's mounts
+    notes: list[str] = field(default_factory=list)  # decisions taken without running a tool
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -229,6 +272,7 @@ class CheckRecord:
             "violations": [violation_to_json(v) for v in self.violations],
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "kernel_log": clip(self.kernel_log),
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -237,4 +281,4 @@ class CheckRecord:
         return cls(state_id=d["state_id"], image=d["image"], fs=d["fs"], outcome=Outcome(d["outcome"]),
                    reason=d["reason"], backend=d["backend"], oracle_ran=d["oracle_ran"],
                    violations=d["violations"], timings=d["timings"], kernel_log=d.get("kernel_log", ""),
-                   **runs)
+                   notes=d.get("notes", []), **runs)

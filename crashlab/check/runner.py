@@ -66,12 +66,18 @@ def check_image(image: Path, fs: str, state_id: str = "", *, oracle: Oracle | No
     mount_recovery = fs != "ext4" or ext4_recovery == "mount"
 
     if not mount_recovery:
-        recovery_run = run_tool(journal_replay_argv(str(image)), timeout)
-        timings["recovery"] = recovery_run.seconds
-        recovery = oc.e2fsck_journal_replay(recovery_run)
+        with image.open("rb") as f:
+            pre = oc.ext4_precheck(oc.ext4_superblock(f.read(2048)))
+        if pre is not None:
+            recovery = pre
+        else:
+            recovery_run = run_tool(journal_replay_argv(str(image)), timeout)
+            timings["recovery"] = recovery_run.seconds
+            recovery = oc.e2fsck_journal_replay(recovery_run)
 
     record = CheckRecord(state_id=state_id, image=str(image), fs=fs, outcome=oc.Outcome.CHECKER_ERROR,
-                         reason="", backend=backend.name, recovery=recovery_run)
+                         reason="", backend=backend.name, recovery=recovery_run,
+                         notes=[recovery.reason] if recovery_run is None and not mount_recovery else [])
     tree_verdict: StepVerdict | None = None
     fsck: StepVerdict | None = None
     violations: list[Any] | None = None
