@@ -404,6 +404,8 @@ class LogWriter:
     def close(self, nr_entries: int | None = None, blank_superblock: bool = False) -> None:
         """Finish the log; `nr_entries`/`blank_superblock` write a stale or missing count, as real
         recorders leave it."""
+        if self._file.closed:
+            return
         self._file.seek(0)
         if not blank_superblock:
             count = self.nr_entries if nr_entries is None else nr_entries
