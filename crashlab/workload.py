@@ -6,9 +6,17 @@ point (fsync, fdatasync, sync returned) calls `ctx.durable(name, promises)`: tha
 marker named `name` and records what must hold after recovery in any crash state that lies after that
 marker. The harness writes `workload-start` before the workload and ticks every 100 ms throughout.
 
+The promises file gets one *point* line per durability point, then that point's promises (format
+and semantics: crashlab.oracle). Promise constructors live in crashlab.oracle; `fsync_path` and
+`fsync_dir` below are the idioms workloads share.
+
 Run in the guest as:
     python3 -m crashlab.workload NAME --root DIR --seed S --scale N --promises FILE
         [--marker-device DEV --marker-offset BYTES --marker-length BYTES --marker-block BYTES]
+        [--tick SECONDS] [--param KEY=VALUE ...]
+
+`--param` passes workload-specific settings (e.g. `ops=FILE` for the `ops` workload); the same can
+come from the environment as CRASHLAB_PARAM_<KEY>, for runners that cannot add arguments.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,20 +44,55 @@ class WorkloadContext:
     scale: int
     promises_out: TextIO
     marker_writer: markers.MarkerWriter | None = None
+    params: dict[str, str] = field(default_factory=dict)
     rng: random.Random = field(init=False)
     points: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
-    def durable(self, name: str, promises: list[Promise] = ()) -> None:  # type: ignore[assignment]
-        """Mark a durability point that has just returned, with what it promises from now on."""
+    def durable(self, name: str, promises: Sequence[Promise] = ()) -> int:
+        """Mark a durability point that has just returned, with what it promises from now on.
+        Returns the point's marker seq."""
         seq = self.marker_writer.mark(name).seq if self.marker_writer else self.points
+        # The point line comes even without promises: the oracle needs every point to know which
+        # one follows a crash state.
+        self.promises_out.write(json.dumps({"marker": name, "seq": seq}) + "\n")
         for p in promises:
             self.promises_out.write(json.dumps({"marker": name, "seq": seq, **p}, sort_keys=True) + "\n")
         # The promise file lives outside the disk under test; flush so a killed guest loses nothing.
         self.promises_out.flush()
         self.points += 1
+        return seq
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        return self.params.get(key, os.environ.get(f"CRASHLAB_PARAM_{key.upper()}", default))
+
+
+def fsync_path(path: Path, data_only: bool = False) -> None:
+    """fsync (or fdatasync) a file or directory by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (os.fdatasync if data_only else os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path)
+
+
+def write_file(path: Path, data: bytes, sync: bool = True) -> None:
+    """Create or truncate `path`, write `data`, and fsync it (not its directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(name: str) -> Callable[[WorkloadContext], None]:
@@ -77,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--marker-length", type=int, default=0)
     ap.add_argument("--marker-block", type=int, default=markers.PAYLOAD)
     ap.add_argument("--tick", type=float, default=markers.TICK_INTERVAL_S)
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
+    if bad := [kv for kv in args.param if "=" not in kv]:
+        ap.error(f"--param wants KEY=VALUE, got {bad[0]!r}")
+    params = dict(kv.split("=", 1) for kv in args.param)
     run = load(args.name)
     writer = None
     if args.marker_device:
@@ -85,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.marker_block, tick_interval=args.tick)
     try:
         with args.promises.open("w") as out:
-            ctx = WorkloadContext(args.root, args.seed, args.scale, out, writer)
+            ctx = WorkloadContext(args.root, args.seed, args.scale, out, writer, params)
             if writer:
                 writer.mark(markers.WORKLOAD_START)
             run(ctx)
