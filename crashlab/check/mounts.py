@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -40,12 +40,20 @@ class MountSteps:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MountRequest:
+    image: Path
+    fs: str
+    recover: bool  # mount read-write and unmount cleanly: log replay
+    tree_dest: Path | None  # then mount read-only and copy the tree here (an empty directory)
+
+
 class MountBackend(Protocol):
     name: str
 
-    def mount_steps(self, image: Path, fs: str, *, recover: bool, tree_dest: Path | None,
-                    timeout: float = MOUNT_TIMEOUT) -> MountSteps:
-        """Recover `image` by mounting (if `recover`), then copy its tree into `tree_dest` (if given)."""
+    def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
+                    ) -> list[MountSteps]:
+        """One `MountSteps` per request, in order; `timeout` bounds each mount step."""
         ...
 
 
@@ -66,16 +74,20 @@ def _is_bad_mount(run: ToolRun) -> bool:
 
 
 class HostMounts:
-    """Loop mounts on this host. Explicit opt-in only (`host_mount=True`, `--host-mount`)."""
+    """Mounts in the kernel this process runs on: loop mounts of image files on the host (explicit
+    opt-in only: `host_mount=True`, `--host-mount`), or, with `loop=False`, the block devices of the
+    checker guest, where crashlab.check.inguest uses it."""
 
-    name = "host"
+    def __init__(self, loop: bool = True, name: str = "host") -> None:
+        self.loop, self.name = loop, name
 
     @contextlib.contextmanager
     def _mounted(self, image: Path, fs: str, options: str, timeout: float,
                  runs: list[ToolRun]) -> Iterator[Path | None]:
         with tempfile.TemporaryDirectory(prefix="crashlab-mnt-") as mnt:
             # mount(8) sets up the loop device with autoclear: the unmount (or a failed mount) frees it.
-            m = run_tool(["mount", "-t", fs, "-o", f"loop,{options}", str(image), mnt], timeout)
+            opts = f"loop,{options}" if self.loop else options
+            m = run_tool(["mount", "-t", fs, "-o", opts, str(image), mnt], timeout)
             runs.append(m)
             if m.rc != 0:
                 if m.timed_out:  # a hung mount may still complete later: do not leave it behind
@@ -90,6 +102,11 @@ class HostMounts:
                     u.error = u.error or f"umount failed (exit {u.rc})"
                     run_tool(["umount", "-l", mnt], 30)
                 runs.append(u)
+
+    def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
+                    ) -> list[MountSteps]:
+        return [self.mount_steps(r.image, r.fs, recover=r.recover, tree_dest=r.tree_dest, timeout=timeout)
+                for r in requests]
 
     def mount_steps(self, image: Path, fs: str, *, recover: bool, tree_dest: Path | None,
                     timeout: float = MOUNT_TIMEOUT) -> MountSteps:

@@ -1,0 +1,172 @@
+"""The checker guest: kernel mounts of crash images inside a disposable QEMU guest.
+
+A corrupted image can oops, hang or panic the kernel that mounts it, so by default that kernel is a
+guest's. One boot serves many images: each is attached as a virtio disk (serial `ck<N>`), and
+crashlab.check.inguest mounts them in turn, copying recovered trees into the `out` virtiofs share.
+If an image kills the guest kernel, that image is recorded as what a reboot would have met (a
+crashed mount: `unmountable`, console kept) and the images after it get a fresh guest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import crashlab
+from crashlab import guestinit
+from crashlab.cachemodes import cache_mode
+from crashlab.check.inguest import RESULTS
+from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps
+from crashlab.check.outcome import ToolRun, clip
+
+MAX_DISKS = 16  # virtio-blk-pci devices per boot (one PCI slot each)
+BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded host
+PANIC_SIGNS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "Call Trace:")
+
+
+class GuestMounts:
+    """A `MountBackend` whose mounts happen in a checker guest; a context manager (provisions once)."""
+
+    name = "guest"
+
+    def __init__(self, guest: Any = None, *, memory_mib: int = 512, accel: str = "tcg",
+                 max_disks: int = MAX_DISKS) -> None:
+        self.guest, self.memory_mib, self.accel, self.max_disks = guest, memory_mib, accel, max_disks
+        self.boots: list[dict[str, float]] = []  # per boot: images, seconds (for reports and tests)
+
+    def __enter__(self) -> GuestMounts:
+        if self.guest is None:
+            from crashlab.provision import provision
+
+            self.guest = provision()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        pass
+
+    def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
+                    ) -> list[MountSteps]:
+        if self.guest is None:
+            self.__enter__()
+        results: list[MountSteps | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:
+            boot = pending[:self.max_disks]
+            done = self._boot(requests, boot, timeout, results)
+            if not done:  # nothing could be attributed: do not loop on a guest that never starts
+                for i in boot:
+                    results[i] = _failed(requests[i], "checker guest produced no result", tool=True)
+            pending = [i for i in pending if results[i] is None]
+        return [r for r in results if r is not None]
+
+    def _boot(self, requests: Sequence[MountRequest], indices: list[int], timeout: float,
+              results: list[MountSteps | None]) -> int:
+        from crashlab.machine import Drive, Machine, MachineError, Share
+
+        with tempfile.TemporaryDirectory(prefix="crashlab-checkguest-") as tmp:
+            out = Path(tmp)
+            python, project = sys.executable, str(Path(crashlab.__file__).resolve().parent.parent)
+            (out / "guest.env").write_text(guestinit.guest_env(python, project))
+            job = {"mode": "exec",
+                   "argv": [python, "-m", "crashlab.check.inguest", str(guestinit.OUT / "check.json")]}
+            (out / "job.json").write_text(json.dumps(job))
+            reqs = [{"index": i, "serial": f"ck{i}", "fs": requests[i].fs, "recover": requests[i].recover,
+                     "tree": requests[i].tree_dest is not None} for i in indices]
+            (out / "check.json").write_text(json.dumps({"timeout": timeout, "requests": reqs}))
+            # writeback: the guest's unmount flushes, and the host's fsck reads the same page cache.
+            drives = [Drive(Path(requests[i].image).resolve(), cache_mode("writeback"), serial=f"ck{i}")
+                      for i in indices]
+            shares = [Share("out", out, cache="none"), Share("hostroot", Path("/"))]
+            deadline = BOOT_BUDGET_S + len(indices) * (2 * timeout + 10)
+            t0 = time.monotonic()
+            crash = ""
+            try:
+                with Machine(self.guest.kernel, self.guest.initrd, drives=drives, shares=shares,
+                             memory_mib=self.memory_mib, accel=self.accel, timeout=deadline,
+                             console_log=out / "console.log", name="crashlab-check") as m:
+                    try:
+                        m.wait()
+                    except MachineError as e:  # includes MachineTimeout: the guest hung
+                        crash = f"timeout: {e}"
+            except MachineError as e:
+                crash = f"launch: {e}"
+            seconds = time.monotonic() - t0
+            log = out / "console.log"
+            console = log.read_text(errors="replace") if log.exists() else ""
+            events = _events(out / RESULTS)
+            n = 0
+            for i in indices:
+                ev = events.get(i, {})
+                if ev.get("event") == "done":
+                    results[i] = _steps_from(ev, requests[i], out)
+                    n += 1
+                elif ev.get("event") == "start":
+                    # This image was being mounted when the guest stopped: a kernel that crashed is
+                    # what a reboot would meet; a hang or our own process dying is not the image's.
+                    hung = crash.startswith("timeout")
+                    panicked = not hung and any(s in console for s in PANIC_SIGNS)
+                    why = ("guest kernel crashed mounting this image" if panicked else
+                           "guest hung mounting this image" if hung else "checker stopped in the guest")
+                    steps = _failed(requests[i], f"{why}: {_console_tail(console)}", tool=not panicked,
+                                    timed_out=hung)
+                    steps.kernel_log = clip(console)
+                    results[i] = steps
+                    n += 1
+                elif ev.get("event") == "missing":
+                    results[i] = _failed(requests[i], "disk not found in the guest", tool=True)
+                    n += 1
+            self.boots.append({"images": float(n), "seconds": seconds})
+            if n == 0 and console:
+                for i in indices:
+                    results[i] = _failed(requests[i], f"checker guest failed ({crash or 'no results'}): "
+                                         + _console_tail(console), tool=True)
+                n = len(indices)
+            return n
+
+
+def _events(path: Path) -> dict[int, dict[str, Any]]:
+    last: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:  # a line cut by the guest's death
+                continue
+            last[ev["index"]] = ev
+    return last
+
+
+def _console_tail(console: str, lines: int = 8) -> str:
+    tail = console.strip().splitlines()[-lines:]
+    return " | ".join(tail)
+
+
+def _failed(req: MountRequest, why: str, *, tool: bool, timed_out: bool = False) -> MountSteps:
+    """A step that did not complete: the tool's fault (`tool`) or the filesystem's (a crashed kernel)."""
+    run = ToolRun(argv=["guest-mount", req.fs, str(req.image)], rc=None if tool else 255,
+                  stderr=why + "\n", timed_out=timed_out, error=why if tool and not timed_out else "")
+    steps = MountSteps()
+    if req.recover:
+        steps.recovery = run
+    elif req.tree_dest is not None:
+        steps.tree = run
+    return steps
+
+
+def _steps_from(ev: dict[str, Any], req: MountRequest, out: Path) -> MountSteps:
+    steps = MountSteps(recovery=ToolRun.from_dict(ev["recovery"]) if ev.get("recovery") else None,
+                       tree=ToolRun.from_dict(ev["tree"]) if ev.get("tree") else None,
+                       kernel_log=ev.get("kernel_log", ""), timings=dict(ev.get("timings", {})))
+    src = out / "trees" / str(ev["index"])
+    if req.tree_dest is not None and src.is_dir():
+        shutil.rmtree(req.tree_dest, ignore_errors=True)
+        shutil.move(str(src), str(req.tree_dest))
+    return steps
