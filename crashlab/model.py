@@ -1,0 +1,206 @@
+"""The durability model: which logged writes a host power loss after log entry p must keep, and which
+it may keep or lose (DESIGN.md, "The durability model, for a crash after log entry p").
+
+Pure: a list of log `Entry` headers and a `Config` in, a `CrashPoint` (durable and volatile entry
+indices) out. No file is touched here; images are built in `crashlab.crashstates`.
+
+Conventions. A crash point is written `end`: the first `end` entries of the log happened, so "a crash
+after entry p" is `end = p + 1`. An *op* is an entry that changes the image (a data write or a
+discard); flushes, native marks and in-band markers change nothing and are never ops.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from crashlab import markers
+from crashlab.cachemodes import CacheMode, cache_mode
+from crashlab.logformat import Entry
+
+RECORDERS = ("qemu", "dm")
+DEFAULT_BASELINE = markers.WORKLOAD_START
+TORN_UNITS = (512, 4096)
+
+
+class ModelError(ValueError):
+    """A model parameter the user got wrong; the message lists what is valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    recorder: str  # "qemu" or "dm": whose view of the I/O the log is
+    cache: CacheMode
+    window_s: float  # volatility window in seconds; math.inf = only flushes guarantee anything
+    baseline: str | None  # name of the native mark or in-band marker that opens the crash window
+    torn: int | None = None  # atomic unit in bytes when multi-unit writes may tear, else None
+
+    @property
+    def flushes_count(self) -> bool:
+        """Whether FLUSH entries (and FUA) create durability at all: not when the host drops flushes."""
+        return not self.cache.no_flush
+
+    @property
+    def prefix_only(self) -> bool:
+        """Every write up to the crash point is durable: the guest saw no write cache, so under `dm`
+        each completed write was already on stable storage. Under `qemu` the log itself carries the
+        flushes QEMU sent for writethrough, so the general rule gives the same answer from the log."""
+        return self.recorder == "dm" and not self.cache.write_cache
+
+
+def parse_window(text: str | float | None, cache: CacheMode) -> float:
+    """Seconds from `--window` ('inf', a number of seconds), or the cache mode's default."""
+    if text is None:
+        return cache.default_window_s
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        try:
+            value = float(text.strip().lower().removesuffix("s"))
+        except ValueError:
+            raise ModelError(f"volatility window {text!r}: expected seconds (30, 0.5) or 'inf'") from None
+    if math.isnan(value) or value < 0:
+        raise ModelError(f"volatility window {text!r}: must be >= 0 seconds or 'inf'")
+    return value
+
+
+def config(recorder: str, cache: str | CacheMode, window: str | float | None = None,
+           baseline: str | None = DEFAULT_BASELINE, torn: int | None = None) -> Config:
+    """A validated `Config`; unknown names raise with the valid ones listed."""
+    mode = cache if isinstance(cache, CacheMode) else cache_mode(cache)
+    rec = recorder.strip().lower()
+    if rec not in RECORDERS:
+        raise ModelError(f"unknown recorder {recorder!r}; valid recorders: {', '.join(RECORDERS)}")
+    if torn is not None and torn not in TORN_UNITS:
+        raise ModelError(f"torn-write atomic unit {torn}: valid units: {', '.join(map(str, TORN_UNITS))}")
+    return Config(rec, mode, parse_window(window, mode), baseline or None, torn)
+
+
+@dataclass(frozen=True, slots=True)
+class CrashPoint:
+    end: int  # entries [0, end) happened
+    stable: int  # every op with index < stable is durable: where a shared base image can stand
+    durable_late: tuple[int, ...]  # durable ops at or after `stable` (FUA writes after a volatile one)
+    volatile: tuple[int, ...]  # ops that may or may not have persisted, independently, in log order
+    flush: int | None  # index of the FLUSH entry that made the writes before it durable
+    time_ns: int | None  # guest clock at the crash (last in-band marker before it), if any
+
+    def applied(self, chosen: Sequence[int]) -> list[int]:
+        """Ops in [stable, end) a state with `chosen` volatile ops persisted applies, in log order."""
+        return sorted({*self.durable_late, *chosen})
+
+
+class LogModel:
+    """The durability model over one log's index. Built once per (log, config); `crash(end)` is cheap."""
+
+    def __init__(self, entries: Sequence[Entry], cfg: Config) -> None:
+        self.entries = entries
+        self.cfg = cfg
+        self.n = len(entries)
+        self.ops = [e.index for e in entries if e.is_write or e.is_discard]
+        self.flushes = [e.index for e in entries if e.is_flush]
+        self.baseline_index = self._find_baseline()
+        # The crash window opens just after the baseline marker: everything before it is settled.
+        self.lo = 0 if self.baseline_index is None else self.baseline_index + 1
+        self._times()
+
+    def _find_baseline(self) -> int | None:
+        name = self.cfg.baseline
+        if name is None:
+            return None
+        for e in self.entries:
+            if e.mark == name or (e.marker is not None and e.marker.name == name):
+                return e.index
+        return None
+
+    def _times(self) -> None:
+        """Bounds on when each entry happened, from the in-band markers' guest clocks.
+
+        An op completed no later than any marker logged after it (the log is in completion order),
+        so `_op_hi[k]` = min clock of markers after op k bounds its time from above; the crash happened
+        no earlier than the last marker before it. Their difference is a lower bound on the op's age,
+        so "older than the window" is claimed only when certain (up to one marker write's latency).
+        """
+        clocks = [(e.index, e.marker.clock_ns) for e in self.entries if e.marker is not None]
+        self.has_clock = bool(clocks)
+        self._mark_pos = [i for i, _ in clocks]
+        self._mark_max: list[int] = []
+        top = -1
+        for _, c in clocks:
+            top = max(top, c)
+            self._mark_max.append(top)
+        hi = [math.inf] * len(self.ops)
+        low = math.inf
+        ci = len(clocks) - 1
+        for k in range(len(self.ops) - 1, -1, -1):
+            while ci >= 0 and clocks[ci][0] > self.ops[k]:
+                low = min(low, clocks[ci][1])
+                ci -= 1
+            hi[k] = low
+        self._op_hi = hi  # non-decreasing in k
+
+    def time_at(self, end: int) -> int | None:
+        """The guest clock no later than the crash after the first `end` entries, or None."""
+        k = bisect.bisect_left(self._mark_pos, end)
+        return self._mark_max[k - 1] if k else None
+
+    def crash(self, end: int) -> CrashPoint:
+        if not 0 <= end <= self.n:
+            raise ModelError(f"crash point {end} outside the log's 0..{self.n} entries")
+        cfg = self.cfg
+        n_ops = bisect.bisect_left(self.ops, end)  # ops[:n_ops] happened
+        t = self.time_at(end)
+        # Everything before `cut` is durable; each rule moves the cut, the furthest wins.
+        cut = self.lo if end >= self.lo else 0
+        flush = None
+        if cfg.prefix_only:
+            cut = end
+        if cfg.flushes_count:
+            k = bisect.bisect_left(self.flushes, end)
+            if k:
+                flush = self.flushes[k - 1]
+                cut = max(cut, flush)
+        if t is not None and cfg.window_s != math.inf:
+            # ops with _op_hi < t - window are certainly older than the window
+            limit = t - cfg.window_s * 1e9
+            old = bisect.bisect_left(self._op_hi, limit, 0, n_ops)
+            if old:
+                cut = max(cut, self.ops[old - 1] + 1)
+        first = bisect.bisect_left(self.ops, cut, 0, n_ops)
+        late: list[int] = []
+        volatile: list[int] = []
+        for i in self.ops[first:n_ops]:
+            # FUA reaches stable storage before it completes, unless the host drops flushes.
+            (late if cfg.flushes_count and self.entries[i].is_fua else volatile).append(i)
+        stable = volatile[0] if volatile else end
+        return CrashPoint(end, stable, tuple(i for i in late if i >= stable), tuple(volatile), flush, t)
+
+    def durable(self, cp: CrashPoint) -> list[int]:
+        """Every op the model calls durable at `cp` (for tests and reports: O(ops))."""
+        n_stable = bisect.bisect_left(self.ops, cp.stable)
+        return [*self.ops[:n_stable], *cp.durable_late]
+
+    def epochs(self) -> list[range]:
+        """Crash points grouped by durability epoch: each range of `end` values sees the same last
+        flush. Without effective flushes the whole window is one epoch."""
+        cuts = [f + 1 for f in self.flushes if f + 1 > self.lo] if self.cfg.flushes_count else []
+        bounds = [self.lo, *cuts]
+        out = [range(a, b) for a, b in zip(bounds, [*cuts, self.n + 1], strict=True) if a < b]
+        return out
+
+    def units(self, index: int) -> list[tuple[int, int]]:
+        """A write's atomic pieces as (byte offset on the device, length): split at multiples of the
+        torn-write unit, so a piece never straddles a unit the device writes atomically."""
+        e = self.entries[index]
+        unit = self.cfg.torn
+        if unit is None or not e.is_write:
+            return [(e.offset, e.length)]
+        out = []
+        pos, end = e.offset, e.offset + e.length
+        while pos < end:
+            nxt = min(end, (pos // unit + 1) * unit)
+            out.append((pos, nxt - pos))
+            pos = nxt
+        return out
