@@ -1,0 +1,206 @@
+"""Reports from the results store: terminal, mail, markdown, CSV, JSON and a PNG plot.
+
+Every format carries the same numbers: per cell, how many crash states were checked and how each
+ended, the rate of filesystem corruption (fsck errors after recovery, or recovery failed) and of
+fsynced-data loss (fsck clean, a promise broken), each with its Wilson 95 % interval, and the exact
+95 % upper bound when nothing failed. `checker-error` states are shown, never counted as either.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import textwrap
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crashlab import stats
+from crashlab.store import Store
+
+OUTCOMES = ("consistent", "data-loss", "fs-inconsistent", "unmountable", "checker-error")
+CORRUPT = ("fs-inconsistent", "unmountable")
+CELL_KEYS = ("fs", "cache", "barrier", "recorder", "workload", "window")
+MAIL_WIDTH = 72
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: str
+    config: dict[str, Any]
+    counts: Counter[str]
+
+    @property
+    def checked(self) -> int:
+        """States that count: every state whose checkers worked."""
+        return sum(self.counts[o] for o in OUTCOMES if o != "checker-error")
+
+    @property
+    def corrupt(self) -> stats.Rate:
+        return stats.rate(sum(self.counts[o] for o in CORRUPT), self.checked)
+
+    @property
+    def lost(self) -> stats.Rate:
+        return stats.rate(self.counts["data-loss"], self.checked)
+
+    @property
+    def failed(self) -> stats.Rate:
+        """Corrupt or lost: what a gate refuses."""
+        return stats.rate(self.corrupt.k + self.lost.k, self.checked)
+
+    def label(self, keys: tuple[str, ...] = CELL_KEYS) -> str:
+        return " ".join(f"{k}={self.config[k]}" for k in keys if k in self.config)
+
+
+def results(store: Store, match: dict[str, str] | None = None) -> list[CellResult]:
+    """Every cell with at least one state, optionally only those whose config matches `match`."""
+    out = []
+    for row in store.cells():
+        if match and any(str(row.config.get(k)) != v for k, v in match.items()):
+            continue
+        counts = store.counts(row.cell)
+        if counts:
+            out.append(CellResult(row.cell, row.config, counts))
+    return sorted(out, key=lambda r: tuple(str(r.config.get(k, "")) for k in CELL_KEYS))
+
+
+def _short_rate(r: stats.Rate) -> str:
+    if not r.n:
+        return "-"
+    if r.k == 0:
+        return f"0 (<={100 * r.upper95:.0f}%)" if r.upper95 >= 0.1 else f"0 (<={100 * r.upper95:.1f}%)"
+    return f"{r.k} {100 * r.value:.0f}% [{100 * r.low:.0f},{100 * r.high:.0f}]"
+
+
+def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
+    rows = []
+    for c in cells:
+        row: dict[str, Any] = {k: c.config.get(k, "") for k in CELL_KEYS}
+        row.update({"states": c.checked, **{o: c.counts[o] for o in OUTCOMES}})
+        for name, r in (("corrupt", c.corrupt), ("lost", c.lost)):
+            row[f"{name}_rate"] = round(r.value, 4) if r.n else None
+            row[f"{name}_low"], row[f"{name}_high"] = round(r.low, 4), round(r.high, 4)
+            row[f"{name}_upper95"] = round(r.upper95, 4)
+        rows.append(row)
+    return rows
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+def terminal(cells: list[CellResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="crash states by cell (95 % intervals)")
+    for col in ("fs", "cache", "barrier", "recorder", "workload", "window", "states", "consistent",
+                "data-loss", "fs-incons.", "unmount.", "chk-err", "corrupt", "fsync data lost"):
+        table.add_column(col, justify="right" if col in ("states",) else "left")
+    for c in cells:
+        table.add_row(*(str(c.config.get(k, "")) for k in CELL_KEYS), str(c.checked),
+                      *(str(c.counts[o]) for o in OUTCOMES), str(c.corrupt), str(c.lost))
+    Console().print(table)
+
+
+def markdown(cells: list[CellResult], env: dict[str, Any] | None = None) -> str:
+    head = ["fs", "cache", "barrier", "recorder", "workload", "window", "states", *OUTCOMES,
+            "corrupt (95 % CI)", "fsync data lost (95 % CI)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        cols = [str(c.config.get(k, "")) for k in CELL_KEYS] + [str(c.checked)]
+        cols += [str(c.counts[o]) for o in OUTCOMES] + [str(c.corrupt), str(c.lost)]
+        lines.append("| " + " | ".join(cols) + " |")
+    if env:
+        lines += ["", "Environment:", ""] + [f"- {k}: `{v}`" for k, v in sorted(env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(cells: list[CellResult]) -> str:
+    rows = table_rows(cells)
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def json_text(cells: list[CellResult], env: dict[str, Any] | None = None) -> str:
+    return json.dumps({"cells": table_rows(cells), "environment": env or {}}, indent=2, sort_keys=True)
+
+
+def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str]) -> str:
+    """Plain text for a mailing-list reply: at most 72 columns, nothing that needs rendering."""
+    cols = (("fs", 5), ("cache", 13), ("bar", 4), ("workload", 15), ("n", 4),
+            ("corrupt", 15), ("fsync-lost", 15))
+    out = ["crashlab: host power loss at random instants, per guest config.",
+           "corrupt = fsck errors after journal replay, or replay failed;",
+           "fsync-lost = fsck clean but fsync'd data missing. n = states checked.",
+           "k rate [95% Wilson interval]; 0 (<=x%) = 95% upper bound.", ""]
+    out.append("".join(name.ljust(w) for name, w in cols).rstrip())
+    out.append("-" * (sum(w for _, w in cols) - 1))
+    for c in cells:
+        vals = (c.config.get("fs", ""), c.config.get("cache", ""), c.config.get("barrier", ""),
+                c.config.get("workload", ""), c.checked, _short_rate(c.corrupt), _short_rate(c.lost))
+        out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
+    errors = sum(c.counts["checker-error"] for c in cells)
+    if errors:
+        out += ["", f"{errors} state(s) ended in checker-error (not counted above)."]
+    windows = sorted({str(c.config.get("window", "")) for c in cells})
+    recorders = sorted({str(c.config.get("recorder", "")) for c in cells})
+    out += ["", f"Volatility window(s): {', '.join(windows)}; recorder(s): {', '.join(recorders)}."]
+    out += ["", "Environment:"]
+    for k, v in sorted(env.items()):
+        out += textwrap.wrap(f"{k}: {v}", MAIL_WIDTH, initial_indent="  ", subsequent_indent="    ")
+    out += ["", "Reproduce:"]
+    for cmd in commands:
+        out += textwrap.wrap(cmd, MAIL_WIDTH, initial_indent="  ", subsequent_indent="      ",
+                             break_on_hyphens=False, break_long_words=True)
+    return "\n".join(line.rstrip() for line in out) + "\n"
+
+
+def plot(cells: list[CellResult], path: Path, title: str = "") -> None:
+    """Corruption and data-loss rates with 95 % interval bars per cache mode and barrier setting,
+    one panel per filesystem."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    filesystems = sorted({str(c.config.get("fs")) for c in cells}) or ["-"]
+    fig, axes = plt.subplots(1, len(filesystems), figsize=(6.5 * len(filesystems), 4.2), squeeze=False)
+    for ax, fs in zip(axes[0], filesystems, strict=True):
+        mine = [c for c in cells if str(c.config.get("fs")) == fs]
+        labels = [f"{c.config.get('cache')}\nbarrier={c.config.get('barrier')}\n{c.config.get('workload')}"
+                  for c in mine]
+        xs = range(len(mine))
+        for offset, (name, get, colour) in enumerate((("corrupt", lambda c: c.corrupt, "tab:red"),
+                                                      ("fsync data lost", lambda c: c.lost, "tab:blue"))):
+            rates = [get(c) for c in mine]
+            ys = [100 * r.value if r.n else 0 for r in rates]
+            err = [[max(0.0, y - 100 * r.low) for y, r in zip(ys, rates, strict=True)],
+                   [max(0.0, 100 * r.high - y) for y, r in zip(ys, rates, strict=True)]]
+            ax.errorbar([x + (offset - 0.5) * 0.3 for x in xs], ys, yerr=err, fmt="o", capsize=3,
+                        color=colour, label=name)
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_ylim(-2, 102)
+        ax.set_ylabel("% of crash states (95 % Wilson interval)")
+        ax.set_title(fs)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(a: CellResult, b: CellResult) -> str:
+    """Fisher's exact test between two cells, for corruption and for data loss."""
+    lines = [f"A: {a.label()}", f"B: {b.label()}"]
+    for name, ra, rb in (("corrupt", a.corrupt, b.corrupt), ("fsync data lost", a.lost, b.lost),
+                         ("either", a.failed, b.failed)):
+        p = stats.fisher_exact(ra.k, ra.n - ra.k, rb.k, rb.n - rb.k)
+        lines.append(f"{name}: A {ra}  vs  B {rb}  (Fisher exact, two-sided p = {p:.4g})")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The results store and every report format, on outcomes written straight into a store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from crashlab import report
+from crashlab.store import Store
+
+CELLS = {
+    "ext4/writeback/on": ({"fs": "ext4", "cache": "writeback", "barrier": "on", "recorder": "qemu",
+                           "workload": "smallfiles", "window": "30s"}, {"consistent": 30}),
+    "ext4/unsafe/off": ({"fs": "ext4", "cache": "unsafe", "barrier": "off", "recorder": "qemu",
+                         "workload": "smallfiles", "window": "30s"},
+                        {"consistent": 18, "fs-inconsistent": 6, "unmountable": 2, "data-loss": 3,
+                         "checker-error": 1}),
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "r.sqlite")
+    run = s.begin_run("crashlab matrix", {"seed": 1}, {"qemu": "7.2"})
+    for cell, (config, outcomes) in CELLS.items():
+        s.put_cell(cell, config, run)
+        n = 0
+        for outcome, count in outcomes.items():
+            for _ in range(count):
+                assert s.put_state(cell, f"s{n}", outcome, {"fsck": "..."}, run)
+                n += 1
+    return s
+
+
+def test_store_is_wal_and_never_counts_a_state_twice(store: Store) -> None:
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert not store.put_state("ext4/writeback/on", "s0", "fs-inconsistent", {})
+    assert store.counts("ext4/writeback/on") == {"consistent": 30}
+    assert len(store.done("ext4/unsafe/off")) == 30
+
+
+def test_store_survives_reopen(store: Store) -> None:
+    path = store.path
+    store.close()
+    with Store(path) as again:
+        assert again.counts("ext4/unsafe/off")["unmountable"] == 2
+        assert [r["command"] for r in again.runs()] == ["crashlab matrix"]
+        rows = again.find_state("s3")
+        assert {r.cell for r in rows} == set(CELLS)
+
+
+def test_rates_add_up(store: Store) -> None:
+    cells = {c.cell: c for c in report.results(store)}
+    unsafe = cells["ext4/unsafe/off"]
+    assert unsafe.checked == 29  # the checker-error state is not counted
+    assert (unsafe.corrupt.k, unsafe.lost.k, unsafe.failed.k) == (8, 3, 11)
+    safe = cells["ext4/writeback/on"]
+    assert safe.corrupt.k == 0 and safe.corrupt.upper95 == pytest.approx(0.0950, abs=1e-4)
+
+
+def test_mail_fits_72_columns_and_names_everything(store: Store) -> None:
+    text = report.mail(report.results(store), {"qemu": "QEMU emulator version 7.2.22", "kernel": "6.1.0"},
+                       ["crashlab matrix --fs ext4 --cache writeback,unsafe --barrier on,off --seed 1"])
+    assert max(len(line) for line in text.splitlines()) <= 72
+    assert "unsafe" in text and "writeback" in text and "7.2.22" in text
+    assert "8 28% [15,46]" in text  # 8 of 29 corrupt
+    assert "crashlab matrix --fs ext4" in text
+    assert "1 state(s) ended in checker-error" in text
+
+
+def test_csv_json_markdown_agree(store: Store) -> None:
+    cells = report.results(store)
+    rows = list(csv.DictReader(io.StringIO(report.csv_text(cells))))
+    as_json = json.loads(report.json_text(cells))["cells"]
+    assert [r["cache"] for r in rows] == [r["cache"] for r in as_json] == ["unsafe", "writeback"]
+    for r, j in zip(rows, as_json, strict=True):
+        assert int(r["states"]) == j["states"]
+        assert sum(int(r[o]) for o in report.OUTCOMES) == j["states"] + j["checker-error"]
+    md = report.markdown(cells)
+    assert md.count("\n| ext4 |") == 2
+
+
+def test_plot_writes_a_png(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "p.png"
+    report.plot(report.results(store), out, "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_uses_fisher(store: Store) -> None:
+    cells = {c.cell: c for c in report.results(store)}
+    text = report.compare(cells["ext4/writeback/on"], cells["ext4/unsafe/off"])
+    assert "Fisher exact" in text and "p = 0.00" in text
+
+
+def test_store_rejects_garbage_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        Store(bad)
