@@ -1,0 +1,88 @@
+"""`crashlab crash`: generate crash states from a recorded log, and rebuild one from its id."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from crashlab import crashstates, logformat, model
+from crashlab.cachemodes import CACHE_MODES, UnknownCacheMode
+from crashlab.cli import CrashlabError
+
+
+@click.group("crash")
+def command() -> None:
+    """Crash states: the disk images a host power loss could leave, from a recorded log."""
+
+
+@command.command("generate")
+@click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--cache", "cache", required=True, metavar="MODE",
+              help=f"QEMU cache mode: {', '.join(CACHE_MODES)}.")
+@click.option("--recorder", type=click.Choice(model.RECORDERS), required=True,
+              help="Who recorded the log: QEMU blklogwrites (qemu) or dm-log-writes in the guest (dm).")
+@click.option("--count", type=click.IntRange(min=0), default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--window", default=None, metavar="S|inf",
+              help="Volatility window in seconds (default: the cache mode's).")
+@click.option("--baseline", default=model.DEFAULT_BASELINE, show_default=True, metavar="NAME|none",
+              help="Mark or marker before which everything is settled.")
+@click.option("--torn", type=click.Choice(["512", "4096"]), default=None, help="Atomic unit for torn writes.")
+@click.option("--strategy", type=click.Choice(crashstates.STRATEGIES), default="random", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also build every state's image as OUT/ID.img.")
+def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window: str | None,
+             baseline: str, torn: str | None, strategy: str, out: Path | None) -> None:
+    """Print COUNT crash-state ids for LOG, then a summary."""
+    try:
+        cfg = model.config(recorder, cache, window, None if baseline == "none" else baseline,
+                           int(torn) if torn else None)
+    except (UnknownCacheMode, model.ModelError) as e:
+        raise CrashlabError(str(e)) from None
+    try:
+        with logformat.open_log(log) as reader:
+            digest = crashstates.log_digest(reader)
+            m = model.LogModel(reader.index(), cfg)
+            camp = crashstates.generate(m, digest, count, seed, strategy)
+            for st in camp.states:
+                click.echo(st.id)
+            built = ""
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                t0 = time.monotonic()
+                with crashstates.Materializer(reader, m, digest) as mat:
+                    for st in camp.states:
+                        mat.build(st, out / f"{st.id}.img")
+                dt = time.monotonic() - t0
+                built = f"built {len(camp.states)} images in {out} in {dt:.2f} s"
+    except logformat.LogFormatError as e:
+        raise CrashlabError(str(e)) from None
+    except crashstates.CrashStateError as e:
+        raise CrashlabError(str(e)) from None
+    summary = camp.summary(m)
+    click.echo(f"# {log.name} sha256 {digest[:crashstates.DIGEST_CHARS]} recorder {cfg.recorder} "
+               f"cache {cfg.cache.name} strategy {strategy} seed {seed}"
+               + (f" torn {cfg.torn}" if cfg.torn else ""), err=True)
+    for k, v in summary.items():
+        click.echo(f"#   {k}: {v}", err=True)
+    if built:
+        click.echo(f"# {built}", err=True)
+
+
+@command.command("build")
+@click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("state_id", metavar="ID")
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="Image size in bytes (default: the furthest offset the log touches).")
+def build(log: Path, state_id: str, image: Path, size: int | None) -> None:
+    """Rebuild the image of crash state ID from LOG into IMAGE."""
+    try:
+        r = crashstates.build_one(log, state_id, image, size)
+    except (logformat.LogFormatError, crashstates.CrashStateError) as e:
+        raise CrashlabError(str(e)) from None
+    click.echo(f"{image}: crash after {r.cp.end} entries, base at op {r.cp.stable}, "
+               f"{len(r.chosen)}/{len(r.cp.volatile)} volatile ops persisted"
+               + (f", {len(r.tears)} torn" if r.tears else ""))
