@@ -1,0 +1,23 @@
+"""A given bounded op sequence (crashlab.opgen): what shrunk reproducers and generated ACE-style
+workloads run.
+
+The sequence comes from `--param ops=FILE` (or CRASHLAB_PARAM_OPS=FILE), a JSON list written by
+`crashlab.opgen.dumps`; without it, a sequence of 12 * scale ops is drawn from the seed. Promises:
+as metadata_storm (crashlab.opgen.Model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crashlab import opgen
+from crashlab.workload import WorkloadContext
+
+
+def run(ctx: WorkloadContext) -> None:
+    source = ctx.param("ops")
+    if source:
+        ops = opgen.loads(Path(source).read_text())
+    else:
+        ops = opgen.random_ops(ctx.rng, 12 * ctx.scale, opgen.ACE)
+    opgen.execute(ops, ctx.root, ctx)
