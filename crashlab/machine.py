@@ -1,0 +1,354 @@
+"""One disposable QEMU guest, owned from launch to the last temporary file.
+
+Modelled on QEMU's python/qemu/machine/machine.py: the host side listens on a QMP socket that QEMU
+connects to (no startup race), the serial console goes to a file, and `shutdown` escalates QMP `quit`
+→ SIGTERM → SIGKILL. Unlike it, a `Machine` also owns its virtiofsd daemons and a hard deadline, and
+its children die with the host process (PR_SET_PDEATHSIG), so neither Ctrl-C, an exception nor a
+SIGKILLed test runner leaves a QEMU or virtiofsd behind.
+
+Cache modes come from `crashlab.cachemodes` (the one table): `cache.direct` on the file nodes,
+`cache.no-flush` on every node of the disk and in particular on the top (blklogwrites) node, so that
+with `unsafe` a flush never reaches the log, and `write-cache=` on the virtio-blk device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from crashlab.cachemodes import CacheMode
+from crashlab.provision import ProvisionError, cache_root, file_identity, missing, which
+
+VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
+BASE_APPEND = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"
+PROBE_TIMEOUT_S = 12.0
+
+
+class MachineError(RuntimeError):
+    pass
+
+
+class MachineTimeout(MachineError):
+    pass
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A virtio-blk disk backed by a raw host file, optionally logged by a blklogwrites node."""
+
+    path: Path
+    cache: CacheMode
+    log: Path | None = None  # blklogwrites log; must be a fresh file (QEMU does not truncate it)
+    log_sector_size: int = 512
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported to the guest over virtiofs under `tag`."""
+
+    tag: str
+    source: Path
+    cache: str = "auto"  # virtiofsd -o cache=: "none" makes guest writes reach the host file at once
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def drive_args(index: int, drive: Drive) -> list[str]:
+    """The -blockdev/-device options for one drive (pure: tests check them against the table)."""
+    c = drive.cache
+    top = f"disk{index}"
+    file_node = f"disk{index}-file" if drive.log else top
+    args = ["-blockdev", ",".join([
+        "driver=file", f"node-name={file_node}", f"filename={drive.path}",
+        f"cache.direct={_onoff(c.direct)}", f"cache.no-flush={_onoff(c.no_flush)}"])]
+    if drive.log:
+        # The log's own caching is not under test and must hold every entry when QEMU exits:
+        # page cache, flushes kept. Only the top node's no-flush decides whether guest flushes
+        # reach the log (DESIGN.md: "sector 0 stays zero" with unsafe).
+        args += ["-blockdev", ",".join([
+            "driver=file", f"node-name=disk{index}-log", f"filename={drive.log}",
+            "cache.direct=off", "cache.no-flush=off"])]
+        args += ["-blockdev", ",".join([
+            "driver=blklogwrites", f"node-name={top}", f"file={file_node}", f"log=disk{index}-log",
+            f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={_onoff(c.no_flush)}"])]
+    dev = ["virtio-blk-pci", f"drive={top}", f"write-cache={c.device_write_cache}"]
+    if drive.serial:
+        dev.append(f"serial={drive.serial}")
+    return [*args, "-device", ",".join(dev)]
+
+
+def _pdeathsig() -> None:
+    # Runs in the child between fork and exec: die with the host process, and ignore the
+    # terminal's SIGINT (the host shuts the guest down in order).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def find_qemu(qemu: str | None = None) -> str:
+    if qemu:
+        if os.path.isfile(qemu) and os.access(qemu, os.X_OK):
+            return qemu
+        return which(qemu)
+    return which("qemu-system-x86_64")
+
+
+def find_virtiofsd(path: str | None = None) -> str | None:
+    for p in (path, os.environ.get("CRASHLAB_VIRTIOFSD"), *VIRTIOFSD_PATHS):
+        if p and os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return shutil.which("virtiofsd")
+
+
+class Machine:
+    """A QEMU guest booted from a kernel and initramfs, as a context manager.
+
+    >>> with Machine(guest.kernel, guest.initrd, drives=[...], shares=[...]) as m:
+    ...     status = m.wait()      # the guest powers itself off; QEMU's exit status
+    """
+
+    def __init__(self, kernel: Path, initrd: Path, *, append: str = "", drives: Sequence[Drive] = (),
+                 shares: Sequence[Share] = (), memory_mib: int = 512, cpus: int = 1,
+                 accel: str = "tcg", qemu: str | None = None, virtiofsd: str | None = None,
+                 timeout: float = 600.0, console_log: Path | None = None, name: str = "crashlab") -> None:
+        if memory_mib > 1024:
+            raise MachineError("guest memory is capped at 1024 MiB on these machines")
+        if accel not in ("tcg", "kvm"):
+            raise MachineError(f"accel must be tcg or kvm (resolve 'auto' with choose_accel): {accel!r}")
+        self.kernel, self.initrd, self.append = Path(kernel), Path(initrd), append
+        self.drives, self.shares = list(drives), list(shares)
+        self.memory_mib, self.cpus, self.accel = memory_mib, cpus, accel
+        self.qemu = find_qemu(qemu)
+        self.virtiofsd = find_virtiofsd(virtiofsd) if self.shares else None
+        if self.shares and not self.virtiofsd:
+            raise missing("virtiofsd", "virtiofsd (QEMU's /usr/lib/qemu/virtiofsd)")
+        self.timeout, self.name = timeout, name
+        self.temp_dir: Path | None = None
+        self.console_log = console_log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.daemons: list[subprocess.Popen[bytes]] = []
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.deadline = 0.0
+        self.launched_at = 0.0
+        self.exitcode: int | None = None
+
+    # -- the command line ------------------------------------------------------------------------
+
+    def argv(self, qmp_sock: Path, vfs_socks: Sequence[Path], console: Path) -> list[str]:
+        mem = f"{self.memory_mib}M"
+        args = [self.qemu, "-name", self.name, "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-accel", self.accel, "-cpu", "max" if self.accel == "tcg" else "host",
+                "-smp", str(self.cpus), "-m", mem,
+                "-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                "-append", f"{BASE_APPEND} {self.append}".strip(),
+                "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+                "-chardev", f"socket,id=qmp,path={qmp_sock}", "-mon", "chardev=qmp,mode=control"]
+        if self.shares:
+            # vhost-user needs guest RAM the daemon can map: a shared memfd.
+            args += ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+                     "-numa", "node,memdev=mem"]
+        for i, d in enumerate(self.drives):
+            args += drive_args(i, d)
+        for i, (s, sock) in enumerate(zip(self.shares, vfs_socks, strict=True)):
+            args += ["-chardev", f"socket,id=vfs{i},path={sock}",
+                     "-device", f"vhost-user-fs-pci,chardev=vfs{i},tag={s.tag}"]
+        return args
+
+    # -- life ------------------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        if self.process is not None:
+            raise MachineError("machine already launched")
+        self.launched_at = time.monotonic()
+        self.deadline = self.launched_at + self.timeout
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-machine-"))
+        try:
+            self._launch(self.temp_dir)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _launch(self, tmp: Path) -> None:
+        console = self.console_log or tmp / "console.log"
+        self.console_log = console
+        vfs_socks = []
+        for i, s in enumerate(self.shares):
+            sock = tmp / f"vfs{i}.sock"
+            log = open(tmp / f"virtiofsd-{s.tag}.log", "wb")  # noqa: SIM115 (lives with the daemon)
+            assert self.virtiofsd
+            self.daemons.append(subprocess.Popen(
+                [self.virtiofsd, f"--socket-path={sock}", "-o", f"source={s.source}",
+                 "-o", "sandbox=chroot", "-o", f"cache={s.cache}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_pdeathsig))
+            log.close()
+            vfs_socks.append(sock)
+        for sock, d in zip(vfs_socks, self.daemons, strict=True):
+            self._await_socket(sock, d, tmp / f"virtiofsd-{self.shares[self.daemons.index(d)].tag}.log")
+        qmp_sock = tmp / "qmp.sock"
+        self.qmp = QEMUMonitorProtocol(str(qmp_sock), server=True)
+        qlog = open(tmp / "qemu.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(self.argv(qmp_sock, vfs_socks, console), stdin=subprocess.DEVNULL,
+                                        stdout=qlog, stderr=qlog, preexec_fn=_pdeathsig)
+        qlog.close()
+        try:
+            self.qmp.accept(timeout=min(30.0, self.timeout))
+        except Exception as e:
+            self._reap(1.0)
+            raise MachineError(f"QEMU did not come up: {self.qemu_log_tail() or e}") from None
+
+    def _await_socket(self, sock: Path, daemon: subprocess.Popen[bytes], log: Path) -> None:
+        end = time.monotonic() + 10
+        while not sock.exists():
+            if daemon.poll() is not None or time.monotonic() > end:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+                raise MachineError(f"virtiofsd did not start: {tail[0] if tail else 'no socket'}")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the guest to power off; QEMU's exit status. The hard deadline always applies."""
+        if self.process is None:
+            raise MachineError("machine not launched")
+        end = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        try:
+            self.exitcode = self.process.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            tail = self.console_tail(3)  # before shutdown removes a console kept in the temp dir
+            self.shutdown()
+            hard = "hard timeout" if end == self.deadline else "timeout"
+            raise MachineTimeout(f"guest still running after its {hard} "
+                                 f"({end - self.launched_at:.0f} s); console: {tail}") from None
+        return self.exitcode
+
+    def cmd(self, command: str, **args: object) -> object:
+        if self.qmp is None:
+            raise MachineError("no QMP connection")
+        return self.qmp.cmd(command, **args)
+
+    def kill(self) -> None:
+        """SIGKILL QEMU now, as a host crash would (the test of cleanup after a mid-run kill)."""
+        if self.is_running():
+            assert self.process
+            self.process.kill()
+
+    def shutdown(self, grace: float = 3.0) -> None:
+        """Stop QEMU (QMP quit → SIGTERM → SIGKILL), its daemons, and remove the temp dir."""
+        try:
+            if self.is_running() and self.qmp is not None:
+                with contextlib.suppress(Exception):
+                    self.qmp.settimeout(grace)
+                    self.qmp.cmd("quit")
+            self._reap(grace)
+        finally:
+            if self.qmp is not None:
+                with contextlib.suppress(Exception):
+                    self.qmp.close()
+                self.qmp = None
+            for d in self.daemons:
+                _stop(d, grace)
+            if self.temp_dir is not None:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                self.temp_dir = None
+
+    def _reap(self, grace: float) -> None:
+        if self.process is not None:
+            _stop(self.process, grace)
+            self.exitcode = self.process.returncode
+
+    def console_tail(self, lines: int = 20) -> str:
+        try:
+            text = Path(self.console_log).read_text(errors="replace") if self.console_log else ""
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def qemu_log_tail(self) -> str:
+        if self.temp_dir is None or not (self.temp_dir / "qemu.log").exists():
+            return ""
+        return " | ".join((self.temp_dir / "qemu.log").read_text(errors="replace").strip().splitlines()[-3:])
+
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown()
+
+
+def _stop(p: subprocess.Popen[bytes], grace: float) -> None:
+    """Wait `grace` seconds, then SIGTERM, then SIGKILL; always reaps."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+        try:
+            p.wait(grace if sig != signal.SIGKILL else None)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --- versions and acceleration -----------------------------------------------------------------
+
+def qemu_version(qemu: str | None = None) -> str:
+    out = subprocess.run([find_qemu(qemu), "--version"], capture_output=True, text=True, check=True).stdout
+    return out.splitlines()[0].strip()
+
+
+def choose_accel(kernel: Path, initrd: Path, accel: str = "auto", qemu: str | None = None) -> str:
+    """`auto`: KVM only if a short probe boot reaches /init (here /dev/kvm hangs stock kernels).
+
+    The probe's verdict is cached per host kernel, QEMU binary and guest kernel.
+    """
+    if accel != "auto":
+        return accel
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    key = json.dumps([os.uname().release, file_identity(find_qemu(qemu)), file_identity(kernel)],
+                     sort_keys=True)
+    store = cache_root() / "kvm-probe.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = probe_kvm(kernel, initrd, qemu)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(known))
+    return "kvm" if known[key] else "tcg"
+
+
+def probe_kvm(kernel: Path, initrd: Path, qemu: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    from crashlab.guestinit import PROBE_OK
+
+    try:
+        with Machine(kernel, initrd, append="crashlab.probe", accel="kvm", qemu=qemu, timeout=timeout,
+                     memory_mib=256, name="crashlab-probe") as m:
+            m.wait()
+            return PROBE_OK in (Path(m.console_log).read_text(errors="replace") if m.console_log else "")
+    except (MachineError, ProvisionError, OSError):
+        return False
+

@@ -1,0 +1,328 @@
+"""Record a workload in a disposable guest: every write, flush, FUA, discard and mark, in one log.
+
+`record(config, out_dir)` boots a guest (crashlab.machine), sets up the recorder, makes the filesystem
+(so mkfs is the log's baseline), mounts it and runs the workload with in-band markers in the reserved
+tail of the logged device. It leaves in `out_dir`:
+
+    write.log        the dm-log-writes-format log (both recorders write the same format)
+    data.img         the data disk as the guest left it
+    promises.jsonl   the workload's durability promises, keyed by marker
+    console.log      the guest's serial console
+    workload.out     the workload's stdout and stderr
+    run.json         every option and version, guest timings, and the log's summary
+
+Device layout (one data disk of `disk_mib`): the filesystem covers all but the last `reserved_mib`,
+where the markers go. Recorder `qemu` logs below the virtio disk (blklogwrites); recorder `dm` logs
+the whole data disk with dm-log-writes in the guest, the log on a second, sparse virtio disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crashlab
+from crashlab import guestinit
+from crashlab.cachemodes import CACHE_MODES, cache_mode
+from crashlab.machine import Drive, Machine, MachineError, Share, choose_accel, qemu_version
+from crashlab.provision import Guest, provision
+
+FILESYSTEMS = ("ext4", "xfs", "btrfs")
+RECORDERS = ("qemu", "dm", "none")
+EXT4_DATA_MODES = ("ordered", "journal", "writeback")
+# Smallest useful data disks (DESIGN.md: XFS needs >= 300 MiB, btrfs >= 114 MiB; sparse files).
+MIN_FS_MIB = {"ext4": 16, "xfs": 300, "btrfs": 114}
+DEFAULT_DISK_MIB = {"ext4": 128, "xfs": 320, "btrfs": 128}
+PROJECT = Path(crashlab.__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be recorded as asked; the message says why in one line."""
+
+
+class RecordError(RuntimeError):
+    """The guest did not complete the recording."""
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    fs: str = "ext4"
+    cache: str = "writeback"
+    barrier: bool = True
+    data_mode: str = "ordered"  # ext4 data=
+    recorder: str = "dm"  # qemu | dm | none (no log: dm-flakey runs use this)
+    workload: str = "smallfiles"
+    seed: int = 0
+    scale: int = 1
+    disk_mib: int | None = None  # default per filesystem (DEFAULT_DISK_MIB)
+    reserved_mib: int = 4  # tail of the logged device for in-band markers
+    memory_mib: int = 512
+    accel: str = "auto"
+    timeout_s: float = 600.0
+    # Extra directories searched for workload modules (tests use their own tiny workloads).
+    workload_path: tuple[str, ...] = field(default=())
+
+    @property
+    def disk_bytes(self) -> int:
+        return (self.disk_mib or DEFAULT_DISK_MIB[self.fs] + self.reserved_mib) << 20
+
+    @property
+    def fs_bytes(self) -> int:
+        return self.disk_bytes - (self.reserved_mib << 20)
+
+    def validate(self) -> RecordConfig:
+        if self.fs not in FILESYSTEMS:
+            raise ConfigError(f"unknown filesystem {self.fs!r}; choose from {', '.join(FILESYSTEMS)}")
+        if self.recorder not in RECORDERS:
+            raise ConfigError(f"unknown recorder {self.recorder!r}; choose from {', '.join(RECORDERS)}")
+        cache_mode(self.cache)  # raises UnknownCacheMode, a ValueError naming the valid modes
+        if self.fs == "xfs" and not self.barrier:
+            raise ConfigError("XFS has no barrier=off: 'nobarrier' was removed in Linux 4.19 and XFS "
+                              "always flushes; record XFS with barrier on")
+        if self.data_mode not in EXT4_DATA_MODES:
+            raise ConfigError(f"unknown data mode {self.data_mode!r}; "
+                              f"choose from {', '.join(EXT4_DATA_MODES)}")
+        if self.fs != "ext4" and self.data_mode != "ordered":
+            raise ConfigError(f"data={self.data_mode} is an ext4 option; {self.fs} has no data modes")
+        if self.reserved_mib < 1:
+            raise ConfigError("the marker region needs at least 1 MiB")
+        if self.fs_bytes < MIN_FS_MIB[self.fs] << 20:
+            raise ConfigError(f"{self.fs} needs at least {MIN_FS_MIB[self.fs]} MiB; the disk leaves "
+                              f"{self.fs_bytes >> 20} MiB after the {self.reserved_mib} MiB marker region")
+        if self.memory_mib > 1024:
+            raise ConfigError("guest memory is capped at 1024 MiB")
+        if self.accel not in ("auto", "tcg", "kvm"):
+            raise ConfigError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
+        return self
+
+    def describe(self) -> str:
+        opts = mount_options(self) or "defaults"
+        return (f"{self.fs} ({opts}) cache={self.cache} recorder={self.recorder} "
+                f"workload={self.workload} seed={self.seed} scale={self.scale}")
+
+
+def mkfs_argv(config: RecordConfig) -> list[str]:
+    """mkfs for the filesystem, sized to leave the marker region free; `{dev}` is the device."""
+    size = config.fs_bytes
+    if config.fs == "ext4":
+        # No lazy init: the background inode-table/journal zeroing would write during the workload.
+        return ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", "{dev}",
+                f"{size // 1024}k"]
+    if config.fs == "xfs":
+        return ["mkfs.xfs", "-f", "-q", "-d", f"size={size}", "{dev}"]
+    return ["mkfs.btrfs", "-f", "-q", "-b", str(size), "{dev}"]
+
+
+def mount_options(config: RecordConfig) -> str:
+    if config.fs == "ext4":
+        return f"data={config.data_mode},barrier={1 if config.barrier else 0}"
+    if config.fs == "btrfs":
+        return "" if config.barrier else "nobarrier"
+    return ""  # xfs: validate() refuses barrier off
+
+
+def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The guest's job.json (pure)."""
+    return {
+        "mode": "record", "recorder": config.recorder, "fs": config.fs,
+        "mkfs": mkfs_argv(config), "mount_opts": mount_options(config),
+        "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder == "dm" else None,
+        "marker_offset": config.fs_bytes, "marker_length": config.reserved_mib << 20,
+        "workload": config.workload, "seed": config.seed, "scale": config.scale,
+        "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
+    }
+
+
+def log_disk_bytes(config: RecordConfig) -> int:
+    """The dm recorder's log disk: sparse, so generous (every data write lands there once more)."""
+    return max(1 << 30, 8 * config.disk_bytes)
+
+
+@dataclass
+class Recording:
+    out_dir: Path
+    config: RecordConfig
+    run: dict[str, Any]
+
+    @property
+    def log(self) -> Path:
+        return self.out_dir / "write.log"
+
+    @property
+    def image(self) -> Path:
+        return self.out_dir / "data.img"
+
+    @property
+    def promises(self) -> Path:
+        return self.out_dir / "promises.jsonl"
+
+    @property
+    def console(self) -> Path:
+        return self.out_dir / "console.log"
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.run.get("log") or {}
+
+
+OUTPUTS = ("write.log", "data.img", "promises.jsonl", "console.log", "workload.out", "run.json", ".guest")
+
+
+@functools.cache
+def tool_version(*argv: str) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+    out = (r.stdout + r.stderr).strip().splitlines()
+    return out[0].strip() if out else "unknown"
+
+
+def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dict[str, str]:
+    tools = {"ext4": [("mkfs.ext4", "-V"), ("e2fsck", "-V")],
+             "xfs": [("mkfs.xfs", "-V"), ("xfs_repair", "-V")],
+             "btrfs": [("mkfs.btrfs", "--version"), ("btrfs", "--version")]}[config.fs]
+    v = {
+        "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "python": sys.version.split()[0],
+        "host_kernel": os.uname().release,
+        "guest_kernel": guest.kernel_version,
+        "guest_kernel_package": f"{guest.kernel_package} {guest.package_version}" if guest.kernel_package
+        else "user-supplied", "guest_image": guest.key,
+    }
+    for argv in tools:
+        v[argv[0]] = tool_version(*argv)
+    if config.recorder == "dm" or config.recorder == "none":
+        v["dmsetup"] = tool_version("dmsetup", "--version")
+    return v
+
+
+def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
+              flakey: dict[str, Any] | None = None,
+              observer: Callable[[Machine], None] | None = None) -> dict[str, Any]:
+    """Boot one guest for `config` and return run.json's contents (also written to out_dir)."""
+    config.validate()
+    guest = guest or provision()
+    mode = CACHE_MODES[cache_mode(config.cache).name]
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # a fresh log every run: QEMU appends to an existing one
+        p = out_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    share = out_dir / ".guest"
+    share.mkdir()
+    (share / "guest.env").write_text(guestinit.guest_env(sys.executable, str(PROJECT)))
+    (share / "job.json").write_text(json.dumps(job_for(config, flakey), indent=1))
+
+    image, log = out_dir / "data.img", out_dir / "write.log"
+    with open(image, "wb") as f:
+        f.truncate(config.disk_bytes)
+    drives = [Drive(image, mode, log=log if config.recorder == "qemu" else None, serial="data")]
+    if config.recorder == "qemu":
+        log.touch()
+    elif config.recorder == "dm":
+        with open(log, "wb") as f:
+            f.truncate(log_disk_bytes(config))
+        drives.append(Drive(log, CACHE_MODES["writeback"], serial="log"))
+    accel = choose_accel(guest.kernel, guest.initrd, config.accel, qemu)
+
+    run: dict[str, Any] = {
+        "config": asdict(config), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
+                                              "accel": accel, "flakey": flakey},
+        "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    t0 = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    try:
+        with Machine(guest.kernel, guest.initrd, drives=drives,
+                     shares=[Share("hostroot", Path("/")), Share("out", share, cache="none")],
+                     memory_mib=config.memory_mib, accel=accel, qemu=qemu, timeout=config.timeout_s,
+                     console_log=out_dir / "console.log") as m:
+            run["options"]["qemu_argv"] = m.process.args if m.process else None
+            if observer:
+                observer(m)
+            status = m.wait()
+    except MachineError as e:
+        error = str(e)
+    run["host_seconds"] = round(time.monotonic() - t0, 3)
+    run["qemu_exit"] = status
+    guest_result = _read_json(share / "result.json")
+    run["guest"] = guest_result
+    exit_file = share / "exit-status"
+    run["guest_exit"] = int(exit_file.read_text()) if exit_file.exists() else None
+    init_error = share / "init-error"
+    if init_error.exists():
+        error = error or f"guest init: {init_error.read_text().strip()}"
+    for name in ("promises.jsonl", "workload.out"):
+        if (share / name).exists():
+            os.replace(share / name, out_dir / name)
+    run["error"] = error
+    if config.recorder != "none" and log.exists():
+        run["log"] = summarize_log(log, truncate=config.recorder == "dm")
+    (out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
+    return run
+
+
+def summarize_log(log: Path, truncate: bool) -> dict[str, Any] | None:
+    """The log's summary; `truncate` cuts a dm log disk down to its entries (it is a sparse disk)."""
+    from crashlab import logformat
+
+    try:
+        with logformat.open_log(log) as reader:
+            entries = reader.index()
+            summary = reader.summary().as_dict()
+            end = entries[-1].end_offset if entries else reader.sector_size
+    except logformat.LogFormatError as e:
+        return {"error": str(e)}
+    if truncate:
+        os.truncate(log, end)
+        summary["log_bytes"] = end
+    return summary
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Guest | None = None,
+           qemu: str | None = None, observer: Callable[[Machine], None] | None = None) -> Recording:
+    """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
+    if config.recorder == "none":
+        raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
+    run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
+    rec = Recording(Path(out_dir).resolve(), config, run)
+    g = run.get("guest", {})
+    if run.get("error") or g.get("status") != "done":
+        why = run.get("error") or g.get("error") or f"guest status {g.get('status', 'unknown')}"
+        raise RecordError(f"recording {config.describe()} failed: {why} (see {rec.console})")
+    if g.get("workload_status"):
+        raise RecordError(f"workload {config.workload} exited {g['workload_status']}: "
+                          f"{g.get('workload_error', '')} (see {rec.out_dir / 'workload.out'})")
+    return rec
+
+
+def timings(run: dict[str, Any]) -> dict[str, float]:
+    """Guest-clock timings from run.json: seconds since boot of each step, and workload duration."""
+    steps = run.get("guest", {}).get("steps", {})
+    t = {f"{k}_s": float(v) for k, v in steps.items()}
+    if "workload_start" in steps and "workload_end" in steps:
+        t["workload_s"] = round(float(steps["workload_end"]) - float(steps["workload_start"]), 3)
+    return t
+
+
+__all__ = ["ConfigError", "RecordConfig", "RecordError", "Recording", "record", "run_guest"]
