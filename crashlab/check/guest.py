@@ -125,9 +125,11 @@ class GuestMounts:
                     n += 1
             self.boots.append({"images": float(n), "seconds": seconds})
             if n == 0 and console:
+                exec_out = out / "exec.out"
+                said = _console_tail(exec_out.read_text(errors="replace"), 6) if exec_out.exists() else ""
                 for i in indices:
                     results[i] = _failed(requests[i], f"checker guest failed ({crash or 'no results'}): "
-                                         + _console_tail(console), tool=True)
+                                         + (said or _console_tail(console)), tool=True)
                 n = len(indices)
             return n
 

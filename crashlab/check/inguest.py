@@ -36,6 +36,10 @@ def main(argv: list[str]) -> int:
     out = job_path.parent
     devices = devices_by_serial()
     mounts = HostMounts(loop=False, name="guest")
+    from crashlab.guestinit import load_fs_modules  # the extension point provision.py offers
+
+    for fs in sorted({req["fs"] for req in job["requests"]}):
+        load_fs_modules(fs)  # xfs and btrfs are modules, loaded only when needed
     run_tool(["dmesg", "-c"], 10)  # boot messages are nobody's kernel log
     with (out / RESULTS).open("a") as results:
         def emit(rec: dict[str, object]) -> None:

@@ -35,7 +35,8 @@ def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> ToolRun:
         run.missing = True
         run.error = f"{argv[0]} not found"
         return run
-    proc = sh.Command(path)(*argv[1:], _bg=True, _bg_exc=False, _new_session=True, _ok_code=range(256))
+    proc = sh.Command(path)(*argv[1:], _bg=True, _bg_exc=False, _new_session=True, _ok_code=range(256),
+                                      _tty_out=False)  # pipes: a guest has no ptys
     try:
         proc.wait(timeout=timeout)
     except sh.TimeoutException:
