@@ -39,7 +39,8 @@ def test_file_kept_missing_truncated(tmp_path: Path) -> None:
     assert check(tmp_path, ps) == []
     (tmp_path / "d/f12").write_bytes(b"")
     digest = oracle.sha256(b"x" * 4096)[:12]
-    assert only(check(tmp_path, ps)) == f"d/f12: promised sha256 {digest}.. (4096 B) after fsync-12, found 0 B"
+    assert only(check(tmp_path, ps)) == \
+        f"d/f12: promised sha256 {digest}.. (4096 B) after fsync-12, found 0 B"
     (tmp_path / "d/f12").write_bytes(bytes(4096))
     assert only(check(tmp_path, ps)).endswith("found 4096 B, all zero")
     (tmp_path / "d/f12").unlink()
@@ -62,7 +63,8 @@ def test_file_xattrs(tmp_path: Path) -> None:
 def test_exists_and_absent(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     (tmp_path / "gone").write_bytes(b"back from the dead")
-    ps = promises(at(0, "p", oracle.exists("dir", "dir"), oracle.exists("file", "file"), oracle.absent("gone")))
+    ps = promises(at(0, "p", oracle.exists("dir", "dir"), oracle.exists("file", "file"),
+                     oracle.absent("gone")))
     msgs = sorted(v.message for v in check(tmp_path, ps))
     assert msgs == ["file: promised a file after p, found no entry",
                     "gone: promised no entry after p, found a file of 18 B"]
@@ -106,12 +108,14 @@ def test_atomic_replace_next_point(tmp_path: Path, content: bytes | None, presen
 def test_mixed_content_message_names_the_current_promise(tmp_path: Path) -> None:
     (tmp_path / "conf").write_bytes(OLD[:600] + NEW[600:])
     msg = only(check(tmp_path, replace_history(), {1}))
-    assert msg.startswith(f"conf: promised sha256 {oracle.sha256(OLD)[:12]}.. (1200 B) after replace-0, found 4800 B")
+    assert msg.startswith(f"conf: promised sha256 {oracle.sha256(OLD)[:12]}.. (1200 B) after replace-0, "
+                          "found 4800 B")
 
 
 def test_torn_next_promise_releases_the_interval(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"half-written")
-    ps = promises(at(0, "a", oracle.file_state("f", b"a")), at(1, "b", oracle.file_state("f", b"b", torn=True)))
+    ps = promises(at(0, "a", oracle.file_state("f", b"a")),
+                  at(1, "b", oracle.file_state("f", b"b", torn=True)))
     assert check(tmp_path, ps, {0}) == []
     assert only(check(tmp_path, ps, {0, 1})).startswith("f: promised sha256")
     released = promises(at(0, "a", oracle.file_state("f", b"a")), at(1, "b", oracle.anything("f")))
@@ -218,8 +222,8 @@ def test_sqlite_committed_rows(tmp_path: Path) -> None:
     con.close()
     msg = only(check(tmp_path, ps))
     assert msg.startswith("db: promised 3 rows in t as of txn 2 (digest ")
-    assert msg.endswith(f"after txn-2, found 2 rows (digest {oracle.rows_digest([ROWS[0], ROWS[2]])[:12]}..), "
-                        "integrity ok")
+    left = oracle.rows_digest([ROWS[0], ROWS[2]])[:12]
+    assert msg.endswith(f"after txn-2, found 2 rows (digest {left}..), integrity ok")
 
 
 def test_sqlite_reads_committed_rows_from_the_wal_without_writing_the_tree(tmp_path: Path) -> None:
@@ -248,8 +252,8 @@ def test_sqlite_corrupt_database(tmp_path: Path) -> None:
 
 def test_load_promises_points_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "promises.jsonl"
-    lines = [*at(7, "a", oracle.absent("x")), *at(3, "b"), {"marker": "c", "seq": 9, "kind": "file", "path": "y",
-                                                              "sha256": "00", "size": 0}]
+    lines = [*at(7, "a", oracle.absent("x")), *at(3, "b"),
+             {"marker": "c", "seq": 9, "kind": "file", "path": "y", "sha256": "00", "size": 0}]
     path.write_text("".join(json.dumps(rec) + "\n" for rec in lines) + "\n")
     ps = oracle.load_promises(path)
     assert ps.points == ((3, "b"), (7, "a"), (9, "c"))
