@@ -82,8 +82,7 @@ class Op:
         return cls(**d)
 
     def __str__(self) -> str:
-        args = [repr(v) for k, v in self.to_json().items() if k != "kind"]
-        return f"{self.kind}({', '.join(args)})"
+        return f"{self.kind}({', '.join(repr(a) for a in call_args(self))})"
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Op)}

@@ -2,7 +2,8 @@
 workloads run.
 
 The sequence comes from `--param ops=FILE` (or CRASHLAB_PARAM_OPS=FILE), a JSON list written by
-`crashlab.opgen.dumps`; without it, a sequence of 12 * scale ops is drawn from the seed. Promises:
+`crashlab.opgen.dumps`; without it, a sequence of 12 * scale ops is drawn from the seed, then a
+sync. Promises:
 as metadata_storm (crashlab.opgen.Model).
 """
 
@@ -19,5 +20,6 @@ def run(ctx: WorkloadContext) -> None:
     if source:
         ops = opgen.loads(Path(source).read_text())
     else:
-        ops = opgen.random_ops(ctx.rng, 12 * ctx.scale, opgen.ACE)
+        # ACE ends every workload on a persistence point; a sync promises the whole final tree.
+        ops = [*opgen.random_ops(ctx.rng, 12 * ctx.scale, opgen.ACE), opgen.Op("sync")]
     opgen.execute(ops, ctx.root, ctx)
