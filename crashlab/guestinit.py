@@ -99,18 +99,27 @@ def _shq(s: str) -> str:
 # target_count, s32 open_count, u32 flags, event_nr, padding, u64 dev, char name[128], uuid[129],
 # data[7]: 312 bytes. DM_TARGET_MSG is _IOWR(0xfd, 14, struct dm_ioctl).
 _DM_IOCTL = struct.Struct("<3IIIIiIIIQ128s129s7s")
-_DM_TARGET_MSG = (3 << 30) | (_DM_IOCTL.size << 16) | (0xFD << 8) | 14
 _DM_VERSION = (4, 0, 0)
+DM_DEV_SUSPEND, DM_TARGET_MSG = 6, 14
+DM_SUSPEND_FLAG, DM_SKIP_LOCKFS_FLAG = 1 << 1, 1 << 4
+
+
+def dm_ioctl_number(cmd: int) -> int:
+    return (3 << 30) | (_DM_IOCTL.size << 16) | (0xFD << 8) | cmd  # _IOWR(DM_IOCTL, cmd, dm_ioctl)
+
+
+def dm_buffer(device: str, payload: bytes = b"", flags: int = 0) -> bytearray:
+    """A struct dm_ioctl for `device` followed by `payload`, padded to 8 bytes."""
+    size = _DM_IOCTL.size + len(payload)
+    size += -size % 8
+    head = _DM_IOCTL.pack(*_DM_VERSION, size, _DM_IOCTL.size, 0, 0, flags, 0, 0, 0,
+                          device.encode(), b"", b"")
+    return bytearray((head + payload).ljust(size, b"\0"))
 
 
 def dm_message_buffer(device: str, message: str, sector: int = 0) -> bytearray:
     """The ioctl argument that sends `message` to the target of `device` at `sector`."""
-    payload = struct.pack("<Q", sector) + message.encode() + b"\0"
-    size = _DM_IOCTL.size + len(payload)
-    size += -size % 8
-    head = _DM_IOCTL.pack(*_DM_VERSION, size, _DM_IOCTL.size, 0, 0, 0, 0, 0, 0,
-                          device.encode(), b"", b"")
-    return bytearray((head + payload).ljust(size, b"\0"))
+    return dm_buffer(device, struct.pack("<Q", sector) + message.encode() + b"\0")
 
 
 class DmControl:
@@ -120,7 +129,16 @@ class DmControl:
         self.fd = os.open("/dev/mapper/control", os.O_RDWR)
 
     def message(self, device: str, message: str) -> None:
-        fcntl.ioctl(self.fd, _DM_TARGET_MSG, dm_message_buffer(device, message))
+        fcntl.ioctl(self.fd, dm_ioctl_number(DM_TARGET_MSG), dm_message_buffer(device, message))
+
+    def suspend(self, device: str) -> None:
+        """Suspend without freezing the filesystem (a freeze would write and flush it first)."""
+        fcntl.ioctl(self.fd, dm_ioctl_number(DM_DEV_SUSPEND),
+                    dm_buffer(device, flags=DM_SUSPEND_FLAG | DM_SKIP_LOCKFS_FLAG))
+
+    def resume(self, device: str) -> None:
+        """Resume, swapping in the table loaded into the inactive slot, if any."""
+        fcntl.ioctl(self.fd, dm_ioctl_number(DM_DEV_SUSPEND), dm_buffer(device))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -211,21 +229,24 @@ class Result:
         os.replace(tmp, self.path)
 
 
-def native_marks(dm: DmControl, target: str) -> None:
-    """Make every in-band durability marker also a native dm mark (ticks excluded: each native mark
-    rewrites the log superblock)."""
+def hook_markers(dm: DmControl | None, target: str, started: threading.Event) -> None:
+    """Have the harness's marker writer also (with `dm`) send every durability marker as a native
+    dm mark (ticks excluded: each native mark rewrites the log superblock), and set `started` once
+    `workload-start` is written (the fault clock starts there)."""
     from crashlab import markers
 
     base = markers.MarkerWriter
 
-    class NativeMarkerWriter(base):  # type: ignore[misc, valid-type]
+    class HookedMarkerWriter(base):  # type: ignore[misc, valid-type]
         def mark(self, name: str) -> markers.Marker:
             m = super().mark(name)
-            if name != markers.TICK:
+            if dm is not None and name != markers.TICK:
                 dm.message(target, f"mark {name}")
+            if name == markers.WORKLOAD_START:
+                started.set()
             return m
 
-    markers.MarkerWriter = NativeMarkerWriter  # type: ignore[misc]
+    markers.MarkerWriter = HookedMarkerWriter  # type: ignore[misc]
 
 
 @contextlib.contextmanager
@@ -294,16 +315,22 @@ def record(job: dict[str, Any], result: Result) -> int:
     MNT.mkdir(parents=True, exist_ok=True)
     run("mount", "-t", job["fs"], *(["-o", job["mount_opts"]] if job["mount_opts"] else []), dev, str(MNT))
     result.step("mounted")
-    if dm:
-        native_marks(dm, LOG_TARGET)
+    started = threading.Event()
+    hook_markers(dm, LOG_TARGET, started)
 
     fault: threading.Thread | None = None
     if flakey:
-        fault = threading.Thread(target=inject, args=(flakey, data, data_sectors, result), daemon=True)
+        # Loaded now into the inactive slot, so the fault itself is two ioctls (suspend, resume):
+        # dmsetup processes take a second each under TCG while the workload runs on.
+        table = flakey_table(data_sectors, data, flakey["mode"], flakey.get("corrupt"))
+        run("dmsetup", "load", FLAKEY_TARGET, "--table", table)
+        result.set(fault_table=table)
+        fault = threading.Thread(target=inject, args=(flakey, started, result), daemon=True)
         fault.start()
     status = run_workload(job, dev, result)
     if fault:
         # A live fault ends with a power cut, whatever the workload did; the image is what it is.
+        started.set()  # a workload that failed before its start marker still gets its fault
         fault.join()
         poweroff()
 
@@ -318,15 +345,15 @@ def record(job: dict[str, Any], result: Result) -> int:
     return status
 
 
-def inject(flakey: dict[str, Any], data: str, data_sectors: int, result: Result) -> None:
-    """Switch dm-flakey into its fault after `after_s` seconds, then (drop_writes) cut the power."""
+def inject(flakey: dict[str, Any], started: threading.Event, result: Result) -> None:
+    """`after_s` after workload-start, switch dm-flakey to the loaded fault table; cut the power
+    `grace_s` later."""
+    started.wait()
     time.sleep(flakey["after_s"])
-    table = flakey_table(data_sectors, data, flakey["mode"], flakey.get("corrupt"))
-    # --nolockfs: a normal suspend freezes the filesystem, which writes and flushes it first.
-    run("dmsetup", "suspend", "--nolockfs", FLAKEY_TARGET)
-    run("dmsetup", "load", FLAKEY_TARGET, "--table", table)
-    run("dmsetup", "resume", FLAKEY_TARGET)
-    result.step("fault", fault_table=table)
+    dm = DmControl()
+    dm.suspend(FLAKEY_TARGET)
+    dm.resume(FLAKEY_TARGET)
+    result.step("fault")
     time.sleep(flakey.get("grace_s", 0.5))
     result.step("poweroff", status="powered-off")
     poweroff()
