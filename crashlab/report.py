@@ -89,17 +89,32 @@ def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
 
 # --- formats -------------------------------------------------------------------------------------
 
+def split_keys(cells: list[CellResult]) -> tuple[list[str], dict[str, str]]:
+    """The config keys that vary between cells (columns) and those that do not (said once)."""
+    varying, fixed = [], {}
+    for k in CELL_KEYS:
+        values = {str(c.config.get(k, "")) for c in cells}
+        if len(values) > 1:
+            varying.append(k)
+        else:
+            fixed[k] = values.pop() if values else ""
+    return varying, fixed
+
+
 def terminal(cells: list[CellResult]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="crash states by cell (95 % intervals)")
-    for col in ("fs", "cache", "barrier", "recorder", "workload", "window", "states", "consistent",
-                "data-loss", "fs-incons.", "unmount.", "chk-err", "corrupt", "fsync data lost"):
-        table.add_column(col, justify="right" if col in ("states",) else "left")
+    varying, fixed = split_keys(cells)
+    table = Table(title="crash states: " + ", ".join(f"{k} {v}" for k, v in fixed.items()),
+                  caption="ok consistent · loss data-loss · bad fs-inconsistent · unm unmountable · "
+                  "err checker-error (not counted) · k rate [95 % Wilson interval], 0 (<=x%): 95 % bound")
+    for col in (*varying, "n", "ok", "loss", "bad", "unm", "err", "corrupt", "fsync data lost"):
+        table.add_column(col, justify="left" if col in (*varying, "corrupt", "fsync data lost") else "right",
+                         no_wrap=True)
     for c in cells:
-        table.add_row(*(str(c.config.get(k, "")) for k in CELL_KEYS), str(c.checked),
-                      *(str(c.counts[o]) for o in OUTCOMES), str(c.corrupt), str(c.lost))
+        table.add_row(*(str(c.config.get(k, "")) for k in varying), str(c.checked),
+                      *(str(c.counts[o]) for o in OUTCOMES), _short_rate(c.corrupt), _short_rate(c.lost))
     Console().print(table)
 
 

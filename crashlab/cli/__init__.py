@@ -1,7 +1,8 @@
 """The `crashlab` command line.
 
 Each stage contributes its commands from its own module in this package: a module that defines a
-module-level click command or group named `command` is added to the top-level group. This keeps
+module-level click command or group named `command` (or a list of them named `commands`) is added
+to the top-level group. This keeps
 every stage's command line beside nothing but itself.
 """
 
@@ -31,9 +32,9 @@ def cli() -> None:
 def _load_commands() -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
-        command = getattr(module, "command", None)
-        if isinstance(command, click.Command):
-            cli.add_command(command)
+        for command in [getattr(module, "command", None), *getattr(module, "commands", [])]:
+            if isinstance(command, click.Command):
+                cli.add_command(command)
 
 
 _load_commands()

@@ -1,0 +1,402 @@
+"""Campaigns: a matrix of cells, each recorded once and checked at many crash states.
+
+A cell is one configuration (filesystem, cache mode, barrier, recorder, workload, window, ...). Work
+comes in two independent, serialisable units: `RecordUnit` (boot a guest, record the cell's log)
+and `CheckUnit` (build a batch of crash-state images from that log and check them in one checker
+guest boot). A process pool runs them; the parent owns the store and writes each unit's outcomes
+the moment it returns, so an interrupted campaign loses only the units in flight and a rerun of the
+same command skips every state already stored.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import crashlab
+from crashlab import crashstates, logformat, model
+from crashlab.cachemodes import CACHE_MODES
+from crashlab.store import Store
+
+STATES_PER_UNIT = 8  # states per checker-guest boot: bounds what an interrupt can lose
+DEFAULT_WORKLOADS = ("smallfiles", "nofsync")
+
+
+class CampaignError(ValueError):
+    """A matrix or cell the user got wrong; one line saying what is valid."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    fs: str = "ext4"
+    cache: str = "writeback"
+    barrier: str = "on"
+    recorder: str = "qemu"
+    workload: str = "smallfiles"
+    window: str = "default"  # seconds, "inf", or "default" (the cache mode's, DESIGN.md)
+    torn: int = 0  # atomic unit for torn writes, 0 = none
+    data_mode: str = "ordered"
+    seed: int = 1
+    scale: int = 1
+    strategy: str = "random"
+
+    @property
+    def key(self) -> str:
+        """Canonical and stable: the store's name for this cell."""
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+    @property
+    def slug(self) -> str:
+        return hashlib.sha256(self.key.encode()).hexdigest()[:16]
+
+    def config(self) -> dict[str, Any]:
+        """For the store and reports: the fields, with the window as it applies ('30s') and as
+        written ('default'), so a report names the window and a cell can be rebuilt from a row."""
+        return {**asdict(self), "window": self.window_label, "window_spec": self.window}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Cell:
+        values = {f.name: config[f.name] for f in fields(cls) if f.name in config}
+        return cls(**{**values, "window": config.get("window_spec", values.get("window", "default"))})
+
+    @property
+    def window_label(self) -> str:
+        if self.window != "default":
+            return self.window if self.window == "inf" else f"{float(self.window):g}s"
+        return f"{CACHE_MODES[self.cache].default_window_s:g}s"
+
+    def model_config(self) -> model.Config:
+        return model.config(self.recorder, self.cache, None if self.window == "default" else self.window,
+                            torn=self.torn or None)
+
+    def record_config(self) -> Any:
+        from crashlab.record import RecordConfig
+
+        return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier == "on",
+                            data_mode=self.data_mode, recorder=self.recorder, workload=self.workload,
+                            seed=self.seed, scale=self.scale)
+
+    def validate(self) -> Cell:
+        try:
+            self.record_config().validate()
+            self.model_config()
+        except ValueError as e:
+            raise CampaignError(f"cell {self.key}: {e}") from None
+        if self.barrier not in ("on", "off"):
+            raise CampaignError(f"barrier must be on or off, not {self.barrier!r}")
+        if self.strategy not in crashstates.STRATEGIES:
+            raise CampaignError(f"unknown strategy {self.strategy!r}; "
+                                f"valid: {', '.join(crashstates.STRATEGIES)}")
+        from crashlab.workload import available
+
+        if self.workload not in available():
+            raise CampaignError(f"unknown workload {self.workload!r}; available: {', '.join(available())}")
+        return self
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """The cross product of the listed values, minus what cannot exist (XFS without barriers)."""
+
+    fs: tuple[str, ...] = ("ext4",)
+    cache: tuple[str, ...] = tuple(CACHE_MODES)
+    barrier: tuple[str, ...] = ("on", "off")
+    recorder: tuple[str, ...] = ("qemu",)
+    workload: tuple[str, ...] = DEFAULT_WORKLOADS
+    window: tuple[str, ...] = ("default",)
+    torn: tuple[int, ...] = (0,)
+    states: int = 12
+    seed: int = 1
+    scale: int = 1
+    strategy: str = "random"
+
+    def cells(self) -> list[Cell]:
+        out = []
+        for fs in self.fs:
+            for barrier in self.barrier:
+                if fs == "xfs" and barrier == "off":
+                    continue  # XFS removed nobarrier in 4.19: there is no such configuration
+                for cache in self.cache:
+                    for rec in self.recorder:
+                        for wl in self.workload:
+                            for window in self.window:
+                                for torn in self.torn:
+                                    out.append(Cell(fs, cache, barrier, rec, wl, window, torn, seed=self.seed,
+                                                    scale=self.scale, strategy=self.strategy).validate())
+        if not out:
+            raise CampaignError("the matrix is empty")
+        return out
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> Matrix:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise CampaignError(f"{path}: {e}") from None
+        data = data.get("matrix", data)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CampaignError(f"{path}: unknown keys {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(known))}")
+        for k, v in data.items():
+            if isinstance(v, list):
+                data[k] = tuple(str(x) if k not in ("torn",) else int(x) for x in v)
+        return replace(cls(**data), **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- units of work ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecordUnit:
+    cell: Cell
+    out_dir: str
+
+
+@dataclass(frozen=True)
+class CheckUnit:
+    cell: Cell
+    recording: str
+    state_ids: tuple[str, ...]
+    host_mount: bool = False
+
+
+@dataclass
+class StateResult:
+    state_id: str
+    outcome: str
+    detail: dict[str, Any]
+
+
+def run_record(unit: RecordUnit) -> dict[str, Any]:
+    """Record one cell; returns its run.json. Records into a temporary sibling and renames, so a
+    half-written recording is never mistaken for a finished one."""
+    from crashlab.record import record
+
+    final = Path(unit.out_dir)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rec = record(unit.cell.record_config(), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, final)
+    return rec.run
+
+
+def present_markers(entries: list[logformat.Entry], end: int) -> set[int]:
+    """Sequence numbers of the in-band markers a crash state after entry `end` lies after."""
+    return {e.marker.seq for e in entries[:end] if e.marker is not None}
+
+
+def run_check(unit: CheckUnit, keep_dir: Path | None = None,
+              before_check: Callable[[Path], None] | None = None) -> list[StateResult]:
+    """Build each state's image and check it: one checker-guest boot for the whole unit. Images
+    are thrown away as they are checked, unless `keep_dir` is given; `before_check` sees each
+    image as built, before recovery writes to it."""
+    from crashlab.check.runner import CheckItem, check_batch
+    from crashlab.oracle import load_promises
+
+    rec = Path(unit.recording)
+    promises = load_promises(rec / "promises.jsonl")
+    size = (rec / "data.img").stat().st_size
+    results: list[StateResult] = []
+    with logformat.open_log(rec / "write.log") as reader, \
+            tempfile.TemporaryDirectory(prefix="crashlab-states-", dir=crashstates.default_workdir()) as tmp:
+        image_dir = keep_dir or Path(tmp)
+        entries = reader.index()
+        digest = crashstates.log_digest(reader)
+        m = model.LogModel(entries, unit.cell.model_config())
+        try:
+            states = [crashstates.parse_id(s) for s in unit.state_ids]
+        except crashstates.CrashStateError as e:
+            raise CampaignError(str(e)) from None
+        states.sort(key=lambda s: (m.crash(s.end).stable, s.end))
+        items = []
+        with crashstates.Materializer(reader, m, digest, size=size) as mat:
+            for st in states:
+                image = image_dir / f"{st.id}.img"
+                mat.build(st, image)
+                if before_check is not None:
+                    before_check(image)
+                items.append(CheckItem(image, unit.cell.fs, st.id,
+                                       promises.oracle(present_markers(entries, st.end))))
+        for record in check_batch(items, host_mount=unit.host_mount):
+            results.append(StateResult(record.state_id, str(record.outcome), record.to_dict()))
+            if keep_dir is None:
+                Path(record.image).unlink(missing_ok=True)
+    return results
+
+
+def reproduce(cell: Cell, recording: Path, state_id: str, keep: Path | None = None,
+              host_mount: bool = False) -> StateResult:
+    """Rebuild one state's image from its id and check it again; `keep` leaves the image there.
+
+    Checking recovers the image (journal replay writes to it), so the kept image is the state as
+    built, copied before the check."""
+    def keep_copy(image: Path) -> None:
+        if keep is not None:
+            crashstates.sparse_copy(image, keep)
+
+    unit = CheckUnit(cell, str(recording), (state_id,), host_mount)
+    with tempfile.TemporaryDirectory(prefix="crashlab-reproduce-", dir=crashstates.default_workdir()) as tmp:
+        return run_check(unit, keep_dir=Path(tmp), before_check=keep_copy)[0]
+
+
+def generate_states(cell: Cell, recording: Path, count: int) -> list[str]:
+    """The cell's first `count` crash-state ids, deterministic from its seed."""
+    with logformat.open_log(recording / "write.log") as reader:
+        m = model.LogModel(reader.index(), cell.model_config())
+        camp = crashstates.generate(m, crashstates.log_digest(reader), count, cell.seed, cell.strategy)
+        return [s.id for s in camp.states]
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """What the display shows; the driver calls `update` after every unit."""
+
+    cells: int = 0
+    recorded: int = 0
+    states_total: int = 0
+    states_done: int = 0
+    resumed: int = 0  # states found already stored
+    started: float = field(default_factory=time.monotonic)
+    failed_units: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return (self.states_done - self.resumed) / max(1e-9, time.monotonic() - self.started)
+
+
+Executor = Callable[[int], cf.Executor]
+
+
+def versions(fs: Iterable[str]) -> dict[str, str]:
+    from crashlab.check.tools import tool_versions
+    from crashlab.record import tool_version
+
+    v = {"crashlab": crashlab.__version__,
+         "qemu": tool_version("qemu-system-x86_64", "--version")}
+    for f in sorted(set(fs)):
+        v.update(tool_versions(f))
+    return v
+
+
+def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, *, command: str,
+               workers: int | None = None, host_mount: bool = False,
+               on_progress: Callable[[Progress], None] = lambda p: None,
+               executor: Executor | None = None) -> Progress:
+    """Run (or resume) every cell to `states` crash states each, storing outcomes as they arrive."""
+    workers = workers or max(1, os.cpu_count() or 1)
+    run_id = store.begin_run(command, {"cells": [c.key for c in cells], "states": states},
+                             versions(c.fs for c in cells))
+    prog = Progress(cells=len(cells))
+    recordings = results_dir / "recordings"
+    pending: dict[cf.Future[Any], tuple[str, Cell, Any]] = {}
+    make = executor or (lambda n: cf.ProcessPoolExecutor(n, initializer=_worker_init))
+    pool = make(workers)
+
+    def schedule_checks(cell: Cell, rec_dir: Path) -> None:
+        ids = generate_states(cell, rec_dir, states)
+        done = store.done(cell.key)
+        todo = [i for i in ids if i not in done]
+        prog.states_total += len(ids)
+        prog.states_done += len(ids) - len(todo)
+        prog.resumed += len(ids) - len(todo)
+        for k in range(0, len(todo), STATES_PER_UNIT):
+            unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + STATES_PER_UNIT]), host_mount)
+            pending[pool.submit(run_check, unit)] = ("check", cell, unit)
+
+    # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored, leave nothing running.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        for cell in cells:
+            store.put_cell(cell.key, cell.config(), run_id)
+            rec_dir = recordings / cell.slug
+            if (rec_dir / "run.json").exists():
+                prog.recorded += 1
+                schedule_checks(cell, rec_dir)
+            else:
+                pending[pool.submit(run_record, RecordUnit(cell, str(rec_dir)))] = ("record", cell, rec_dir)
+        on_progress(prog)
+        while pending:
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                kind, cell, what = pending.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:  # one broken cell must not sink the matrix
+                    prog.failed_units.append(f"{kind} {cell.key}: {e}")
+                    continue
+                if kind == "record":
+                    store.set_recording(cell.key, what, result)
+                    prog.recorded += 1
+                    schedule_checks(cell, what)
+                else:
+                    for r in result:
+                        if store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
+                            prog.states_done += 1
+                on_progress(prog)
+    except BaseException:
+        _abandon(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return prog
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _abandon(pool: cf.Executor) -> None:
+    """Stop at once: cancel queued units and terminate running ones. Their outcomes are lost (the
+    store holds everything that finished); each worker's SIGTERM runs its cleanup, and a guest's
+    QEMU dies with its worker in any case (PR_SET_PDEATHSIG)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    for p in processes:
+        p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: only the parent acts on it. SIGTERM (from the
+    # parent abandoning the pool) unwinds the worker so context managers remove guests and files.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_term)
+
+
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def state_rows(store: Store, state_id: str) -> Iterator[tuple[Cell, Path]]:
+    """The cells (and their recordings) in which a state id was checked."""
+    for row in store.find_state(state_id):
+        cell_row = store.cell(row.cell)
+        if cell_row and cell_row.recording:
+            yield Cell.from_config(cell_row.config), Path(cell_row.recording)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

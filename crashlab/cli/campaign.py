@@ -1,0 +1,245 @@
+"""`crashlab run`, `matrix`, `report` and `reproduce`: the main job and what reads its results."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from crashlab import campaign, report
+from crashlab.cachemodes import CACHE_MODES
+from crashlab.cli import CrashlabError
+from crashlab.store import DEFAULT_PATH, Store
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _store_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--store", "store_path", type=click.Path(path_type=Path), default=DEFAULT_PATH,
+                        show_default=True, help="SQLite results store.")(f)
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("--states", type=int, default=None, help="Crash states per cell [default: 12]."),
+        click.option("--seed", type=int, default=None, help="Workload and crash-state seed [default: 1]."),
+        click.option("--scale", type=int, default=None, help="Workload size (1 = small) [default: 1]."),
+        click.option("--window", default=None,
+                     help="Volatility window(s) in seconds or 'inf', comma-separated [default: per mode]."),
+        click.option("--torn", default=None, help="Torn-write atomic unit(s): 0, 512, 4096."),
+        click.option("--strategy", default=None, help="Crash-point strategy [default: random]."),
+        click.option("-j", "--workers", type=int, default=None, help="Parallel units [default: cores]."),
+        click.option("--host-mount", is_flag=True,
+                     help="Mount crash images on this host, not in a checker guest (disposable hosts only)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress display (CI)."),
+        _store_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, host_mount: bool,
+         quiet: bool) -> None:
+    try:
+        cells = matrix.cells()
+    except campaign.CampaignError as e:
+        raise CrashlabError(str(e)) from None
+    command = "crashlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with Store(store_path) as store:
+        if quiet:
+            prog = campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
+                                       workers=workers, host_mount=host_mount)
+        else:
+            prog = _with_progress(cells, matrix, store, store_path, command, workers, host_mount)
+        results = report.results(store, None)
+        keys = {c.key for c in cells}
+        mine = [r for r in results if r.cell in keys]
+        report.terminal(mine) if not quiet else click.echo(report.markdown(mine))
+    for failure in prog.failed_units:
+        click.echo(f"error: {failure}", err=True)
+    if prog.failed_units:
+        raise SystemExit(1)
+
+
+def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: Store, store_path: Path,
+                   command: str, workers: int | None, host_mount: bool) -> campaign.Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn()) as bar:
+        rec_task = bar.add_task("cells recorded", total=len(cells), rate="")
+        st_task = bar.add_task("states checked", total=len(cells) * matrix.states, rate="")
+
+        def show(p: campaign.Progress) -> None:
+            bar.update(rec_task, completed=p.recorded)
+            bar.update(st_task, completed=p.states_done,
+                       total=max(p.states_total, len(cells) * matrix.states), rate=f"{p.rate:.2f}/s")
+
+        return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
+                                   workers=workers, host_mount=host_mount, on_progress=show)
+
+
+def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Matrix:
+    overrides: dict[str, Any] = {}
+    for key in ("fs", "cache", "barrier", "recorder", "workload", "window"):
+        if (v := _csv(options.get(key))) is not None:
+            overrides[key] = v
+    if (v := _csv(options.get("torn"))) is not None:
+        try:
+            overrides["torn"] = tuple(int(x) for x in v)
+        except ValueError:
+            raise CrashlabError(f"--torn {options['torn']!r}: expected 0, 512 or 4096") from None
+    for key in ("states", "seed", "scale", "strategy"):
+        if options.get(key) is not None:
+            overrides[key] = options[key]
+    from dataclasses import replace
+
+    return replace(base, **overrides)
+
+
+@click.command("matrix")
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+              help="TOML file with the matrix (keys as the options below); options override it.")
+@click.option("--fs", help="Filesystems, comma-separated [default: ext4].")
+@click.option("--cache", help=f"Cache modes [default: all: {','.join(CACHE_MODES)}].")
+@click.option("--barrier", help="on, off or on,off [default: on,off].")
+@click.option("--recorder", help="qemu, dm [default: qemu].")
+@click.option("--workload", help=f"Workloads [default: {','.join(campaign.DEFAULT_WORKLOADS)}].")
+@_common
+def matrix_command(config_file: Path | None, workers: int | None, host_mount: bool, quiet: bool,
+                   store_path: Path, **options: Any) -> None:
+    """Run (or resume) a matrix of cells and print the table.
+
+    Rerunning the same command resumes: recordings and stored outcomes are reused.
+    """
+    base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
+    _run(_matrix_from(options, base), store_path, workers, host_mount, quiet)
+
+
+@click.command("run")
+@click.option("--fs", default="ext4", show_default=True)
+@click.option("--cache", default="writeback", show_default=True)
+@click.option("--barrier", default="on", show_default=True)
+@click.option("--recorder", default="qemu", show_default=True)
+@click.option("--workload", default="smallfiles", show_default=True)
+@_common
+def run_command(workers: int | None, host_mount: bool, quiet: bool, store_path: Path,
+                **options: Any) -> None:
+    """Run (or resume) one configuration."""
+    for key in ("fs", "cache", "barrier", "recorder", "workload"):
+        if "," in options[key]:
+            raise CrashlabError(f"--{key}: one value for `run`; use `crashlab matrix` for several")
+    _run(_matrix_from(options, campaign.Matrix()), store_path, workers, host_mount, quiet)
+
+
+FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png")
+
+
+@click.command("report")
+@_store_option
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="terminal", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here (required for png).")
+@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only cells whose config matches.")
+@click.option("--compare", nargs=2, metavar="CELL_A CELL_B",
+              help="Fisher's exact test between two cells (each KEY=VALUE[,KEY=VALUE...]).")
+def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple[str, ...],
+                   compare: tuple[str, str] | None) -> None:
+    """Report the stored outcomes: rates with 95 % intervals per cell."""
+    if not store_path.exists():
+        raise CrashlabError(f"{store_path}: no results store (run `crashlab matrix` first)")
+    with Store(store_path) as store:
+        cells = report.results(store, _parse_where(where))
+        if not cells:
+            raise CrashlabError("no stored states match")
+        if compare:
+            a, b = (_one(cells, spec) for spec in compare)
+            click.echo(report.compare(a, b))
+            return
+        runs = store.runs()
+    env = runs[-1]["versions"] if runs else {}
+    commands = sorted({r["command"] for r in runs})
+    if fmt == "png":
+        if output is None:
+            raise CrashlabError("--format png needs -o FILE.png")
+        report.plot(cells, output, "crashlab: " + ", ".join(f"{k} {v}" for k, v in sorted(env.items())[:3]))
+        click.echo(f"wrote {output}")
+        return
+    if fmt == "terminal" and output is None:
+        report.terminal(cells)
+        return
+    text = {"mail": lambda: report.mail(cells, env, commands),
+            "markdown": lambda: report.markdown(cells, env),
+            "csv": lambda: report.csv_text(cells),
+            "json": lambda: report.json_text(cells, env),
+            "terminal": lambda: report.markdown(cells, env)}[fmt]()
+    if output:
+        output.write_text(text)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
+
+
+def _parse_where(where: tuple[str, ...] | list[str]) -> dict[str, str]:
+    out = {}
+    for w in where:
+        k, sep, v = w.partition("=")
+        if not sep:
+            raise CrashlabError(f"--where {w!r}: expected KEY=VALUE")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _one(cells: list[report.CellResult], spec: str) -> report.CellResult:
+    match = _parse_where(spec.split(","))
+    found = [c for c in cells if all(str(c.config.get(k)) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise CrashlabError(f"--compare {spec!r} matches {len(found)} cells; name exactly one")
+    return found[0]
+
+
+@click.command("reproduce")
+@click.argument("state_id")
+@_store_option
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="Leave the rebuilt image here and print how to inspect it.")
+@click.option("--host-mount", is_flag=True, help="Mount on this host instead of in a checker guest.")
+@click.option("--json", "as_json", is_flag=True)
+def reproduce_command(state_id: str, store_path: Path, keep: Path | None, host_mount: bool,
+                      as_json: bool) -> None:
+    """Rebuild a crash state's image from its id, rerun recovery and checks, print what was found."""
+    with Store(store_path) as store:
+        rows = store.find_state(state_id)
+        found = list(campaign.state_rows(store, state_id))
+    if not found:
+        raise CrashlabError(f"state {state_id} is not in {store_path} (or its cell has no recording)")
+    cell, recording = found[0]
+    result = campaign.reproduce(cell, recording, state_id, keep=keep, host_mount=host_mount)
+    if as_json:
+        click.echo(json.dumps(result.detail, indent=2))
+    else:
+        d = result.detail
+        click.echo(f"state     {state_id}\ncell      {cell.key}\nrecording {recording}")
+        click.echo(f"outcome   {result.outcome} ({d.get('reason', '')})")
+        if rows and rows[0].outcome != result.outcome:
+            click.echo(f"stored    {rows[0].outcome} (differs: see the notes below)")
+        for v in d.get("violations", []):
+            click.echo(f"violation {v.get('message', v) if isinstance(v, dict) else v}")
+        fsck = (d.get("fsck") or {})
+        if fsck:
+            click.echo(f"fsck      {' '.join(fsck.get('argv', []))} -> exit {fsck.get('returncode')}")
+            click.echo((fsck.get("stdout", "") + fsck.get("stderr", "")).rstrip())
+    if keep:
+        click.echo(f"\nimage kept at {keep}; inspect it with, e.g.:\n"
+                   f"  e2fsck -fn {keep}        (ext4; xfs_repair -n / btrfs check --readonly)\n"
+                   f"  debugfs -R 'ls -l /' {keep}\n"
+                   f"  crashlab check {keep} --fs {cell.fs} --promises {recording / 'promises.jsonl'}")
+
+
+commands = [matrix_command, run_command, report_command, reproduce_command]
