@@ -402,25 +402,49 @@ class Durable(Protocol):
     def durable(self, name: str, promises: Sequence[Promise] = ...) -> int: ...
 
 
-def execute(ops: Iterable[Op], root: Path, ctx: Durable,
+def execute(ops: Iterable[Op], root: Path | None, ctx: Durable,
             after_op: Callable[[int, Op], None] | None = None) -> list[Op]:
     """Run the valid ops under `root`, a durability point after each fsync/fdatasync/sync. A final
     point without durability (`ops-end`) releases what the last ops changed, so crash states after
-    the last real point still have a next point. Returns the ops that ran."""
+    the last real point still have a next point. Returns the ops that ran. With `root` None, only
+    the model runs (a dry run)."""
     model, ran = Model(), []
     for op in ops:
         if not model.valid(op):
             continue
-        _impl(op.kind)(str(root), *call_args(op))
+        if root is not None:
+            _impl(op.kind)(str(root), *call_args(op))
         model.apply(op)
         ran.append(op)
         if op.kind in DURABILITY:
-            ctx.durable(f"{len(ran) - 1}:{op}"[:200], model.point())
+            ctx.durable(_point_name(len(ran) - 1, op), model.point())
         if after_op is not None:
             after_op(len(ran) - 1, op)
     if model.entry_changes or model.content_changed:
         ctx.durable("ops-end", model.point())
     return ran
+
+
+@dataclass
+class Plan:
+    """A `Durable` that only collects: `execute(ops, None, Plan())` is a dry run."""
+
+    points: list[tuple[str, list[Promise]]] = field(default_factory=list)
+
+    def durable(self, name: str, promises: Sequence[Promise] = ()) -> int:
+        self.points.append((name, list(promises)))
+        return len(self.points) - 1
+
+
+def plan(ops: Iterable[Op]) -> list[tuple[str, list[Promise]]]:
+    """The points and promises `execute(ops)` makes, without touching a filesystem."""
+    sink = Plan()
+    execute(ops, None, sink)
+    return sink.points
+
+
+def _point_name(index: int, op: Op) -> str:
+    return f"{index}:{op}"[:200]
 
 
 def render_script(ops: Sequence[Op], title: str = "crashlab reproducer") -> str:
