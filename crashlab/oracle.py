@@ -7,7 +7,8 @@ A workload (crashlab.workload) writes, after each durability point, a *point* li
     {"marker": "fsync-3", "seq": 7, "kind": "file", "path": "d/f3", "sha256": "..", "size": 4096}
 
 `seq` is the in-band marker's sequence number. A crash state lies after some durability points (the
-markers logged before its crash point, always a prefix in log order); `check` takes their seqs.
+markers logged before its crash point, always a prefix in log order); `check` takes their seqs
+(`Promises.oracle(present)` binds them, for crashlab.check).
 
 Rules, for one crash state:
 - Promises are per path. For each path, the *current* promise is the latest one made at a present
@@ -382,7 +383,9 @@ def load_promises(path: Path) -> Promises:
 def check(tree: Path, promises: Promises | Sequence[Promise], present: Collection[int] | None = None
           ) -> list[Violation]:
     """Every promise broken by `tree` (the workload's root after recovery) in a crash state that lies
-    after the durability points whose marker seqs are `present` (None: all of them, no crash)."""
+    after the in-band markers whose seqs are `present` (None: all of them, no crash). In-band markers
+    are logged in order, so only the latest durability point among them matters: passing just its
+    seq is the same as passing the whole prefix; ticks and other seqs are ignored."""
     if not isinstance(promises, Promises):
         promises = parse_promises(json.dumps(p) for p in promises)
     seqs = [s for s, _ in promises.points]
@@ -394,12 +397,11 @@ def check(tree: Path, promises: Promises | Sequence[Promise], present: Collectio
     if not seqs_in:
         return []
     last = seqs_in[-1]
-    later = [s for s in seqs if s > last]
-    nxt_seq = later[0] if later else None
+    nxt_seq = next((s for s in seqs if s > last), None)
     current: dict[str, Promise] = {}
     nxt: dict[str, Promise] = {}
     for p in promises.promises:
-        if p["seq"] <= last and (present is None or p["seq"] in present):
+        if p["seq"] <= last:
             current[p["path"]] = p
         elif p["seq"] == nxt_seq:
             nxt[p["path"]] = p

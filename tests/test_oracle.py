@@ -267,3 +267,12 @@ def test_oracle_callable_for_the_checker(tmp_path: Path) -> None:
     (tmp_path / "conf").write_bytes(OLD)
     assert ps.oracle({1})(tmp_path) == []
     assert len(ps.oracle({5})(tmp_path)) == 1
+
+
+def test_present_is_a_prefix_named_by_its_last_point(tmp_path: Path) -> None:
+    ps = replace_history()
+    (tmp_path / "conf").write_bytes(NEW)
+    for present in ({5}, {0, 1, 2, 3, 4, 5, 6}, {1, 5}):
+        assert check(tmp_path, ps, present) == []
+    (tmp_path / "conf").write_bytes(OLD)
+    assert only(check(tmp_path, ps, {5, 6})).startswith("conf: promised sha256")
