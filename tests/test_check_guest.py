@@ -1,0 +1,78 @@
+"""The default path: kernel mounts in a checker guest (real QEMU under TCG), one boot for all cases.
+
+Images are prepared on the host (mkfs, and loop mounts of freshly made, sound images to put files in);
+every check of a crash image then mounts only inside the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_checkers import FSES, SUPERBLOCK, A, copy, expect_files, host_mounted, mkfs, write_fsynced, zero
+
+from crashlab.check import CheckItem, CheckRecord, Outcome, check_batch
+from crashlab.check.guest import GuestMounts
+
+pytestmark = [pytest.mark.guest,
+              pytest.mark.skipif(os.geteuid() != 0, reason="image preparation uses loop mounts (root)"),
+              pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="no QEMU")]
+
+B = {"b": b"only in the log\n" * 50}
+
+
+@pytest.fixture(scope="module")
+def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, CheckRecord], GuestMounts]:
+    tmp = tmp_path_factory.mktemp("guestcheck")
+    items: list[CheckItem] = []
+    for fs in FSES:
+        clean = mkfs(fs, tmp / f"{fs}-clean.img")
+        with host_mounted(clean, fs, tmp) as mnt:
+            write_fsynced(mnt, "a", A["a"])
+        items.append(CheckItem(copy(clean, tmp / f"{fs}-c.img"), fs, f"{fs}/clean", expect_files(A)))
+        nosb = copy(clean, tmp / f"{fs}-nosb.img")
+        zero(nosb, *SUPERBLOCK[fs])
+        items.append(CheckItem(nosb, fs, f"{fs}/nosb", expect_files(A)))
+        live = copy(clean, tmp / f"{fs}-live.img")
+        with host_mounted(live, fs, tmp) as mnt:
+            write_fsynced(mnt, "b", B["b"])
+            dirty = copy(live, tmp / f"{fs}-dirty.img")
+            (mnt / "a").unlink()
+        items.append(CheckItem(dirty, fs, f"{fs}/dirty", expect_files({**A, **B})))
+        items.append(CheckItem(live, fs, f"{fs}/rm", expect_files(A)))
+    backend = GuestMounts()
+    with backend:
+        records = {r.state_id: r for r in check_batch(items, backend=backend)}
+    return records, backend
+
+
+def test_one_boot_for_the_batch(guest_run: tuple[dict[str, CheckRecord], GuestMounts]) -> None:
+    records, backend = guest_run
+    # ext4/nosb never reaches the guest: its primary superblock is judged on the host.
+    assert len(backend.boots) == 1 and backend.boots[0]["images"] == len(records) - 1
+    assert all(r.backend == "guest" for r in records.values())
+
+
+@pytest.mark.parametrize("fs", FSES)
+@pytest.mark.parametrize(("case", "expected"), [
+    ("clean", Outcome.CONSISTENT), ("dirty", Outcome.CONSISTENT),
+    ("nosb", Outcome.UNMOUNTABLE), ("rm", Outcome.DATA_LOSS)])
+def test_outcomes_in_the_guest(guest_run: tuple[dict[str, CheckRecord], GuestMounts], fs: str, case: str,
+                               expected: Outcome) -> None:
+    rec = guest_run[0][f"{fs}/{case}"]
+    assert rec.outcome is expected, json.dumps(rec.to_dict(), indent=1)[:3000]
+    json.dumps(rec.to_dict())
+    if expected is Outcome.CONSISTENT:
+        assert rec.oracle_ran and rec.tree and rec.tree.rc == 0
+    if case == "dirty" and fs != "ext4":
+        assert rec.recovery and "mount" in rec.recovery.stdout  # replayed by a guest kernel mount
+    if case == "rm":
+        assert rec.violations == ["a: missing"]
+
+
+def test_nothing_left_behind(guest_run: tuple[dict[str, CheckRecord], GuestMounts]) -> None:
+    assert "crashlab-mnt-" not in Path("/proc/mounts").read_text()
+    assert not list(Path("/tmp").glob("crashlab-checkguest-*"))
