@@ -174,3 +174,36 @@ def test_ops_workload_runs_a_given_sequence(tmp_path: Path) -> None:
     assert final["A/foo"] == {**oracle.file_state("A/foo", b"A" * 4096, {}),
                               "marker": "5:fsync('')", "seq": 3}  # seq 0 is workload-start
     assert oracle.check(root, ps) == []
+
+
+def test_cli_list_check_repro(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from crashlab import opgen
+    from crashlab.cli import cli
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["workload", "list"])
+    assert listed.exit_code == 0
+    assert [line.split()[0] for line in listed.output.splitlines()] == WORKLOADS
+    root, ps, _ = run_harness("atomic_replace", tmp_path)
+    promises = str(tmp_path / "p.jsonl")
+    ok = runner.invoke(cli, ["workload", "check", str(root), promises])
+    assert ok.exit_code == 0 and ok.output.startswith("ok: 20 durability points")
+    # The file first promised last: before that point, emptying it breaks nothing (other files may
+    # break: the final tree is no crash state of an early point).
+    first = {}
+    for p in ps.promises:
+        first.setdefault(p["path"], p["seq"])
+    target = max(first, key=first.__getitem__)
+    (root / target).write_bytes(b"")
+    broken = runner.invoke(cli, ["workload", "check", str(root), promises])
+    assert broken.exit_code == 1 and broken.output.startswith(f"{target}: promised sha256")
+    assert broken.output.rstrip().endswith("found 0 B")
+    before = max(seq for seq, _ in ps.points if seq < first[target])
+    early = runner.invoke(cli, ["workload", "check", str(root), promises, "--after", str(before)])
+    assert f"{target}:" not in early.output and "promised" in early.output
+    (tmp_path / "ops.json").write_text(opgen.dumps([opgen.Op("creat", "foo"), opgen.Op("sync")]))
+    script = runner.invoke(cli, ["workload", "repro", str(tmp_path / "ops.json")])
+    assert script.exit_code == 0
+    assert script.output.rstrip().endswith("op_sync(ROOT)\nprint('durable after sync()', flush=True)")
