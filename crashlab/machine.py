@@ -147,6 +147,7 @@ class Machine:
         self.deadline = 0.0
         self.launched_at = 0.0
         self.exitcode: int | None = None
+        self.version: object = None  # QMP query-version, once launched
 
     # -- the command line ------------------------------------------------------------------------
 
@@ -208,6 +209,8 @@ class Machine:
         qlog.close()
         try:
             self.qmp.accept(timeout=min(30.0, self.timeout))
+            self.qmp.settimeout(10.0)
+            self.version = self.qmp.cmd("query-version")  # what actually runs, for the record
         except Exception as e:
             self._reap(1.0)
             raise MachineError(f"QEMU did not come up: {self.qemu_log_tail() or e}") from None

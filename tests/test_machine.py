@@ -1,0 +1,132 @@
+"""The QEMU launcher: options from the cache-mode table, and real boots that must leave nothing behind."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crashlab import guestinit
+from crashlab.cachemodes import CACHE_MODES
+from crashlab.machine import Drive, Machine, MachineError, MachineTimeout, Share, choose_accel, drive_args
+from crashlab.provision import Guest
+from crashlab.record import PROJECT
+
+pytest_plugins = ["conftest_guest"]
+
+
+def _opts(arg: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in arg.split(","))
+
+
+@pytest.mark.parametrize("mode", list(CACHE_MODES))
+def test_drive_args_follow_the_cache_mode_table(mode: str) -> None:
+    c = CACHE_MODES[mode]
+    args = drive_args(0, Drive(Path("/d.img"), c))
+    blockdevs = [_opts(a) for f, a in itertools.pairwise(args) if f == "-blockdev"]
+    device = _opts(args[args.index("-device") + 1].split(",", 1)[1])
+    assert len(blockdevs) == 1
+    assert blockdevs[0]["cache.direct"] == c.blockdev_cache["cache.direct"]
+    assert blockdevs[0]["cache.no-flush"] == c.blockdev_cache["cache.no-flush"]
+    assert device["write-cache"] == c.device_write_cache and device["drive"] == blockdevs[0]["node-name"]
+
+
+@pytest.mark.parametrize("mode", list(CACHE_MODES))
+def test_blklogwrites_node_carries_no_flush_on_top(mode: str) -> None:
+    c = CACHE_MODES[mode]
+    args = drive_args(1, Drive(Path("/d.img"), c, log=Path("/w.log")))
+    nodes = {o["node-name"]: o for o in (_opts(a) for f, a in itertools.pairwise(args)
+                                         if f == "-blockdev")}
+    top = nodes["disk1"]
+    assert top["driver"] == "blklogwrites" and top["log-sector-size"] == "512"
+    assert top["cache.no-flush"] == c.blockdev_cache["cache.no-flush"]
+    assert nodes[top["file"]]["cache.direct"] == c.blockdev_cache["cache.direct"]
+    assert nodes[top["file"]]["filename"] == "/d.img"
+    # The log itself is never the object of study: flushes kept, page cache.
+    assert nodes[top["log"]]["cache.no-flush"] == "off" and nodes[top["log"]]["filename"] == "/w.log"
+    assert "write-cache=" + c.device_write_cache in args[-1]
+
+
+def test_memory_cap_and_accel_values() -> None:
+    with pytest.raises(MachineError, match="1024"):
+        Machine(Path("/k"), Path("/i"), memory_mib=2048)
+    with pytest.raises(MachineError, match="choose_accel"):
+        Machine(Path("/k"), Path("/i"), accel="auto")
+
+
+def test_auto_accel_without_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    assert choose_accel(Path("/k"), Path("/i"), "auto") == "tcg"
+    assert choose_accel(Path("/k"), Path("/i"), "kvm") == "kvm"
+
+
+def test_dm_ioctl_layout() -> None:
+    # struct dm_ioctl is 312 bytes; DM_TARGET_MSG = _IOWR(0xfd, 14, struct dm_ioctl).
+    assert guestinit.dm_ioctl_number(guestinit.DM_TARGET_MSG) == 0xC138FD0E
+    buf = guestinit.dm_message_buffer("crashlab-log", "mark fsync-1")
+    assert len(buf) % 8 == 0 and int.from_bytes(buf[12:16], "little") == len(buf)
+    assert int.from_bytes(buf[16:20], "little") == 312
+    assert buf[48:60] == b"crashlab-log" and buf[312 + 8:312 + 8 + 13] == b"mark fsync-1\0"
+
+
+def _exec_machine(guest: Guest, out: Path, argv: list[str], timeout: float = 120) -> Machine:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "guest.env").write_text(guestinit.guest_env(sys.executable, str(PROJECT)))
+    (out / "job.json").write_text(json.dumps({"mode": "exec", "argv": argv}))
+    shares = [Share("hostroot", Path("/")), Share("out", out, "none")]
+    return Machine(guest.kernel, guest.initrd, shares=shares, accel=choose_accel(guest.kernel, guest.initrd),
+                   timeout=timeout, name="crashlab-test")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.guest
+def test_exec_in_guest_round_trips_through_the_out_share(guest: Guest, tmp_path: Path) -> None:
+    with _exec_machine(guest, tmp_path, ["sh", "-c", "echo hello from $(uname -r); exit 3"]) as m:
+        assert m.cmd("query-status")["status"] == "running"  # type: ignore[index]
+        assert m.version["qemu"]["major"] >= 7  # type: ignore[index]
+        assert m.wait() == 0
+    assert (tmp_path / "exec.out").read_text().strip() == f"hello from {guest.kernel_version}"
+    assert json.loads((tmp_path / "result.json").read_text())["exec_status"] == 3
+    assert (tmp_path / "exit-status").read_text().strip() == "3"
+
+
+@pytest.mark.guest
+def test_killing_qemu_mid_run_leaves_nothing_behind(guest: Guest, tmp_path: Path) -> None:
+    with _exec_machine(guest, tmp_path, ["sleep", "600"]) as m:
+        assert m.temp_dir is not None and m.temp_dir.exists()
+        temp_dir, pids = m.temp_dir, [m.pid, *(d.pid for d in m.daemons)]
+        assert len(pids) == 3 and all(pid is not None and _alive(pid) for pid in pids)
+        # Wait until the guest is in its job (virtiofs mounted, the chroot's python started).
+        end = time.monotonic() + 90
+        while not (tmp_path / "result.json").exists():
+            assert time.monotonic() < end, m.console_tail()
+            time.sleep(0.2)
+        m.kill()
+        assert m.wait(timeout=10) == -9
+    assert not temp_dir.exists()
+    assert not any(_alive(p) for p in pids if p is not None), "a QEMU or virtiofsd survived"
+    assert not [p for p in os.listdir("/tmp") if p.startswith("crashlab-test-machine-")]
+    mounts = Path("/proc/mounts").read_text()
+    assert str(tmp_path) not in mounts and "virtiofs" not in mounts
+
+
+@pytest.mark.guest
+def test_hard_timeout_stops_the_guest_and_cleans_up(guest: Guest, tmp_path: Path) -> None:
+    m = _exec_machine(guest, tmp_path, ["sleep", "600"], timeout=4)
+    with pytest.raises(MachineTimeout, match="hard timeout"), m:
+        pids = [m.pid, *(d.pid for d in m.daemons)]
+        m.wait()
+    assert m.temp_dir is None
+    assert not any(_alive(p) for p in pids if p is not None)
