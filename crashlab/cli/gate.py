@@ -1,0 +1,84 @@
+"""`crashlab gate`: may this cache policy become the default? Exit status says (see crashlab.gate)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from crashlab import gate
+from crashlab.campaign import CampaignError
+from crashlab.cli import CrashlabError
+from crashlab.store import DEFAULT_PATH, Store
+
+
+@click.command("gate", epilog=f"""\b
+Exit status:
+  {gate.EXIT_PASS}  pass: no state of the policy was corrupt or lost fsynced data
+  {gate.EXIT_REFUSED}  refused: some state was (each is listed with its reproduce command)
+  {gate.EXIT_USAGE}  usage error
+  {gate.EXIT_BLIND}  gate broken: the known-unsafe configuration showed no failure either
+  {gate.EXIT_INCONCLUSIVE}  inconclusive: states missing or uncheckable; rerun to resume""")
+@click.option("--fs", default="ext4", show_default=True, help="Filesystems, comma-separated.")
+@click.option("--cache", default="none", show_default=True, help="The proposed cache mode.")
+@click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True)
+@click.option("--states", type=click.IntRange(1), default=32, show_default=True,
+              help="Crash states per cell (0 of 32 bounds the rate below 9 % at 95 %).")
+@click.option("--workload", default="smallfiles", show_default=True)
+@click.option("--recorder", default="qemu", show_default=True)
+@click.option("--window", default="default", show_default=True,
+              help="Volatility window of the policy's cells: seconds, 'inf' or the cache mode's default.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--scale", type=int, default=1, show_default=True)
+@click.option("--strategy", default="random", show_default=True,
+              help="Crash-state strategy. 'prefix' persists no volatile write: a deliberately blind "
+                   "model, which the sensitivity check must catch.")
+@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+              help="Also run ext4 cache=unsafe barrier=off, which must fail, to prove the gate can see "
+                   "failures.")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), default=DEFAULT_PATH,
+              show_default=True, help="Results store; recordings go beside it. Reused across runs.")
+@click.option("-j", "--workers", type=int, default=None, help="Parallel units [default: cores].")
+@click.option("--unit-states", type=click.IntRange(1), default=None,
+              help="States per checker-guest boot.")
+@click.option("--host-mount", is_flag=True,
+              help="Mount crash images on this host, not in a checker guest (disposable hosts only).")
+def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, window: str,
+            seed: int, scale: int, strategy: str, sensitivity: bool, store_path: Path,
+            workers: int | None, unit_states: int | None, host_mount: bool) -> None:
+    """Refuse a cache policy if any crash state is corrupt or loses fsynced data.
+
+    Records the policy's cells (or reuses them from the store), checks STATES crash states each,
+    prints each cell's observed failure rate with its exact 95 % upper bound, and lists every
+    failing state with its fsck output and the command that reproduces it.
+    """
+    policy = gate.Policy(fs=tuple(f.strip() for f in fs.split(",") if f.strip()), cache=cache,
+                         barrier=barrier, workload=workload, recorder=recorder, window=window, seed=seed,
+                         scale=scale, strategy=strategy)
+    try:
+        cells = policy.cells()
+        reference = policy.sensitivity_cell() if sensitivity else None
+    except CampaignError as e:
+        raise CrashlabError(str(e)) from None
+    click.echo(f"crashlab gate: cache={cache} barrier={barrier} on {', '.join(policy.fs)}, "
+               f"workload {workload}, {states} crash states per cell, store {store_path}")
+    prog = gate.run_cells([*cells, *([reference] if reference else [])], states, store_path,
+                          command="crashlab " + shlex.join(sys.argv[1:]), workers=workers,
+                          host_mount=host_mount, unit_states=unit_states)
+    for problem in prog.failed_units:
+        click.echo(f"error: {problem}", err=True)
+    with Store(store_path) as store:
+        checks = [gate.check(store, c, states) for c in cells]
+        decision = gate.decide(checks, gate.check(store, reference, states) if reference else None)
+        bad = gate.worst_first([row for c in cells for row in gate.failures(store, c)])
+    for line in decision.lines:
+        click.echo(line)
+    for row in bad[:gate.STATES_DESCRIBED]:
+        click.echo("\n" + gate.describe_state(row, store_path, host_mount))
+    if len(bad) > gate.STATES_DESCRIBED:
+        click.echo(f"\n... and {len(bad) - gate.STATES_DESCRIBED} more: "
+                   + " ".join(r.state_id for r in bad[gate.STATES_DESCRIBED:]))
+    click.echo(("\n" if bad else "") + decision.verdict)
+    sys.exit(decision.code)

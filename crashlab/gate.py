@@ -1,0 +1,228 @@
+"""The CI gate: may a proposed cache policy become the default?
+
+A policy (cache mode + barrier setting, on one or more filesystems, under one workload) passes only
+if no checked crash state of any of its cells was corrupt or lost fsynced data. Zero observed
+failures is not zero risk, so the verdict always carries the exact 95 % upper bound on the rate.
+
+A gate that cannot see failures passes everything, so by default it also runs a configuration
+known to be unsafe (ext4, `cache=unsafe`, `barrier=off`, same workload, recorder, seed and crash
+model): if that shows no failure either, the gate itself is broken (a blind durability model, a
+workload without promises, too few states) and says so with its own exit code rather than passing.
+
+The decision functions here are pure, over stored counts and rows; `run_cells` is the one place
+that boots guests.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crashlab import report, stats
+from crashlab.campaign import CampaignError, Cell, Progress, run_matrix
+from crashlab.store import StateRow, Store
+
+EXIT_PASS = 0
+EXIT_REFUSED = 1  # a state of the proposed policy was corrupt or lost fsynced data
+EXIT_USAGE = 2  # a bad option (click and CrashlabError use 2)
+EXIT_BLIND = 3  # the known-unsafe configuration showed no failure: the gate cannot see failures
+EXIT_INCONCLUSIVE = 4  # states missing (a unit failed) or none checkable: no verdict either way
+
+FAILED = ("data-loss", *report.CORRUPT)
+SENSITIVITY = {"fs": "ext4", "cache": "unsafe", "barrier": "off"}
+FSCK_LINES = 25  # enough for e2fsck's pass summary and its first complaints
+VIOLATIONS_SHOWN = 5
+STATES_DESCRIBED = 10  # in full; the rest by id, so a bad policy does not bury the verdict
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the gate is asked about, and the run parameters every cell shares."""
+
+    fs: tuple[str, ...] = ("ext4",)
+    cache: str = "none"
+    barrier: str = "on"
+    workload: str = "smallfiles"
+    recorder: str = "qemu"
+    window: str = "default"
+    seed: int = 1
+    scale: int = 1
+    strategy: str = "random"
+
+    def cells(self) -> list[Cell]:
+        if not self.fs:
+            raise CampaignError("name at least one filesystem")
+        out = []
+        for fs in self.fs:
+            if fs == "xfs" and self.barrier == "off":
+                # Refuse rather than drop it: a gate silently checking fewer filesystems than
+                # asked would pass a policy nobody tested.
+                raise CampaignError("xfs has no barrier=off (nobarrier was removed in Linux 4.19)")
+            out.append(self._cell(fs=fs, cache=self.cache, barrier=self.barrier, window=self.window))
+        return out
+
+    def sensitivity_cell(self) -> Cell:
+        """The known-unsafe reference: its own window (the host's dirty expiry), everything that
+        shapes what the gate can see (workload, recorder, seed, crash model) from the policy."""
+        return self._cell(**SENSITIVITY, window="default")
+
+    def _cell(self, **kw: str) -> Cell:
+        return Cell(recorder=self.recorder, workload=self.workload, seed=self.seed, scale=self.scale,
+                    strategy=self.strategy, **kw).validate()
+
+
+@dataclass(frozen=True)
+class CellCheck:
+    """One cell's stored outcomes against the number of states asked for."""
+
+    cell: Cell
+    counts: Counter[str]
+    expected: int
+
+    @property
+    def result(self) -> report.CellResult:
+        return report.CellResult(self.cell.key, self.cell.config(), self.counts)
+
+    @property
+    def failed(self) -> stats.Rate:
+        return self.result.failed
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.expected - sum(self.counts.values()))
+
+    @property
+    def errors(self) -> int:
+        return self.counts["checker-error"]
+
+    def describe(self) -> str:
+        r = self.result
+        text = (f"{self.cell.fs} cache={self.cell.cache} barrier={self.cell.barrier} "
+                f"workload={self.cell.workload} window={self.cell.window_label}"
+                + ("" if self.cell.strategy == "random" else f" strategy={self.cell.strategy}")
+                + f": {rate_text(r.failed)} (corrupt {r.corrupt.k}, fsync data lost {r.lost.k})")
+        extra = [f"{self.errors} checker-error (not counted)"] if self.errors else []
+        extra += [f"{self.missing} of {self.expected} states missing"] if self.missing else []
+        return text + (f" [{'; '.join(extra)}]" if extra else "")
+
+
+def rate_text(r: stats.Rate) -> str:
+    """The observed rate and the number a reader of '0 of n' needs: the exact 95 % upper bound."""
+    if not r.n:
+        return "no state checked"
+    return f"{r.k}/{r.n} failed = {100 * r.value:.1f} %, 95 % upper bound {100 * r.upper95:.1f} %"
+
+
+def pooled(checks: Sequence[CellCheck]) -> stats.Rate:
+    k = sum(c.failed.k for c in checks)
+    n = sum(c.failed.n for c in checks)
+    return stats.rate(k, n)
+
+
+@dataclass(frozen=True)
+class Decision:
+    code: int
+    verdict: str
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.code == EXIT_PASS
+
+
+def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None) -> Decision:
+    """The verdict, in order of what the reader must act on first.
+
+    A failure of the policy is definitive whatever else happened: a real crash state was corrupt
+    or lost data, and the gate evidently can see failures. Otherwise a blind sensitivity check
+    beats missing states, because rerunning cannot fix a blind gate but can fill in states.
+    """
+    lines = [f"policy   {c.describe()}" for c in policy]
+    if len(policy) > 1:
+        lines.append(f"policy   all cells: {rate_text(pooled(policy))}")
+    if sensitivity is not None:
+        lines.append(f"sensitivity (must fail) {sensitivity.describe()}")
+    if any(c.failed.k for c in policy):
+        bad = sum(c.failed.k for c in policy)
+        return Decision(EXIT_REFUSED, f"REFUSED: {bad} crash state(s) of the proposed policy were corrupt "
+                        "or lost fsynced data", lines)
+    if sensitivity is not None and sensitivity.failed.n and not sensitivity.failed.k:
+        return Decision(EXIT_BLIND, "GATE BROKEN: the known-unsafe configuration showed no failure in "
+                        f"{sensitivity.failed.n} states, so this gate cannot see failures (blind crash "
+                        "model, a workload without fsync promises, or too few states); its pass means "
+                        "nothing", lines)
+    unsure = [c for c in (*policy, *([sensitivity] if sensitivity else [])) if c.missing or not c.failed.n]
+    if unsure:
+        return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: states missing or uncheckable in "
+                        + ", ".join(f"{c.cell.fs} cache={c.cell.cache} barrier={c.cell.barrier}"
+                                    for c in unsure) + "; rerun the same command to resume", lines)
+    note = "" if sensitivity is not None else " (sensitivity check skipped)"
+    return Decision(EXIT_PASS, f"PASS: no crash state of the proposed policy was corrupt or lost fsynced "
+                    f"data; {rate_text(pooled(policy))}{note}", lines)
+
+
+# --- what a failing state looks like in a report -------------------------------------------------
+
+def reproduce_command(state_id: str, store_path: Path, host_mount: bool = False) -> str:
+    argv = ["crashlab", "reproduce", state_id, "--store", str(store_path)]
+    return shlex.join([*argv, "--host-mount"] if host_mount else argv)
+
+
+def describe_state(row: StateRow, store_path: Path, host_mount: bool = False) -> str:
+    """One failing crash state: what a CI log must show for a human to act without the store."""
+    d = row.detail
+    out = [f"crash state {row.state_id}: {row.outcome} ({d.get('reason', 'no reason recorded')})"]
+    for v in d.get("violations", [])[:VIOLATIONS_SHOWN]:
+        out.append(f"  violation: {_violation(v)}")
+    if len(d.get("violations", [])) > VIOLATIONS_SHOWN:
+        out.append(f"  ... {len(d['violations']) - VIOLATIONS_SHOWN} more violation(s)")
+    fsck = d.get("fsck") or {}
+    if fsck:
+        rc = fsck.get("rc", fsck.get("returncode"))
+        out.append(f"  fsck: {shlex.join(map(str, fsck.get('argv', [])))} -> exit {rc}")
+        text = (str(fsck.get("stdout") or "") + str(fsck.get("stderr") or "")).rstrip().splitlines()
+        out += [f"    {line}" for line in text[:FSCK_LINES]]
+        if len(text) > FSCK_LINES:
+            out.append(f"    ... {len(text) - FSCK_LINES} more line(s)")
+    out.append(f"  reproduce: {reproduce_command(row.state_id, store_path, host_mount)}")
+    return "\n".join(out)
+
+
+def _violation(v: Any) -> str:
+    if not isinstance(v, dict):
+        return str(v)
+    promise = v.get("promise") or {}
+    what = f"{promise.get('kind', '?')} promised at {promise.get('marker', '?')}" if promise else ""
+    return f"{v.get('path', '?')}: {v.get('found', v.get('message', '?'))}" + (f" ({what})" if what else "")
+
+
+def failures(store: Store, cell: Cell) -> list[StateRow]:
+    return worst_first([r for r in store.states(cell.key) if r.outcome in FAILED])
+
+
+def worst_first(rows: Sequence[StateRow]) -> list[StateRow]:
+    """A corrupt filesystem before lost data: it is the one nobody can paper over."""
+    severity = {"unmountable": 0, "fs-inconsistent": 1, "data-loss": 2}
+    return sorted(rows, key=lambda r: (severity.get(r.outcome, 3), r.state_id))
+
+
+def check(store: Store, cell: Cell, states: int) -> CellCheck:
+    return CellCheck(cell, store.counts(cell.key), states)
+
+
+# --- running -------------------------------------------------------------------------------------
+
+def run_cells(cells: Sequence[Cell], states: int, store_path: Path, *, command: str,
+              workers: int | None = None, host_mount: bool = False, unit_states: int | None = None,
+              on_progress: Callable[[Progress], None] = lambda p: None) -> Progress:
+    """Run (or resume) the cells; recordings live beside the store, as for `crashlab matrix`, so a
+    gate and a matrix sharing a store share recordings and outcomes."""
+    unique = list(dict.fromkeys(cells))  # the sensitivity cell may be one of the policy's
+    kw: dict[str, Any] = {} if unit_states is None else {"unit_states": unit_states}
+    with Store(store_path) as store:
+        return run_matrix(unique, states, store, store_path.parent, command=command, workers=workers,
+                          host_mount=host_mount, on_progress=on_progress, **kw)
