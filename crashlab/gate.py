@@ -150,11 +150,8 @@ def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None) -> Decisi
         bad = sum(c.failed.k for c in policy)
         return Decision(EXIT_REFUSED, f"REFUSED: {bad} crash state(s) of the proposed policy were corrupt "
                         "or lost fsynced data", lines)
-    if sensitivity is not None and sensitivity.failed.n and not sensitivity.failed.k:
-        return Decision(EXIT_BLIND, "GATE BROKEN: the known-unsafe configuration showed no failure in "
-                        f"{sensitivity.failed.n} states, so this gate cannot see failures (blind crash "
-                        "model, a workload without fsync promises, or too few states); its pass means "
-                        "nothing", lines)
+    if sensitivity is not None and (blind := decide_sensitivity(sensitivity)).code == EXIT_BLIND:
+        return Decision(EXIT_BLIND, blind.verdict, lines)
     unsure = [c for c in (*policy, *([sensitivity] if sensitivity else [])) if c.missing or not c.failed.n]
     if unsure:
         return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: states missing or uncheckable in "
@@ -163,6 +160,21 @@ def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None) -> Decisi
     note = "" if sensitivity is not None else " (sensitivity check skipped)"
     return Decision(EXIT_PASS, f"PASS: no crash state of the proposed policy was corrupt or lost fsynced "
                     f"data; {rate_text(pooled(policy))}{note}", lines)
+
+
+def decide_sensitivity(reference: CellCheck) -> Decision:
+    """The known-unsafe configuration alone: it passes only by failing."""
+    lines = [f"sensitivity (must fail) {reference.describe()}"]
+    r = reference.failed
+    if r.k:
+        return Decision(EXIT_PASS, f"SENSITIVE: the known-unsafe configuration failed in {r.k} of {r.n} "
+                        "states, so this gate can see failures", lines)
+    if r.n and not reference.missing:
+        return Decision(EXIT_BLIND, f"GATE BROKEN: the known-unsafe configuration showed no failure in "
+                        f"{r.n} states, so this gate cannot see failures (blind crash model, a workload "
+                        "without fsync promises, or too few states); its pass means nothing", lines)
+    return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: the known-unsafe configuration has states missing or "
+                    "uncheckable; rerun to resume", lines)
 
 
 # --- what a failing state looks like in a report -------------------------------------------------

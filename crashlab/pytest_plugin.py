@@ -1,0 +1,216 @@
+"""crashlab as a pytest plugin: crash-consistency campaigns as ordinary test results.
+
+Registered through the `pytest11` entry point, so installing crashlab is enough. It adds:
+
+- `--crashlab-*` options naming the policy under test (filesystems, cache mode, barrier, states,
+  seed, workload) and where results live (`--crashlab-store`: reused across runs, so a rerun only
+  checks what is new);
+- the `crashlab_cell` fixture: `crashlab_cell(fs=..., cache=..., ...)` runs or reuses one campaign
+  cell and returns a `CellRun` with the stored outcomes, `.assert_safe()` and
+  `.assert_detects_failures()`; `crashlab_cell.sensitivity()` is the gate's known-unsafe cell;
+- `crashlab_fs`: a test asking for it runs once per `--crashlab-fs` filesystem;
+- the `crashlab` marker for tests that boot guests (added to every test using `crashlab_cell`);
+- failing crash states in the report: id, outcome, fsck output and the `crashlab reproduce` command
+  in the failure message (and so in `--junitxml`), the cell's rates as a report section and as
+  JUnit properties.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crashlab import gate, stats
+from crashlab.campaign import CampaignError, Cell
+from crashlab.store import StateRow, Store
+
+MARKER = "crashlab"
+_RUNS = pytest.StashKey[dict[tuple[Cell, int], "CellRun"]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("crashlab", "crash-consistency campaigns (crashlab)")
+    g.addoption("--crashlab-fs", default="ext4", metavar="FS[,FS...]",
+                help="Filesystems of the policy under test; tests using crashlab_fs run once per "
+                     "filesystem [default: ext4].")
+    g.addoption("--crashlab-cache", default="none", help="Cache mode under test [default: none].")
+    g.addoption("--crashlab-barrier", default="on", choices=("on", "off"),
+                help="Filesystem barriers [default: on].")
+    g.addoption("--crashlab-states", type=int, default=32,
+                help="Crash states per cell [default: 32: 0 of 32 bounds the rate below 9 %% at 95 %%].")
+    g.addoption("--crashlab-seed", type=int, default=1, help="Workload and crash-state seed [default: 1].")
+    g.addoption("--crashlab-workload", default="smallfiles", help="Workload [default: smallfiles].")
+    g.addoption("--crashlab-strategy", default="random",
+                help="Crash-state strategy; 'prefix' is a deliberately blind model [default: random].")
+    g.addoption("--crashlab-store", default=None, metavar="PATH",
+                help="Results store (SQLite), recordings beside it; reused across runs "
+                     "[default: results/crashlab.sqlite under the rootdir].")
+    g.addoption("--crashlab-host-mount", action="store_true",
+                help="Mount crash images on this host, not in checker guests (disposable hosts only).")
+    g.addoption("--crashlab-workers", type=int, default=None,
+                help="Parallel recording/checking units [default: cores].")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{MARKER}: boots QEMU guests to record and check crash states "
+                            f"(slow under TCG; deselect with -m 'not {MARKER}')")
+    config.stash[_RUNS] = {}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects, so -m 'not crashlab' sees the added marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "crashlab_cell" in getattr(item, "fixturenames", ()):
+            item.add_marker(MARKER)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "crashlab_fs" in metafunc.fixturenames:
+        fs = _fs_list(metafunc.config.getoption("crashlab_fs"))
+        metafunc.parametrize("crashlab_fs", fs, ids=fs)
+
+
+def _fs_list(value: str) -> list[str]:
+    fs = list(dict.fromkeys(f.strip() for f in value.split(",") if f.strip()))
+    if not fs:
+        raise pytest.UsageError("--crashlab-fs: name at least one filesystem")
+    return fs
+
+
+@dataclass(frozen=True)
+class Options:
+    fs: tuple[str, ...]
+    cache: str
+    barrier: str
+    states: int
+    seed: int
+    workload: str
+    strategy: str
+    store: Path
+    host_mount: bool
+    workers: int | None
+    command: str
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> Options:
+        opt = config.getoption
+        store = opt("crashlab_store")
+        if opt("crashlab_states") < 1:
+            raise pytest.UsageError("--crashlab-states must be at least 1")
+        return cls(fs=tuple(_fs_list(opt("crashlab_fs"))), cache=opt("crashlab_cache"),
+                   barrier=opt("crashlab_barrier"), states=opt("crashlab_states"), seed=opt("crashlab_seed"),
+                   workload=opt("crashlab_workload"), strategy=opt("crashlab_strategy"),
+                   store=Path(store).absolute() if store else config.rootpath / "results" / "crashlab.sqlite",
+                   host_mount=opt("crashlab_host_mount"), workers=opt("crashlab_workers"),
+                   command="pytest " + shlex.join(config.invocation_params.args))
+
+    @property
+    def policy(self) -> gate.Policy:
+        return gate.Policy(fs=self.fs, cache=self.cache, barrier=self.barrier, workload=self.workload,
+                           seed=self.seed, strategy=self.strategy)
+
+
+@dataclass
+class CellRun:
+    """One cell's stored outcomes after running (or resuming) it."""
+
+    check: gate.CellCheck
+    failures: list[StateRow]
+    store: Path
+    host_mount: bool
+    problems: list[str] = field(default_factory=list)  # units that failed (recording, checker boot)
+
+    @property
+    def cell(self) -> Cell:
+        return self.check.cell
+
+    @property
+    def failed(self) -> stats.Rate:
+        return self.check.failed
+
+    def summary(self) -> str:
+        return self.check.describe()
+
+    def assert_safe(self) -> None:
+        """Fail unless every checked state was consistent (and none is missing)."""
+        decision = gate.decide([self.check], None)
+        if not decision.passed:
+            pytest.fail(self._message(decision, self.failures), pytrace=False)
+
+    def assert_detects_failures(self) -> None:
+        """Fail unless some state failed: for a configuration known to be unsafe."""
+        decision = gate.decide_sensitivity(self.check)
+        if not decision.passed:
+            pytest.fail(self._message(decision, []), pytrace=False)
+
+    def _message(self, decision: gate.Decision, rows: list[StateRow]) -> str:
+        out = [decision.verdict, f"cell: {self.summary()}"]
+        out += [f"error: {p}" for p in self.problems]
+        out += ["", *(gate.describe_state(r, self.store, self.host_mount) + "\n"
+                      for r in rows[:gate.STATES_DESCRIBED])]
+        if len(rows) > gate.STATES_DESCRIBED:
+            out.append(f"... and {len(rows) - gate.STATES_DESCRIBED} more: "
+                       + " ".join(r.state_id for r in rows[gate.STATES_DESCRIBED:]))
+        return "\n".join(out).rstrip()
+
+
+class CellFactory:
+    """What `crashlab_cell` is: call it with Cell fields to run (or reuse) that cell."""
+
+    def __init__(self, options: Options, runs: dict[tuple[Cell, int], CellRun], item: pytest.Item) -> None:
+        self.options, self.runs, self.item = options, runs, item
+
+    def __call__(self, fs: str | None = None, *, states: int | None = None, **fields: Any) -> CellRun:
+        o = self.options
+        try:
+            base = replace(o.policy, fs=(fs or o.fs[0],)).cells()[0]
+            cell = replace(base, **fields).validate()
+        except (CampaignError, TypeError) as e:
+            raise pytest.UsageError(f"crashlab_cell: {e}") from None
+        return self.run(cell, states or o.states)
+
+    def sensitivity(self, *, states: int | None = None) -> CellRun:
+        """The gate's known-unsafe reference (ext4, cache=unsafe, barrier=off) under this policy's
+        workload, seed and crash model."""
+        return self.run(self.options.policy.sensitivity_cell(), states or self.options.states)
+
+    def run(self, cell: Cell, states: int) -> CellRun:
+        o = self.options
+        key = (cell, states)
+        if key not in self.runs:  # run_matrix resumes anyway; this saves its set-up per test
+            prog = gate.run_cells([cell], states, o.store, command=o.command, workers=o.workers,
+                                  host_mount=o.host_mount)
+            with Store(o.store) as store:
+                self.runs[key] = CellRun(gate.check(store, cell, states), gate.failures(store, cell),
+                                         o.store, o.host_mount, list(prog.failed_units))
+        run = self.runs[key]
+        self.item.add_report_section("call", "crashlab", f"{run.summary()}\nstore: {o.store}")
+        r = run.failed
+        self.item.user_properties += [("crashlab cell", cell.key), ("crashlab failed", f"{r.k}/{r.n}"),
+                                      ("crashlab upper95", f"{r.upper95:.4f}")]
+        return run
+
+
+@pytest.fixture(scope="session")
+def crashlab_options(pytestconfig: pytest.Config) -> Options:
+    return Options.from_config(pytestconfig)
+
+
+@pytest.fixture
+def crashlab_cell(request: pytest.FixtureRequest, crashlab_options: Options) -> CellFactory:
+    return CellFactory(crashlab_options, request.config.stash[_RUNS], request.node)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    runs = config.stash.get(_RUNS, {})
+    if not runs:
+        return
+    terminalreporter.write_sep("-", "crashlab")
+    for run in runs.values():
+        terminalreporter.write_line(run.summary())
+    terminalreporter.write_line(f"store: {next(iter(runs.values())).store} "
+                                "(rerun to reuse; `crashlab report --store ...` for the full table)")
