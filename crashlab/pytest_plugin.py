@@ -20,16 +20,19 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from crashlab import gate, stats
-from crashlab.campaign import CampaignError, Cell
-from crashlab.store import StateRow, Store
+# Imported where used: this module loads in every pytest session of an environment with crashlab
+# installed, and should cost nothing in the ones that never run a campaign.
+if TYPE_CHECKING:
+    from crashlab import gate, stats
+    from crashlab.campaign import Cell
+    from crashlab.store import StateRow
 
 MARKER = "crashlab"
-_RUNS = pytest.StashKey[dict[tuple[Cell, int], "CellRun"]]()
+_RUNS = pytest.StashKey["dict[tuple[Cell, int], CellRun]"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,6 +113,8 @@ class Options:
 
     @property
     def policy(self) -> gate.Policy:
+        from crashlab import gate
+
         return gate.Policy(fs=self.fs, cache=self.cache, barrier=self.barrier, workload=self.workload,
                            seed=self.seed, strategy=self.strategy)
 
@@ -137,17 +142,23 @@ class CellRun:
 
     def assert_safe(self) -> None:
         """Fail unless every checked state was consistent (and none is missing)."""
+        from crashlab import gate
+
         decision = gate.decide([self.check], None)
         if not decision.passed:
             pytest.fail(self._message(decision, self.failures), pytrace=False)
 
     def assert_detects_failures(self) -> None:
         """Fail unless some state failed: for a configuration known to be unsafe."""
+        from crashlab import gate
+
         decision = gate.decide_sensitivity(self.check)
         if not decision.passed:
             pytest.fail(self._message(decision, []), pytrace=False)
 
     def _message(self, decision: gate.Decision, rows: list[StateRow]) -> str:
+        from crashlab import gate
+
         out = [decision.verdict, f"cell: {self.summary()}"]
         out += [f"error: {p}" for p in self.problems]
         out += ["", *(gate.describe_state(r, self.store, self.host_mount) + "\n"
@@ -165,6 +176,8 @@ class CellFactory:
         self.options, self.runs, self.item = options, runs, item
 
     def __call__(self, fs: str | None = None, *, states: int | None = None, **fields: Any) -> CellRun:
+        from crashlab.campaign import CampaignError
+
         o = self.options
         try:
             base = replace(o.policy, fs=(fs or o.fs[0],)).cells()[0]
@@ -179,6 +192,9 @@ class CellFactory:
         return self.run(self.options.policy.sensitivity_cell(), states or self.options.states)
 
     def run(self, cell: Cell, states: int) -> CellRun:
+        from crashlab import gate
+        from crashlab.store import Store
+
         o = self.options
         key = (cell, states)
         if key not in self.runs:  # run_matrix resumes anyway; this saves its set-up per test

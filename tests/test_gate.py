@@ -1,0 +1,191 @@
+"""The gate: its decision rules on counts, its failure descriptions, and the real command."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from crashlab import gate
+from crashlab.campaign import CampaignError, Cell
+from crashlab.store import StateRow, Store
+
+# --- decision logic (pure) ------------------------------------------------------------------------
+
+POLICY = Cell(cache="none", barrier="on")
+REFERENCE = gate.Policy().sensitivity_cell()
+
+
+def cc(expected: int = 4, cell: Cell = POLICY, **counts: int) -> gate.CellCheck:
+    return gate.CellCheck(cell, Counter({k.replace("_", "-"): v for k, v in counts.items()}), expected)
+
+
+def test_clean_policy_with_a_failing_reference_passes_and_quotes_the_upper_bound() -> None:
+    d = gate.decide([cc(consistent=4)], cc(cell=REFERENCE, consistent=1, data_loss=3))
+    assert d.code == gate.EXIT_PASS and d.passed
+    assert "0/4 failed" in d.verdict and "95 % upper bound 52.7 %" in d.verdict  # 1 - 0.05 ** (1/4)
+    assert any(line.startswith("sensitivity") and "3/4 failed" in line for line in d.lines)
+
+
+@pytest.mark.parametrize("bad", ["data_loss", "fs_inconsistent", "unmountable"])
+def test_any_corrupt_or_lossy_state_refuses(bad: str) -> None:
+    d = gate.decide([cc(consistent=4), cc(consistent=3, **{bad: 1})], cc(cell=REFERENCE, data_loss=4))
+    assert d.code == gate.EXIT_REFUSED
+    assert "1 crash state(s)" in d.verdict
+    assert "all cells: 1/8 failed" in "\n".join(d.lines)
+
+
+def test_checker_errors_are_not_failures_but_are_shown() -> None:
+    d = gate.decide([cc(consistent=3, checker_error=1)], cc(cell=REFERENCE, data_loss=4))
+    assert d.code == gate.EXIT_PASS
+    assert "0/3 failed" in d.lines[0] and "1 checker-error" in d.lines[0]
+
+
+def test_a_blind_reference_breaks_the_gate_even_when_the_policy_looks_clean() -> None:
+    d = gate.decide([cc(consistent=4)], cc(cell=REFERENCE, consistent=4))
+    assert d.code == gate.EXIT_BLIND
+    assert "cannot see failures" in d.verdict
+
+
+def test_a_real_policy_failure_outranks_a_blind_reference() -> None:
+    # A failing state is evidence whatever the reference did: the gate plainly saw it.
+    d = gate.decide([cc(data_loss=1, consistent=3)], cc(cell=REFERENCE, consistent=4))
+    assert d.code == gate.EXIT_REFUSED
+
+
+@pytest.mark.parametrize(("policy", "reference"), [
+    (cc(consistent=2), cc(cell=REFERENCE, data_loss=4)),  # states never stored (a unit failed)
+    (cc(checker_error=4), cc(cell=REFERENCE, data_loss=4)),  # nothing checkable
+    (cc(consistent=4), cc(cell=REFERENCE, consistent=2)),  # a reference half run may yet fail
+    (cc(consistent=4), cc(cell=REFERENCE)),
+])
+def test_missing_or_uncheckable_states_are_inconclusive_never_a_pass(policy: gate.CellCheck,
+                                                                    reference: gate.CellCheck) -> None:
+    assert gate.decide([policy], reference).code == gate.EXIT_INCONCLUSIVE
+
+
+def test_no_sensitivity_passes_on_policy_alone_and_says_so() -> None:
+    d = gate.decide([cc(consistent=4)], None)
+    assert d.code == gate.EXIT_PASS and "sensitivity check skipped" in d.verdict
+
+
+def test_more_stored_states_than_asked_all_count() -> None:
+    # A store shared with a bigger earlier run: every stored state of the cell is evidence.
+    d = gate.decide([cc(expected=4, consistent=8)], None)
+    assert d.code == gate.EXIT_PASS and "0/8" in d.verdict
+
+
+def test_exit_codes_are_distinct() -> None:
+    codes = [gate.EXIT_PASS, gate.EXIT_REFUSED, gate.EXIT_USAGE, gate.EXIT_BLIND, gate.EXIT_INCONCLUSIVE]
+    assert len(set(codes)) == len(codes)
+
+
+def test_policy_cells_and_the_reference_share_what_shapes_visibility() -> None:
+    p = gate.Policy(fs=("ext4", "xfs"), cache="writeback", barrier="on", workload="append_log", seed=9,
+                    strategy="prefix", window="inf")
+    cells = p.cells()
+    assert [(c.fs, c.cache, c.barrier, c.window) for c in cells] == [
+        ("ext4", "writeback", "on", "inf"), ("xfs", "writeback", "on", "inf")]
+    ref = p.sensitivity_cell()
+    assert (ref.fs, ref.cache, ref.barrier, ref.window) == ("ext4", "unsafe", "off", "default")
+    assert (ref.workload, ref.seed, ref.strategy) == ("append_log", 9, "prefix")
+
+
+def test_policy_refuses_what_cannot_be_tested_rather_than_dropping_it() -> None:
+    with pytest.raises(CampaignError, match="xfs has no barrier=off"):
+        gate.Policy(fs=("ext4", "xfs"), barrier="off").cells()
+    with pytest.raises(CampaignError, match="writebak"):
+        gate.Policy(cache="writebak").cells()
+
+
+def row(state_id: str, outcome: str, **detail: object) -> StateRow:
+    return StateRow("cell", state_id, outcome, dict(detail), 1)
+
+
+def test_a_failing_state_description_has_id_outcome_fsck_and_a_runnable_reproduce_command() -> None:
+    fsck = {"argv": ["e2fsck", "-f", "-n", "/tmp/x.img"], "rc": 4,
+            "stdout": "Pass 1: Checking inodes\n" + "".join(f"line {i}\n" for i in range(40)),
+            "stderr": "e2fsck 1.47.0\n"}
+    violations = [{"path": f"inbox/msg{i}", "found": "no entry",
+                   "promise": {"kind": "file", "marker": f"deliver-{i}"}} for i in range(7)]
+    text = gate.describe_state(row("abc-e12-r34", "fs-inconsistent", reason="e2fsck exit 4: errors found",
+                                   fsck=fsck, violations=violations), Path("/r/my store.sqlite"), True)
+    lines = text.splitlines()
+    assert lines[0] == "crash state abc-e12-r34: fs-inconsistent (e2fsck exit 4: errors found)"
+    assert "  violation: inbox/msg0: no entry (file promised at deliver-0)" in lines
+    assert "  ... 2 more violation(s)" in lines
+    assert "  fsck: e2fsck -f -n /tmp/x.img -> exit 4" in lines
+    assert "    Pass 1: Checking inodes" in lines and "    line 39" not in lines
+    assert any(line.strip().endswith("more line(s)") for line in lines)
+    cmd = lines[-1].removeprefix("  reproduce: ")
+    assert shlex.split(cmd) == ["crashlab", "reproduce", "abc-e12-r34", "--store", "/r/my store.sqlite",
+                                "--host-mount"]
+
+
+def test_worst_first_puts_corruption_before_data_loss() -> None:
+    rows = [row("a", "data-loss"), row("b", "fs-inconsistent"), row("c", "unmountable")]
+    assert [r.state_id for r in gate.worst_first(rows)] == ["c", "b", "a"]
+
+
+# --- the command, on real recordings ---------------------------------------------------------------
+
+CRASHLAB = [sys.executable, "-m", "crashlab"]
+# Few states, ext4 only, host mounts: the checker-guest path is tested in test_campaign.py.
+CHEAP = ["--fs", "ext4", "--states", "4", "-j", "1", "--host-mount"]
+
+
+@pytest.fixture(scope="session")
+def gate_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store for every gate and plugin test in the session (test_pytest_plugin.py computes the
+    same path), so each cell is recorded and checked once."""
+    d = tmp_path_factory.getbasetemp() / "crashlab-gate-store"
+    d.mkdir(exist_ok=True)
+    return d / "crashlab.sqlite"
+
+
+def run_gate(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CRASHLAB, "gate", *CHEAP, "--store", str(store), *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.guest
+def test_gate_passes_cache_none_with_barriers(gate_store: Path) -> None:
+    out = run_gate(gate_store, "--cache", "none", "--barrier", "on")
+    assert out.returncode == gate.EXIT_PASS, out.stdout + out.stderr
+    assert "policy   ext4 cache=none barrier=on workload=smallfiles window=1s: 0/4 failed" in out.stdout
+    assert "95 % upper bound 52.7 %" in out.stdout
+    assert "sensitivity (must fail) ext4 cache=unsafe barrier=off" in out.stdout
+    assert out.stdout.rstrip().splitlines()[-1].startswith("PASS:")
+
+
+@pytest.mark.guest
+def test_gate_refuses_unsafe_without_barriers_naming_each_state(gate_store: Path) -> None:
+    out = run_gate(gate_store, "--cache", "unsafe", "--barrier", "off", "--no-sensitivity")
+    assert out.returncode == gate.EXIT_REFUSED, out.stdout + out.stderr
+    cell = gate.Policy(cache="unsafe", barrier="off").cells()[0]
+    with Store(gate_store) as store:
+        bad = gate.failures(store, cell)
+    assert bad, "the unsafe cell failed no state, yet the gate refused it"
+    for r in bad:
+        assert f"crash state {r.state_id}: {r.outcome}" in out.stdout
+        assert f"crashlab reproduce {r.state_id} --store {gate_store} --host-mount" in out.stdout
+    assert "sensitivity" not in out.stdout
+    assert out.stdout.rstrip().splitlines()[-1].startswith("REFUSED:")
+
+
+@pytest.mark.guest
+def test_gate_with_a_blind_model_says_it_is_broken(gate_store: Path) -> None:
+    # Same cell as the reference: one recording serves policy and sensitivity check.
+    out = run_gate(gate_store, "--cache", "unsafe", "--barrier", "off", "--strategy", "prefix")
+    assert out.returncode == gate.EXIT_BLIND, out.stdout + out.stderr
+    assert "GATE BROKEN" in out.stdout and "cannot see failures" in out.stdout
+
+
+def test_gate_usage_errors_exit_2() -> None:
+    out = subprocess.run([*CRASHLAB, "gate", "--fs", "ext4,xfs", "--barrier", "off", "--store", "/dev/null"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == gate.EXIT_USAGE and "xfs has no barrier=off" in out.stderr
