@@ -1,0 +1,5 @@
+"""`python -m crashlab`: the same as the `crashlab` command."""
+
+from crashlab.cli import main
+
+main()
