@@ -183,8 +183,10 @@ class CellFactory:
             base = replace(o.policy, fs=(fs or o.fs[0],)).cells()[0]
             cell = replace(base, **fields).validate()
         except (CampaignError, TypeError) as e:
-            raise pytest.UsageError(f"crashlab_cell: {e}") from None
-        return self.run(cell, states or o.states)
+            error = str(e)
+        else:
+            return self.run(cell, states or o.states)
+        pytest.fail(f"crashlab_cell: {error}", pytrace=False)  # outside `except`: no chained traceback
 
     def sensitivity(self, *, states: int | None = None) -> CellRun:
         """The gate's known-unsafe reference (ext4, cache=unsafe, barrier=off) under this policy's
