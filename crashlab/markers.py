@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -107,8 +108,12 @@ class MarkerWriter:
             self._ticker = threading.Thread(target=self._tick_loop, args=(tick_interval,), daemon=True)
             self._ticker.start()
 
-    def mark(self, name: str) -> Marker:
+    def mark(self, name: str, announce: Callable[[int], None] | None = None) -> Marker:
+        """Write a marker; `announce(seq)` runs first, under the lock, so what the marker stands for
+        can be saved before the marker can reach the log."""
         with self._lock:
+            if announce is not None:
+                announce(self.seq)
             marker = Marker(self.seq, time.monotonic_ns(), name)
             self._buf.seek(0)
             self._buf.write(encode(marker, self.block_size))

@@ -54,14 +54,22 @@ class WorkloadContext:
     def durable(self, name: str, promises: Sequence[Promise] = ()) -> int:
         """Mark a durability point that has just returned, with what it promises from now on.
         Returns the point's marker seq."""
-        seq = self.marker_writer.mark(name).seq if self.marker_writer else self.points
-        # The point line comes even without promises: the oracle needs every point to know which
-        # one follows a crash state.
-        self.promises_out.write(json.dumps({"marker": name, "seq": seq}) + "\n")
-        for p in promises:
-            self.promises_out.write(json.dumps({"marker": name, "seq": seq, **p}, sort_keys=True) + "\n")
-        # The promise file lives outside the disk under test; flush so a killed guest loses nothing.
-        self.promises_out.flush()
+        def save(seq: int) -> None:
+            # The point line comes even without promises: the oracle needs every point to know
+            # which one follows a crash state.
+            self.promises_out.write(json.dumps({"marker": name, "seq": seq}) + "\n")
+            for p in promises:
+                self.promises_out.write(json.dumps({"marker": name, "seq": seq, **p}, sort_keys=True) + "\n")
+            # Saved outside the disk under test before the marker is written: a guest killed in
+            # between leaves a promise whose marker never happened (never checked), not a marker
+            # whose promise is missing (checked too leniently).
+            self.promises_out.flush()
+
+        if self.marker_writer:
+            seq = self.marker_writer.mark(name, announce=save).seq
+        else:
+            seq = self.points
+            save(seq)
         self.points += 1
         return seq
 
