@@ -238,8 +238,8 @@ def hook_markers(dm: DmControl | None, target: str, started: threading.Event) ->
     base = markers.MarkerWriter
 
     class HookedMarkerWriter(base):  # type: ignore[misc, valid-type]
-        def mark(self, name: str) -> markers.Marker:
-            m = super().mark(name)
+        def mark(self, name: str, *args: Any, **kwargs: Any) -> markers.Marker:
+            m = super().mark(name, *args, **kwargs)
             if dm is not None and name != markers.TICK:
                 dm.message(target, f"mark {name}")
             if name == markers.WORKLOAD_START:
