@@ -273,3 +273,39 @@ def test_killing_qemu_mid_recording_raises_and_leaves_nothing(guest: Guest, tmp_
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["qemu_exit"] == -9 and run["guest"]["status"] == "running"
     assert (tmp_path / "promises.jsonl").read_text()  # what the guest wrote before the kill came back
+
+
+# --- the full matrix (slow: run on demand with -m slow) ---------------------------------------------
+
+MATRIX = [(fs, cache, barrier, recorder)
+          for fs in ("ext4", "xfs", "btrfs")
+          for cache in ("writeback", "none", "writethrough", "directsync", "unsafe")
+          for barrier in (True, False) if not (fs == "xfs" and not barrier)
+          for recorder in ("qemu", "dm")]
+
+
+@pytest.mark.slow
+@pytest.mark.guest
+@pytest.mark.parametrize(("fs", "cache", "barrier", "recorder"), MATRIX,
+                         ids=[f"{f}-{c}-{'bar' if b else 'nobar'}-{r}" for f, c, b, r in MATRIX])
+def test_matrix_records_and_the_log_obeys_the_cache_mode(recordings: Recordings, fs: str, cache: str,
+                                                         barrier: bool, recorder: str) -> None:
+    rec = recordings.get(recorder, barrier=barrier, cache=cache, fs=fs, workload="tiny")
+    s = rec.summary
+    es = entries(rec)
+    names = [e.marker.name for e in es if e.marker and not e.marker.is_tick]
+    assert names[0] == markers.WORKLOAD_START and names[-1] == markers.WORKLOAD_END
+    assert [n for n in names if n.startswith("fsync-")] == [f"fsync-{i}" for i in range(4)]
+    assert s["damage"] is None and rec.run["guest"]["status"] == "done"
+    if recorder == "qemu":
+        assert s["fua"] == 0
+        if cache == "unsafe":
+            assert s["flushes"] == 0 and s["superblock"] == "blank"
+        if cache in ("writethrough", "directsync"):
+            assert flushed_gaps(es) >= 0.9
+    if recorder == "dm":
+        assert s["marks"][-1] == "dm-log-writes-end"
+        if fs == "ext4" and not barrier:
+            assert s["fua"] == 0 and s["flushes"] <= 5
+        if fs in ("xfs", "btrfs") and barrier:
+            assert s["flushes"] > 0
