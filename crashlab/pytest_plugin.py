@@ -62,6 +62,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{MARKER}: boots QEMU guests to record and check crash states "
                             f"(slow under TCG; deselect with -m 'not {MARKER}')")
     config.stash[_RUNS] = {}
+    # Bad values stop the session before collection, not in the first test that boots a guest.
+    _fs_list(config.getoption("crashlab_fs"))
+    if config.getoption("crashlab_states") < 1:
+        raise pytest.UsageError("--crashlab-states must be at least 1")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects, so -m 'not crashlab' sees the added marker
@@ -102,8 +106,6 @@ class Options:
     def from_config(cls, config: pytest.Config) -> Options:
         opt = config.getoption
         store = opt("crashlab_store")
-        if opt("crashlab_states") < 1:
-            raise pytest.UsageError("--crashlab-states must be at least 1")
         return cls(fs=tuple(_fs_list(opt("crashlab_fs"))), cache=opt("crashlab_cache"),
                    barrier=opt("crashlab_barrier"), states=opt("crashlab_states"), seed=opt("crashlab_seed"),
                    workload=opt("crashlab_workload"), strategy=opt("crashlab_strategy"),

@@ -74,6 +74,14 @@ def test_crashlab_fs_runs_once_per_filesystem_and_the_marker_deselects(pytester:
     result.stdout.fnmatch_lines(["*test_fs?ext4? PASSED*", "*test_fs?xfs? PASSED*"])
 
 
+def test_bad_options_stop_the_session(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="def test_nothing(): pass")
+    for args in (["--crashlab-states", "0"], ["--crashlab-fs", " , "]):
+        result = pytester.runpytest(*args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        assert "--crashlab-" in result.stderr.str()
+
+
 def test_a_bad_cell_fails_its_test_before_any_guest_boots(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="""
         def test_bad_cache(crashlab_cell):
