@@ -299,7 +299,7 @@ def versions(fs: Iterable[str]) -> dict[str, str]:
 
 
 def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, *, command: str,
-               workers: int | None = None, host_mount: bool = False,
+               workers: int | None = None, host_mount: bool = False, unit_states: int = STATES_PER_UNIT,
                on_progress: Callable[[Progress], None] = lambda p: None,
                executor: Executor | None = None) -> Progress:
     """Run (or resume) every cell to `states` crash states each, storing outcomes as they arrive."""
@@ -319,9 +319,9 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
         prog.states_total += len(ids)
         prog.states_done += len(ids) - len(todo)
         prog.resumed += len(ids) - len(todo)
-        for k in range(0, len(todo), STATES_PER_UNIT):
-            unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + STATES_PER_UNIT]), host_mount)
-            pending[pool.submit(run_check, unit)] = ("check", cell, unit)
+        for k in range(0, len(todo), unit_states):
+            unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + unit_states]), host_mount)
+            pending[pool.submit(_unit, run_check, unit)] = ("check", cell, unit)
 
     # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored, leave nothing running.
     main_thread = threading.current_thread() is threading.main_thread()
@@ -334,7 +334,8 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
                 prog.recorded += 1
                 schedule_checks(cell, rec_dir)
             else:
-                pending[pool.submit(run_record, RecordUnit(cell, str(rec_dir)))] = ("record", cell, rec_dir)
+                unit = RecordUnit(cell, str(rec_dir))
+                pending[pool.submit(_unit, run_record, unit)] = ("record", cell, rec_dir)
         on_progress(prog)
         while pending:
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -386,8 +387,24 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, _exit_on_term)
 
 
+_terminating = False
+
+
 def _exit_on_term(signum: int, frame: object) -> None:
+    global _terminating
+    _terminating = True
     raise SystemExit(128 + signum)
+
+
+def _unit(run: Callable[[Any], Any], unit: Any) -> Any:
+    """Run one unit in a worker. The pool would catch the SystemExit of a SIGTERM as the unit's
+    failure and hand the worker the next unit: once the unit has unwound (guests shut down, files
+    removed), the worker leaves for good."""
+    try:
+        return run(unit)
+    finally:
+        if _terminating:
+            os._exit(143)
 
 
 def state_rows(store: Store, state_id: str) -> Iterator[tuple[Cell, Path]]:
