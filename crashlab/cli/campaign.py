@@ -36,6 +36,10 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--torn", default=None, help="Torn-write atomic unit(s): 0, 512, 4096."),
         click.option("--strategy", default=None, help="Crash-point strategy [default: random]."),
         click.option("-j", "--workers", type=int, default=None, help="Parallel units [default: cores]."),
+        click.option("--unit-states", type=click.IntRange(1), default=campaign.STATES_PER_UNIT,
+                     show_default=True,
+                     help="States per check unit (one checker-guest boot; at most this many are lost "
+                          "per worker on an interrupt)."),
         click.option("--host-mount", is_flag=True,
                      help="Mount crash images on this host, not in a checker guest (disposable hosts only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress display (CI)."),
@@ -45,8 +49,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, host_mount: bool,
-         quiet: bool) -> None:
+def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_states: int,
+         host_mount: bool, quiet: bool) -> None:
     try:
         cells = matrix.cells()
     except campaign.CampaignError as e:
@@ -55,9 +59,10 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, host_mo
     with Store(store_path) as store:
         if quiet:
             prog = campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                       workers=workers, host_mount=host_mount)
+                                       workers=workers, unit_states=unit_states, host_mount=host_mount)
         else:
-            prog = _with_progress(cells, matrix, store, store_path, command, workers, host_mount)
+            prog = _with_progress(cells, matrix, store, store_path, command, workers, unit_states,
+                                  host_mount)
         results = report.results(store, None)
         keys = {c.key for c in cells}
         mine = [r for r in results if r.cell in keys]
@@ -69,7 +74,8 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, host_mo
 
 
 def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: Store, store_path: Path,
-                   command: str, workers: int | None, host_mount: bool) -> campaign.Progress:
+                   command: str, workers: int | None, unit_states: int,
+                   host_mount: bool) -> campaign.Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -83,7 +89,8 @@ def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: S
                        total=max(p.states_total, len(cells) * matrix.states), rate=f"{p.rate:.2f}/s")
 
         return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                   workers=workers, host_mount=host_mount, on_progress=show)
+                                   workers=workers, unit_states=unit_states, host_mount=host_mount,
+                                   on_progress=show)
 
 
 def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Matrix:
@@ -113,14 +120,14 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 @click.option("--recorder", help="qemu, dm [default: qemu].")
 @click.option("--workload", help=f"Workloads [default: {','.join(campaign.DEFAULT_WORKLOADS)}].")
 @_common
-def matrix_command(config_file: Path | None, workers: int | None, host_mount: bool, quiet: bool,
-                   store_path: Path, **options: Any) -> None:
+def matrix_command(config_file: Path | None, workers: int | None, unit_states: int, host_mount: bool,
+                   quiet: bool, store_path: Path, **options: Any) -> None:
     """Run (or resume) a matrix of cells and print the table.
 
     Rerunning the same command resumes: recordings and stored outcomes are reused.
     """
     base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
-    _run(_matrix_from(options, base), store_path, workers, host_mount, quiet)
+    _run(_matrix_from(options, base), store_path, workers, unit_states, host_mount, quiet)
 
 
 @click.command("run")
@@ -130,13 +137,13 @@ def matrix_command(config_file: Path | None, workers: int | None, host_mount: bo
 @click.option("--recorder", default="qemu", show_default=True)
 @click.option("--workload", default="smallfiles", show_default=True)
 @_common
-def run_command(workers: int | None, host_mount: bool, quiet: bool, store_path: Path,
+def run_command(workers: int | None, unit_states: int, host_mount: bool, quiet: bool, store_path: Path,
                 **options: Any) -> None:
     """Run (or resume) one configuration."""
     for key in ("fs", "cache", "barrier", "recorder", "workload"):
         if "," in options[key]:
             raise CrashlabError(f"--{key}: one value for `run`; use `crashlab matrix` for several")
-    _run(_matrix_from(options, campaign.Matrix()), store_path, workers, host_mount, quiet)
+    _run(_matrix_from(options, campaign.Matrix()), store_path, workers, unit_states, host_mount, quiet)
 
 
 FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png")
