@@ -19,7 +19,7 @@ from pathlib import Path
 from crashlab import crashstates as cs
 from crashlab import logformat, model
 
-FIXTURES = Path("/work/shared/fixtures/logs")
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "data" / "logs"
 CASES = [  # (log, recorder, baseline)
     ("ext4-dm-barrier-on", "dm", "mount"),
     ("ext4-qemu-noflush", "qemu", None),

@@ -48,6 +48,7 @@ FLAG_NAMES = {FLUSH: "FLUSH", FUA: "FUA", DISCARD: "DISCARD", MARK: "MARK", META
 _SUPER = struct.Struct("<QQQI")
 _ENTRY = struct.Struct("<QQQQ")
 SECTOR_SIZES = (512, 1024, 2048, 4096)
+_ZEROS = bytes(max(SECTOR_SIZES))
 
 
 class LogFormatError(Exception):
@@ -248,7 +249,7 @@ class LogReader:
             if not nr_sectors and not flags & FLUSH:
                 return None, "empty entry without FLUSH (end of log)"
             pad_from = _ENTRY.size
-        if any(self._map[offset + pad_from:offset + ss]):
+        if self._map[offset + pad_from:offset + ss] != _ZEROS[:ss - pad_from]:
             return None, "non-zero padding after the header"
         entry = Entry(index, sector, nr_sectors, flags, data_len, offset, ss)
         if entry.end_offset > self.size:
