@@ -1,7 +1,8 @@
 """The default path: kernel mounts in a checker guest (real QEMU under TCG), one boot for all cases.
 
 Images are prepared on the host (mkfs, and loop mounts of freshly made, sound images to put files in);
-every check of a crash image then mounts only inside the guest.
+every check of a crash image then mounts only inside the guest. Oracles come both ways: callables (the
+tree is copied out to the host) and promises files (the guest runs the oracle on its mount).
 """
 
 from __future__ import annotations
@@ -12,10 +13,24 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_checkers import FSES, SUPERBLOCK, A, copy, expect_files, host_mounted, mkfs, write_fsynced, zero
+from test_checkers import (
+    CRASHED_ORACLE,
+    FSES,
+    SUPERBLOCK,
+    A,
+    a_promised,
+    copy,
+    crashing_promises,
+    expect_files,
+    host_mounted,
+    mkfs,
+    write_fsynced,
+    zero,
+)
 
 from crashlab.check import CheckItem, CheckRecord, Outcome, check_batch
-from crashlab.check.guest import GuestMounts
+from crashlab.check.guest import MAX_DISKS, GuestMounts
+from crashlab.oracle import Violation
 
 pytestmark = [pytest.mark.guest,
               pytest.mark.skipif(os.geteuid() != 0, reason="image preparation uses loop mounts (root)"),
@@ -27,6 +42,8 @@ B = {"b": b"only in the log\n" * 50}
 @pytest.fixture(scope="module")
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, CheckRecord], GuestMounts]:
     tmp = tmp_path_factory.mktemp("guestcheck")
+    # Under /tmp, which the guest mounts over: the promises files reach it as copies in the out share.
+    promises, bad = a_promised(tmp / "promises.jsonl"), crashing_promises(tmp / "bad.jsonl")
     items: list[CheckItem] = []
     for fs in FSES:
         clean = mkfs(fs, tmp / f"{fs}-clean.img")
@@ -43,6 +60,10 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Check
             (mnt / "a").unlink()
         items.append(CheckItem(dirty, fs, f"{fs}/dirty", expect_files({**A, **B})))
         items.append(CheckItem(live, fs, f"{fs}/rm", expect_files(A)))
+        items.append(CheckItem(copy(live, tmp / f"{fs}-rm-p.img"), fs, f"{fs}/rm-p", promises=promises,
+                               present=frozenset({0})))
+    items.append(CheckItem(copy(clean, tmp / "btrfs-crash-p.img"), "btrfs", "btrfs/crash-p", promises=bad))
+    assert len(items) - 1 <= MAX_DISKS  # all in one boot (ext4/nosb stays on the host)
     backend = GuestMounts()
     with backend:
         records = {r.state_id: r for r in check_batch(items, backend=backend)}
@@ -71,6 +92,25 @@ def test_outcomes_in_the_guest(guest_run: tuple[dict[str, CheckRecord], GuestMou
         assert rec.recovery and "mount" in rec.recovery.stdout  # replayed by a guest kernel mount
     if case == "rm":
         assert rec.violations == ["a: missing"]
+
+
+@pytest.mark.parametrize("fs", FSES)
+def test_removed_fsynced_file_is_data_loss_by_the_oracle_in_the_guest(
+        guest_run: tuple[dict[str, CheckRecord], GuestMounts], fs: str) -> None:
+    rec = guest_run[0][f"{fs}/rm-p"]
+    assert rec.outcome is Outcome.DATA_LOSS and rec.oracle_ran, json.dumps(rec.to_dict(), indent=1)[:3000]
+    assert rec.violations == [Violation("a", rec.violations[0].promise, "no entry")]
+    assert rec.to_dict()["violations"][0]["promise"]["sha256"]
+    # Judged on the guest's mount: no tree crossed the share.
+    assert rec.tree and "oracle-on-mount" in rec.tree.stdout and "$ cp" not in rec.tree.stdout
+    assert "oracle" in rec.timings
+
+
+def test_crashing_oracle_in_the_guest_is_checker_error(
+        guest_run: tuple[dict[str, CheckRecord], GuestMounts]) -> None:
+    rec = guest_run[0]["btrfs/crash-p"]
+    assert rec.outcome is Outcome.CHECKER_ERROR, json.dumps(rec.to_dict(), indent=1)[:3000]
+    assert rec.reason == CRASHED_ORACLE and not rec.oracle_ran  # the words the host-side oracle gives
 
 
 def test_nothing_left_behind(guest_run: tuple[dict[str, CheckRecord], GuestMounts]) -> None:

@@ -410,3 +410,115 @@ def test_batch_and_cli(clean_images: dict[str, Path], tmp_path: Path) -> None:
     assert "needs_recovery" not in subprocess.run(["dumpe2fs", "-h", str(images[0])], capture_output=True,
                                                   text=True).stdout
     no_leaks()
+
+
+# --- the oracle as a promises file: run on the mount, no copy of the tree ------------------------
+
+def promises_file(path: Path, promises: list[dict[str, object]]) -> Path:
+    """A workload's promises.jsonl with one durability point (seq 0) making `promises`."""
+    lines = [{"marker": "fsync1", "seq": 0}] + [{"marker": "fsync1", "seq": 0, **p} for p in promises]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def a_promised(path: Path) -> Path:
+    from crashlab.oracle import file_state
+
+    return promises_file(path, [file_state("a", A["a"])])
+
+
+def crashing_promises(path: Path) -> Path:
+    """Loads, then makes the oracle raise on any tree: a promise without a path."""
+    return promises_file(path, [{"kind": "exists", "type": "file"}])
+
+
+CRASHED_ORACLE = "oracle tree: oracle raised KeyError: 'path'"
+
+
+def removed(clean: Path, fs: str, tmp: Path, name: str) -> Path:
+    image = copy(clean, tmp / name)
+    with host_mounted(image, fs, tmp) as mnt:
+        (mnt / "a").unlink()
+    return image
+
+
+@needs_root
+@pytest.mark.parametrize("fs", FSES)
+def test_oracle_on_the_mount_gives_what_the_copy_gives(fs: str, clean_images: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    from crashlab.oracle import load_promises
+
+    promises = a_promised(tmp_path / "promises.jsonl")
+    present = frozenset({0})
+    items = [CheckItem(copy(clean_images[fs], tmp_path / "ok.img"), fs, "ok", promises=promises,
+                       present=present),
+             CheckItem(removed(clean_images[fs], fs, tmp_path, "rm.img"), fs, "rm", promises=promises,
+                       present=present),
+             CheckItem(removed(clean_images[fs], fs, tmp_path, "rm-copy.img"), fs, "rm-copy",
+                       load_promises(promises).oracle(present))]
+    ok, rm, rm_copy = check_batch(items, host_mount=True)
+    assert ok.outcome is Outcome.CONSISTENT and ok.oracle_ran and ok.violations == [], ok.to_dict()
+    assert rm.outcome is Outcome.DATA_LOSS and rm.oracle_ran, rm.to_dict()
+    assert rm.to_dict()["violations"] == rm_copy.to_dict()["violations"]
+    violation = rm.to_dict()["violations"][0]
+    assert violation["path"] == "a" and violation["found"] == "no entry"
+    assert str(rm.violations[0]) == str(rm_copy.violations[0])  # the oracle's own Violation again
+    for rec in (ok, rm):
+        assert rec.tree and "oracle-on-mount" in rec.tree.stdout and "$ cp" not in rec.tree.stdout
+        assert "oracle" in rec.timings
+    assert rm_copy.tree and "$ cp" in rm_copy.tree.stdout
+    no_leaks()
+
+
+@needs_root
+def test_crashing_oracle_on_the_mount_is_checker_error_as_on_a_copy(clean_images: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    from crashlab.oracle import load_promises
+
+    bad = crashing_promises(tmp_path / "bad.jsonl")
+    items = [CheckItem(copy(clean_images["ext4"], tmp_path / "m.img"), "ext4", "mount", promises=bad),
+             CheckItem(copy(clean_images["ext4"], tmp_path / "c.img"), "ext4", "copy",
+                       load_promises(bad).oracle()),
+             CheckItem(copy(clean_images["ext4"], tmp_path / "n.img"), "ext4", "nofile",
+                       promises=tmp_path / "no-such.jsonl")]
+    on_mount, on_copy, nofile = check_batch(items, host_mount=True)
+    for rec in (on_mount, on_copy):
+        assert rec.outcome is Outcome.CHECKER_ERROR and rec.reason == CRASHED_ORACLE, rec.to_dict()
+        assert not rec.oracle_ran and not rec.outcome.is_corruption
+    assert nofile.outcome is Outcome.CHECKER_ERROR and "FileNotFoundError" in nofile.reason, nofile.to_dict()
+    no_leaks()
+
+
+@needs_root
+def test_unreadable_tree_is_copied_for_the_oracle(clean_images: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry the mount cannot read would look different to the oracle on the mount (an I/O error)
+    than on a copy (left out by cp): such a tree goes the copy way, as every tree used to."""
+    monkeypatch.setattr("crashlab.check.mounts.unreadable", lambda root: f"{root}/a: Input/output error")
+    promises = a_promised(tmp_path / "promises.jsonl")
+    image = removed(clean_images["ext4"], "ext4", tmp_path, "rm.img")
+    rec = check_image(image, "ext4", "rm", promises=promises, host_mount=True)
+    assert rec.outcome is Outcome.DATA_LOSS and rec.oracle_ran, rec.to_dict()
+    assert rec.to_dict()["violations"][0]["found"] == "no entry"
+    assert rec.tree and "tree copied instead" in rec.tree.stdout and "$ cp" in rec.tree.stdout
+    no_leaks()
+
+
+def test_unreadable_finds_what_cp_could_not_read(tmp_path: Path) -> None:
+    from crashlab.check.mounts import unreadable
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x" * 3_000_000)
+    os.symlink("nowhere", tmp_path / "d" / "dangling")
+    assert unreadable(tmp_path) is None
+    if os.geteuid() != 0:  # root reads a mode-000 file anyway
+        (tmp_path / "d" / "f").chmod(0)
+        assert unreadable(tmp_path) == f"{tmp_path}/d/f: Permission denied"
+
+
+def test_guest_sees_the_host_root_but_not_what_it_mounts_over(tmp_path: Path) -> None:
+    from crashlab.check.guest import guest_visible
+
+    assert guest_visible(Path(__file__))
+    assert not guest_visible(Path("/tmp") / "x") and not guest_visible(Path("/dev/shm"))
+    assert not guest_visible(tmp_path / "missing")

@@ -2,13 +2,16 @@
 
 A corrupted image can oops, hang or panic the kernel that mounts it, so by default that kernel is a
 guest's. One boot serves many images: each is attached as a virtio disk (serial `ck<N>`), and
-crashlab.check.inguest mounts them in turn, copying recovered trees into the `out` virtiofs share.
+crashlab.check.inguest mounts them in turn and runs the workload's oracle on each read-only mount,
+reporting the violations as JSON; only a request without a promises file (a callable oracle) or a
+tree that cannot be read in full has its tree copied into the `out` virtiofs share.
 If an image kills the guest kernel, that image is recorded as what a reboot would have met (a
 crashed mount: `unmountable`, console kept) and the images after it get a fresh guest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -23,12 +26,15 @@ import crashlab
 from crashlab import guestinit
 from crashlab.cachemodes import cache_mode
 from crashlab.check.inguest import RESULTS
-from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps
+from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec
 from crashlab.check.outcome import ToolRun, clip
 
 MAX_DISKS = 16  # virtio-blk-pci devices per boot (one PCI slot each)
 BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded host
 PANIC_SIGNS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "Call Trace:")
+# The guest's /init mounts fresh filesystems over these in the chroot of the host's root, so host
+# files below them (tempdirs, /dev/shm work dirs) are not what the guest sees there.
+GUEST_SHADOWED = (Path("/tmp"), Path("/run"), Path("/dev"), Path("/proc"), Path("/sys"))
 
 
 class GuestMounts:
@@ -78,8 +84,10 @@ class GuestMounts:
             job = {"mode": "exec",
                    "argv": [python, "-m", "crashlab.check.inguest", str(guestinit.OUT / "check.json")]}
             (out / "job.json").write_text(json.dumps(job))
+            promises: dict[Path, str] = {}
             reqs = [{"index": i, "serial": f"ck{i}", "fs": requests[i].fs, "recover": requests[i].recover,
-                     "tree": requests[i].tree_dest is not None} for i in indices]
+                     "tree": requests[i].tree_dest is not None,
+                     "oracle": _oracle_job(requests[i].oracle, out, promises)} for i in indices]
             (out / "check.json").write_text(json.dumps({"timeout": timeout, "requests": reqs}))
             # writeback: the guest's unmount flushes, and the host's fsck reads the same page cache.
             drives = [Drive(Path(requests[i].image).resolve(), cache_mode("writeback"), serial=f"ck{i}")
@@ -134,6 +142,37 @@ class GuestMounts:
             return n
 
 
+def guest_visible(path: Path) -> bool:
+    """Whether the guest reads this host file at the same path: on the root filesystem (the
+    virtiofs share is of `/`) and not under a directory the guest mounts over."""
+    path = path.resolve()
+    try:
+        on_root = path.stat().st_dev == Path("/").stat().st_dev
+    except OSError:
+        return False
+    return on_root and not any(path.is_relative_to(d) for d in GUEST_SHADOWED)
+
+
+def _oracle_job(spec: OracleSpec | None, out: Path, copied: dict[Path, str]) -> dict[str, Any] | None:
+    """The oracle as the guest gets it; a promises file it could not see is copied into `out`,
+    once per file and boot."""
+    if spec is None:
+        return None
+    src = Path(spec.promises).resolve()
+    if guest_visible(src):
+        path = str(src)
+    else:
+        if src not in copied:
+            name = f"promises-{len(copied)}.jsonl"
+            # Unreadable here: left out, so the guest's load fails and says so (a checker-error).
+            with contextlib.suppress(OSError):
+                shutil.copyfile(src, out / name)
+            copied[src] = str(guestinit.OUT / name)
+        path = copied[src]
+    present = None if spec.present is None else sorted(spec.present)
+    return {"promises": path, "present": present}
+
+
 def _events(path: Path) -> dict[int, dict[str, Any]]:
     last: dict[int, dict[str, Any]] = {}
     if path.exists():
@@ -158,7 +197,7 @@ def _failed(req: MountRequest, why: str, *, tool: bool, timed_out: bool = False)
     steps = MountSteps()
     if req.recover:
         steps.recovery = run
-    elif req.tree_dest is not None:
+    elif req.tree_dest is not None or req.oracle is not None:
         steps.tree = run
     return steps
 
@@ -166,7 +205,8 @@ def _failed(req: MountRequest, why: str, *, tool: bool, timed_out: bool = False)
 def _steps_from(ev: dict[str, Any], req: MountRequest, out: Path) -> MountSteps:
     steps = MountSteps(recovery=ToolRun.from_dict(ev["recovery"]) if ev.get("recovery") else None,
                        tree=ToolRun.from_dict(ev["tree"]) if ev.get("tree") else None,
-                       kernel_log=ev.get("kernel_log", ""), timings=dict(ev.get("timings", {})))
+                       kernel_log=ev.get("kernel_log", ""), timings=dict(ev.get("timings", {})),
+                       violations=ev.get("violations"), oracle_error=ev.get("oracle_error", ""))
     src = out / "trees" / str(ev["index"])
     if req.tree_dest is not None and src.is_dir():
         shutil.rmtree(req.tree_dest, ignore_errors=True)

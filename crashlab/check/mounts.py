@@ -1,23 +1,28 @@
 """Where the kernel touches a crash image: recovery mounts and the read-only mount for the oracle.
 
 A backend does, for one image: optionally mount read-write and unmount cleanly (log replay, what a
-reboot does), then optionally mount read-only and copy the recovered tree into a host directory for
-the oracle. The guest backend (crashlab.check.guest) does this inside a disposable QEMU guest; the
-host backend here uses loop mounts and is only for disposable machines: a corrupted image can crash
-the kernel that mounts it.
+reboot does), then optionally mount read-only for the oracle: either run the workload's oracle on
+the mount itself when the request describes it (`OracleSpec`: a promises file and the present
+seqs), or copy the recovered tree into a host directory for a host-side oracle. The guest backend
+(crashlab.check.guest) does this inside a disposable QEMU guest; the host backend here uses loop
+mounts and is only for disposable machines: a corrupted image can crash the kernel that mounts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from crashlab.check.outcome import ToolRun
+from crashlab.check.outcome import ToolRun, violation_to_json
 from crashlab.check.tools import run_tool
 
 SUPPORTED = ("ext4", "xfs", "btrfs")
@@ -30,14 +35,29 @@ RO_OPTIONS = {"ext4": "ro,noload", "xfs": "ro,norecovery", "btrfs": "ro,rescue=n
 RW_OPTIONS = {"ext4": "noatime", "xfs": "noatime", "btrfs": "noatime"}
 
 MOUNT_TIMEOUT = 120.0
+MNT_EX_FAIL = 32  # what mount(8) and umount(8) exit with when the call fails
+MS_FLAGS = {"ro": 1, "noatime": 1024}  # MS_RDONLY, MS_NOATIME; other options go to the filesystem
+MNT_DETACH = 2
 
 
 @dataclass
 class MountSteps:
     recovery: ToolRun | None = None  # read-write mount + clean unmount; None if not asked
-    tree: ToolRun | None = None  # read-only mount + copy of the tree; None if not asked
+    tree: ToolRun | None = None  # read-only mount + oracle or copy of the tree; None if not asked
     kernel_log: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    # The oracle run on the mount (violations as JSON); None: not run there, the tree was copied.
+    violations: list[Any] | None = None
+    oracle_error: str = ""  # the oracle raised (then `violations` is []): a checker-error
+
+
+@dataclass(frozen=True)
+class OracleSpec:
+    """The fsync oracle, described so that any process can run it: crashlab.oracle.check(tree,
+    load_promises(promises), present)."""
+
+    promises: Path
+    present: frozenset[int] | None = None  # seqs of the markers in the crash state; None: all
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,9 @@ class MountRequest:
     fs: str
     recover: bool  # mount read-write and unmount cleanly: log replay
     tree_dest: Path | None  # then mount read-only and copy the tree here (an empty directory)
+    # Run this oracle on the read-only mount instead of copying; `tree_dest` is then only the
+    # fallback for a tree that cannot be read in full.
+    oracle: OracleSpec | None = None
 
 
 class MountBackend(Protocol):
@@ -69,6 +92,90 @@ def merge_runs(argv: list[str], runs: list[ToolRun]) -> ToolRun:
     return merged
 
 
+_PROMISES: dict[tuple[str, int, int], Any] = {}  # (path, mtime, size) -> Promises: once per boot
+
+
+def run_oracle(tree: Path, spec: OracleSpec) -> tuple[list[Any], str]:
+    """Violations (as the record keeps them, JSON) and an error: a promises file that cannot be
+    loaded or an oracle that raises is workload code failing, the checker's fault, not the image's."""
+    from crashlab.oracle import load_promises
+
+    try:
+        st = os.stat(spec.promises)
+        key = (str(spec.promises), st.st_mtime_ns, st.st_size)
+        if key not in _PROMISES:
+            _PROMISES[key] = load_promises(spec.promises)
+        found = _PROMISES[key].check(tree, spec.present)
+        return [violation_to_json(v) for v in found], ""
+    except Exception as e:  # the same words as the host-side oracle (runner._run_oracle)
+        return [], f"oracle raised {type(e).__name__}: {e}"
+
+
+def unreadable(root: Path) -> str | None:
+    """The first entry of the tree that `cp -a` could not read in full, or None.
+
+    The oracle gives the same answers on the mount as on a copy only when the copy is complete: on
+    an unreadable entry cp leaves it out or short, which the oracle reads as absent or truncated,
+    while on the mount it would see an I/O error. So an unreadable tree goes the copy way."""
+    stack = [root]
+    try:
+        while stack:
+            d = stack.pop()
+            os.listxattr(d, follow_symlinks=False)
+            with os.scandir(d) as it:
+                entries = list(it)
+            for e in entries:
+                st = e.stat(follow_symlinks=False)
+                for name in os.listxattr(e.path, follow_symlinks=False):
+                    os.getxattr(e.path, name, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(Path(e.path))
+                elif stat.S_ISLNK(st.st_mode):
+                    os.readlink(e.path)
+                elif stat.S_ISREG(st.st_mode):
+                    fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW)
+                    try:
+                        while os.read(fd, 1 << 20):
+                            pass
+                    finally:
+                        os.close(fd)
+    except OSError as e:
+        return f"{e.filename or root}: {e.strerror}"
+    return None
+
+
+def _syscall(argv: list[str], call: str, args: tuple[Any, ...], timeout: float) -> ToolRun:
+    """mount(2) or umount2(2), reported as the mount(8)/umount(8) run (`argv`) it replaces. A
+    thread, so that a mount stuck in the kernel is given up after `timeout` as a stuck tool is."""
+    run = ToolRun(argv=argv)
+    errno: list[int] = []
+
+    def go() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        errno.append(0 if getattr(libc, call)(*args) == 0 else ctypes.get_errno())
+    t0 = time.monotonic()
+    thread = threading.Thread(target=go, daemon=True, name=call)
+    thread.start()
+    thread.join(timeout)
+    run.seconds = time.monotonic() - t0
+    if not errno:
+        run.timed_out = True
+        return run
+    run.rc = MNT_EX_FAIL if errno[0] else 0
+    if errno[0]:
+        run.stderr = f"{argv[0]}: {argv[-1]}: {os.strerror(errno[0])}\n"
+    return run
+
+
+def _mount_call(fs: str, options: str, device: Path, mnt: str, timeout: float) -> ToolRun:
+    opts = options.split(",")
+    flags = sum(MS_FLAGS.get(o, 0) for o in opts)
+    data = ",".join(o for o in opts if o not in MS_FLAGS)
+    return _syscall(["mount", "-t", fs, "-o", options, str(device), mnt], "mount",
+                    (str(device).encode(), mnt.encode(), fs.encode(), ctypes.c_ulong(flags),
+                     data.encode() or None), timeout)
+
+
 def _is_bad_mount(run: ToolRun) -> bool:
     return not (run.timed_out or run.missing or run.error) and run.rc not in (0, None)
 
@@ -76,7 +183,9 @@ def _is_bad_mount(run: ToolRun) -> bool:
 class HostMounts:
     """Mounts in the kernel this process runs on: loop mounts of image files on the host (explicit
     opt-in only: `host_mount=True`, `--host-mount`), or, with `loop=False`, the block devices of the
-    checker guest, where crashlab.check.inguest uses it."""
+    checker guest, where crashlab.check.inguest uses it. There the mounts are system calls, not
+    mount(8)/umount(8) processes: under TCG each process costs about half a second per image, and a
+    block device needs none of mount(8)'s loop setup."""
 
     def __init__(self, loop: bool = True, name: str = "host") -> None:
         self.loop, self.name = loop, name
@@ -86,30 +195,39 @@ class HostMounts:
                  runs: list[ToolRun]) -> Iterator[Path | None]:
         with tempfile.TemporaryDirectory(prefix="crashlab-mnt-") as mnt:
             # mount(8) sets up the loop device with autoclear: the unmount (or a failed mount) frees it.
-            opts = f"loop,{options}" if self.loop else options
-            m = run_tool(["mount", "-t", fs, "-o", opts, str(image), mnt], timeout)
+            if self.loop:
+                m = run_tool(["mount", "-t", fs, "-o", f"loop,{options}", str(image), mnt], timeout)
+            else:
+                m = _mount_call(fs, options, image, mnt, timeout)
             runs.append(m)
             if m.rc != 0:
                 if m.timed_out:  # a hung mount may still complete later: do not leave it behind
-                    run_tool(["umount", "-l", mnt], 30)
+                    self._detach(mnt)
                 yield None
                 return
             try:
                 yield Path(mnt)
             finally:
-                u = run_tool(["umount", mnt], timeout)
+                u = (run_tool(["umount", mnt], timeout) if self.loop else
+                     _syscall(["umount", mnt], "umount2", (mnt.encode(), 0), timeout))
                 if u.rc != 0:
                     u.error = u.error or f"umount failed (exit {u.rc})"
-                    run_tool(["umount", "-l", mnt], 30)
+                    self._detach(mnt)
                 runs.append(u)
+
+    def _detach(self, mnt: str) -> None:
+        if self.loop:
+            run_tool(["umount", "-l", mnt], 30)
+        else:
+            _syscall(["umount", "-l", mnt], "umount2", (mnt.encode(), MNT_DETACH), 30)
 
     def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
                     ) -> list[MountSteps]:
-        return [self.mount_steps(r.image, r.fs, recover=r.recover, tree_dest=r.tree_dest, timeout=timeout)
-                for r in requests]
+        return [self.mount_steps(r.image, r.fs, recover=r.recover, tree_dest=r.tree_dest, timeout=timeout,
+                                 oracle=r.oracle) for r in requests]
 
     def mount_steps(self, image: Path, fs: str, *, recover: bool, tree_dest: Path | None,
-                    timeout: float = MOUNT_TIMEOUT) -> MountSteps:
+                    timeout: float = MOUNT_TIMEOUT, oracle: OracleSpec | None = None) -> MountSteps:
         if fs not in SUPPORTED:
             raise ValueError(f"unsupported filesystem {fs!r}")
         steps = MountSteps()
@@ -122,13 +240,23 @@ class HostMounts:
             steps.timings["recovery"] = time.monotonic() - t0
             if steps.recovery.rc != 0:
                 return steps
-        if tree_dest is not None:
+        if tree_dest is not None or oracle is not None:
             t0 = time.monotonic()
             runs = []
             with self._mounted(image, fs, RO_OPTIONS[fs], timeout, runs) as mnt:
-                if mnt is not None:
+                if mnt is not None and oracle is not None:
+                    t1 = time.monotonic()
+                    bad = unreadable(mnt)
+                    if bad is None:
+                        steps.violations, steps.oracle_error = run_oracle(mnt, oracle)
+                        steps.timings["oracle"] = time.monotonic() - t1
+                    runs.append(ToolRun(argv=["oracle-on-mount", str(oracle.promises)], rc=0,
+                                        seconds=time.monotonic() - t1,
+                                        stdout=f"unreadable, tree copied instead: {bad}\n" if bad else ""))
+                if mnt is not None and steps.violations is None and tree_dest is not None:
                     # A copy, so the mount is gone before fsck reads the image. Unreadable files
                     # make cp fail but are skipped: their absence is then the oracle's to judge.
+                    tree_dest.mkdir(parents=True, exist_ok=True)
                     cp = run_tool(["cp", "-a", "--", f"{mnt}/.", str(tree_dest)], timeout)
                     if cp.rc not in (0, None) and not cp.timed_out:
                         cp.stderr += f"(cp exit {cp.rc}: unreadable entries skipped)\n"

@@ -9,6 +9,10 @@ default, guarded so it never does more than a kernel mount would) or by mounting
 by mounting. fsck then runs read-only on the host. A batch goes in three phases so that the mounts
 of many images share one guest boot: host-side replay, all mounts, host-side fsck and oracle.
 The images are modified in place (replayed): they must be disposable copies.
+
+An item whose oracle is a promises file (`promises=`, `present=`) has it run by the mount backend on
+the read-only mount itself, in the guest for the guest backend: no copy of the tree leaves it. An
+`oracle=` callable cannot cross into the guest, so it gets a copy of the tree on the host.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crashlab.check import outcome as oc
-from crashlab.check.mounts import MOUNT_TIMEOUT, SUPPORTED, HostMounts, MountBackend, MountRequest
+from crashlab.check.mounts import (
+    MOUNT_TIMEOUT,
+    SUPPORTED,
+    HostMounts,
+    MountBackend,
+    MountRequest,
+    OracleSpec,
+)
 from crashlab.check.outcome import CheckRecord, StepVerdict, Verdict
 from crashlab.check.tools import DEFAULT_TIMEOUT, fsck_argv, journal_replay_argv, run_tool
 
@@ -35,10 +46,25 @@ CHUNK = 16  # images per guest boot: each is a virtio disk, and PCI slots are fi
 
 @dataclass
 class CheckItem:
+    """One image to check. The oracle is either `promises` (a workload's promises.jsonl) with the
+    seqs of the markers `present` in the crash state (None: all), which the mount backend runs on
+    the mount, or an `oracle` callable run on a host copy of the tree. With both, `promises` wins
+    (they must agree: campaign.run_check passes both)."""
+
     image: Path
     fs: str
     state_id: str = ""
     oracle: Oracle | None = None
+    promises: Path | None = None
+    present: frozenset[int] | None = None
+
+    @property
+    def oracle_spec(self) -> OracleSpec | None:
+        return None if self.promises is None else OracleSpec(Path(self.promises), self.present)
+
+    @property
+    def has_oracle(self) -> bool:
+        return self.oracle is not None or self.promises is not None
 
 
 @dataclass
@@ -52,6 +78,7 @@ class _State:
     recovery: StepVerdict = field(default_factory=lambda: StepVerdict(Verdict.OK, "nothing to recover"))
     tree: StepVerdict | None = None
     tree_dest: Path | None = None
+    on_mount: tuple[list[Any], str] | None = None  # (violations, oracle error) from the backend
 
 
 def _run_oracle(oracle: Oracle, tree: Path) -> tuple[list[Any], StepVerdict | None]:
@@ -59,6 +86,29 @@ def _run_oracle(oracle: Oracle, tree: Path) -> tuple[list[Any], StepVerdict | No
         return list(oracle(tree)), None
     except Exception as e:  # the oracle is workload code: its crash is ours, not the filesystem's
         return [], StepVerdict(Verdict.TOOL_ERROR, f"oracle raised {type(e).__name__}: {e}")
+
+
+def _copy_oracle(item: CheckItem) -> Oracle:
+    """The oracle for a host copy of the tree: the callable if there is one, else the promises."""
+    if item.oracle is not None:
+        return item.oracle
+    spec = item.oracle_spec
+
+    def oracle(tree: Path) -> list[Any]:
+        from crashlab.oracle import load_promises
+
+        assert spec is not None
+        return load_promises(spec.promises).check(tree, spec.present)
+    return oracle
+
+
+def _from_json(v: Any) -> Any:
+    """A violation as the oracle made it, where it is crashlab.oracle's: the same record either way."""
+    from crashlab.oracle import Violation
+
+    if isinstance(v, dict) and v.keys() == {"path", "promise", "found"}:
+        return Violation(**v)
+    return v
 
 
 def _replay_ext4(st: _State, timeout: float) -> None:
@@ -83,12 +133,20 @@ def _finish(st: _State, timeout: float) -> CheckRecord:
         rec.fsck = run_tool(fsck_argv(fs, str(st.item.image)), timeout)
         rec.timings["fsck"] = rec.fsck.seconds
         fsck = oc.FSCK_VERDICTS[fs](rec.fsck)
-    if st.item.oracle is not None and st.recovery.verdict is Verdict.OK:
+    if st.item.has_oracle and st.recovery.verdict is Verdict.OK:
         if st.tree is None:
             st.tree = StepVerdict(Verdict.TOOL_ERROR, "the mount backend did not produce the tree")
+        elif st.tree.verdict is Verdict.OK and st.on_mount is not None:
+            found, error = st.on_mount
+            violations = [_from_json(v) for v in found]
+            failure = StepVerdict(Verdict.TOOL_ERROR, error) if error else None
+            rec.oracle_ran = failure is None
+            rec.violations = violations
+            st.tree = failure or st.tree
         elif st.tree.verdict is Verdict.OK and st.tree_dest is not None:
+            # A copy: the oracle is a callable, or the tree could not be read in full on the mount.
             t0 = time.monotonic()
-            violations, failure = _run_oracle(st.item.oracle, st.tree_dest)
+            violations, failure = _run_oracle(_copy_oracle(st.item), st.tree_dest)
             rec.timings["oracle"] = time.monotonic() - t0
             rec.oracle_ran = failure is None
             rec.violations = violations
@@ -107,7 +165,7 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
         rec = CheckRecord(state_id=item.state_id, image=str(item.image), fs=item.fs,
                           outcome=oc.Outcome.CHECKER_ERROR, reason="", backend=backend.name)
         st = _State(item, rec, time.monotonic(), mount_recovery=item.fs != "ext4" or ext4_recovery == "mount")
-        if item.oracle is not None:
+        if item.has_oracle:
             st.tree_dest = workdir / f"tree-{n}"
             st.tree_dest.mkdir()
         if not st.mount_recovery:
@@ -116,7 +174,8 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
 
     todo = [st for st in states if st.recovery.verdict is Verdict.OK
             and (st.mount_recovery or st.tree_dest is not None)]
-    requests = [MountRequest(Path(st.item.image), st.item.fs, st.mount_recovery, st.tree_dest) for st in todo]
+    requests = [MountRequest(Path(st.item.image), st.item.fs, st.mount_recovery, st.tree_dest,
+                             st.item.oracle_spec) for st in todo]
     for st, steps in zip(todo, backend.mount_batch(requests, mount_timeout), strict=True):
         st.record.timings.update(steps.timings)
         st.record.kernel_log = steps.kernel_log
@@ -127,6 +186,8 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
         if st.tree_dest is not None and steps.tree is not None:
             st.record.tree = steps.tree
             st.tree = oc.mount_verdict(steps.tree, "read-only mount")
+            if steps.violations is not None:
+                st.on_mount = (steps.violations, steps.oracle_error)
 
     for st in states:
         try:
@@ -160,11 +221,12 @@ def check_batch(items: Iterable[CheckItem], *, host_mount: bool = False, backend
 
 
 def check_image(image: Path, fs: str, state_id: str = "", *, oracle: Oracle | None = None,
+                promises: Path | None = None, present: frozenset[int] | None = None,
                 backend: MountBackend | None = None, host_mount: bool = False,
                 ext4_recovery: Ext4Recovery = "e2fsck", timeout: float = DEFAULT_TIMEOUT,
                 mount_timeout: float = MOUNT_TIMEOUT, **guest_options: Any) -> CheckRecord:
     """Recover and check one disposable crash image (a whole guest boot if mounts are in a guest:
     use `check_batch`, or pass a long-lived `backend`, for many)."""
-    item = CheckItem(Path(image), fs, state_id, oracle)
+    item = CheckItem(Path(image), fs, state_id, oracle, promises, present)
     return next(iter(check_batch([item], host_mount=host_mount, backend=backend, ext4_recovery=ext4_recovery,
                                  timeout=timeout, mount_timeout=mount_timeout, **guest_options)))
