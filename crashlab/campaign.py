@@ -212,7 +212,8 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
     from crashlab.oracle import load_promises
 
     rec = Path(unit.recording)
-    promises = load_promises(rec / "promises.jsonl")
+    promises_path = rec / "promises.jsonl"
+    promises = load_promises(promises_path)  # loaded here too: a bad file fails the unit, as it always did
     size = (rec / "data.img").stat().st_size
     results: list[StateResult] = []
     with logformat.open_log(rec / "write.log") as reader, \
@@ -233,8 +234,11 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
                 mat.build(st, image)
                 if before_check is not None:
                     before_check(image)
-                items.append(CheckItem(image, unit.cell.fs, st.id,
-                                       promises.oracle(present_markers(entries, st.end))))
+                present = frozenset(present_markers(entries, st.end))
+                # The callable serves host mounts; the promises path and seqs let a checker guest
+                # run the same oracle on its own mount, with no copy of the tree.
+                items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),
+                                       promises=promises_path, present=present))
         for record in check_batch(items, host_mount=unit.host_mount):
             results.append(StateResult(record.state_id, str(record.outcome), record.to_dict()))
             if keep_dir is None:
