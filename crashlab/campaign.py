@@ -235,8 +235,8 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
                 if before_check is not None:
                     before_check(image)
                 present = frozenset(present_markers(entries, st.end))
-                # The callable serves host mounts; the promises path and seqs let a checker guest
-                # run the same oracle on its own mount, with no copy of the tree.
+                # Path and seqs let the mount backend (a checker guest) run the oracle on its own
+                # mount; the callable judges a copy when that mount cannot be read in full.
                 items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),
                                        promises=promises_path, present=present))
         for record in check_batch(items, host_mount=unit.host_mount):
