@@ -57,9 +57,14 @@ class Cell:
         """Canonical and stable: the store's name for this cell."""
         return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
+    RECORDED = ("fs", "cache", "barrier", "recorder", "workload", "data_mode", "seed", "scale")
+
     @property
-    def slug(self) -> str:
-        return hashlib.sha256(self.key.encode()).hexdigest()[:16]
+    def recording_slug(self) -> str:
+        """Names the recording: only what the guest run depends on, so cells that differ in the
+        crash model alone (window, torn writes, strategy) share one log."""
+        recorded = " ".join(f"{k}={getattr(self, k)}" for k in self.RECORDED)
+        return hashlib.sha256(recorded.encode()).hexdigest()[:16]
 
     def config(self) -> dict[str, Any]:
         """For the store and reports: the fields, with the window as it applies ('30s') and as
@@ -331,13 +336,18 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
+        waiting: dict[Path, list[Cell]] = {}  # recordings under way -> the other cells that need them
         for cell in cells:
             store.put_cell(cell.key, cell.config(), run_id)
-            rec_dir = recordings / cell.slug
+            rec_dir = recordings / cell.recording_slug
             if (rec_dir / "run.json").exists():
                 prog.recorded += 1
+                store.set_recording(cell.key, rec_dir, _read_json(rec_dir / "run.json"))
                 schedule_checks(cell, rec_dir)
+            elif rec_dir in waiting:
+                waiting[rec_dir].append(cell)
             else:
+                waiting[rec_dir] = []
                 unit = RecordUnit(cell, str(rec_dir))
                 pending[pool.submit(_unit, run_record, unit)] = ("record", cell, rec_dir)
         on_progress(prog)
@@ -348,12 +358,14 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
                 try:
                     result = fut.result()
                 except Exception as e:  # one broken cell must not sink the matrix
-                    prog.failed_units.append(f"{kind} {cell.key}: {e}")
+                    sharers = waiting.pop(what, []) if kind == "record" else []
+                    prog.failed_units += [f"{kind} {c.key}: {e}" for c in (cell, *sharers)]
                     continue
                 if kind == "record":
-                    store.set_recording(cell.key, what, result)
-                    prog.recorded += 1
-                    schedule_checks(cell, what)
+                    for c in (cell, *waiting.pop(what, [])):
+                        store.set_recording(c.key, what, result)
+                        prog.recorded += 1
+                        schedule_checks(c, what)
                 else:
                     for r in result:
                         if store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
@@ -419,5 +431,9 @@ def state_rows(store: Store, state_id: str) -> Iterator[tuple[Cell, Path]]:
             yield Cell.from_config(cell_row.config), Path(cell_row.recording)
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+

@@ -1,0 +1,66 @@
+"""Campaign pieces that need no guest: cells, matrices, TOML, recording sharing, marker sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crashlab import campaign, logformat, markers
+
+
+def test_cells_differing_only_in_the_crash_model_share_a_recording() -> None:
+    base = campaign.Cell()
+    for model_only in ({"window": "inf"}, {"torn": 4096}, {"strategy": "prefix"}):
+        other = campaign.Cell(**model_only)  # type: ignore[arg-type]
+        assert other.key != base.key
+        assert other.recording_slug == base.recording_slug
+    for recorded in ({"cache": "none"}, {"barrier": "off"}, {"seed": 2}, {"workload": "nofsync"}):
+        assert campaign.Cell(**recorded).recording_slug != base.recording_slug  # type: ignore[arg-type]
+
+
+def test_cell_round_trips_through_its_stored_config() -> None:
+    for cell in (campaign.Cell(), campaign.Cell(cache="none", window="inf", torn=512)):
+        config = cell.config()
+        assert config["window"] in ("30s", "inf")  # what reports show
+        assert campaign.Cell.from_config(config) == cell
+
+
+def test_matrix_skips_what_cannot_exist() -> None:
+    cells = campaign.Matrix(fs=("ext4", "xfs"), cache=("none",), barrier=("on", "off"),
+                            workload=("smallfiles",)).cells()
+    assert {(c.fs, c.barrier) for c in cells} == {("ext4", "on"), ("ext4", "off"), ("xfs", "on")}
+
+
+def test_default_matrix_is_the_readme_one() -> None:
+    cells = campaign.Matrix().cells()
+    assert len(cells) == 5 * 2 * 2
+    assert {c.cache for c in cells} == {"writeback", "none", "writethrough", "directsync", "unsafe"}
+    assert {c.workload for c in cells} == {"smallfiles", "nofsync"}
+
+
+def test_matrix_from_toml(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text('[matrix]\nfs = ["ext4"]\ncache = ["none", "unsafe"]\ntorn = [0, 4096]\nstates = 5\n')
+    m = campaign.Matrix.from_toml(f, seed=9)
+    assert (m.cache, m.torn, m.states, m.seed) == (("none", "unsafe"), (0, 4096), 5, 9)
+    assert len(m.cells()) == 2 * 2 * 2 * 2
+    f.write_text('cache = ["none"]\nstatez = 3\n')
+    with pytest.raises(campaign.CampaignError, match="unknown keys statez"):
+        campaign.Matrix.from_toml(f)
+    f.write_text('cache = ["nonne"]\n')
+    with pytest.raises(campaign.CampaignError, match="valid modes"):
+        campaign.Matrix.from_toml(f).cells()
+
+
+def test_present_markers_are_those_before_the_crash_point(tmp_path: Path) -> None:
+    log = tmp_path / "m.log"
+    with logformat.LogWriter(log) as w:
+        for seq, name in enumerate(("workload-start", "tick", "fsync-1", "fsync-2")):
+            w.write(100, markers.encode(markers.Marker(seq, seq, name)))
+            w.write(seq, bytes(512))
+    with logformat.open_log(log) as reader:
+        entries = reader.index()
+    assert campaign.present_markers(entries, 0) == set()
+    assert campaign.present_markers(entries, 5) == {0, 1, 2}
+    assert campaign.present_markers(entries, len(entries)) == {0, 1, 2, 3}
