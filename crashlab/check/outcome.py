@@ -209,7 +209,8 @@ def mount_verdict(run: ToolRun, what: str = "mount") -> StepVerdict:
 def violation_to_json(v: Any) -> Any:
     """Violations come from the workload's oracle, whatever their type: keep them as JSON."""
     if is_dataclass(v) and not isinstance(v, type):
-        return asdict(v)
+        # The message is what a reader of a stored outcome (report, gate, reproduce) wants first.
+        return {**asdict(v), **({"message": v.message} if hasattr(v, "message") else {})}
     if hasattr(v, "to_dict"):
         return v.to_dict()
     if isinstance(v, dict | str | int | float | list):
