@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from crashlab.check import CheckItem, CheckRecord, Oracle, Outcome, check_batch
 from crashlab.check.mounts import SUPPORTED
 from crashlab.check.tools import DEFAULT_TIMEOUT
 from crashlab.cli import CrashlabError
+from crashlab.crashstates import sparse_copy
 
 EXIT_CORRUPT, EXIT_CHECKER_ERROR = 1, 3
 
@@ -54,8 +54,7 @@ def load_oracle(promises: Path, markers: Sequence[str]) -> Oracle:
 
 def _copy(image: Path, workdir: Path) -> Path:
     dest = workdir / image.name
-    # Sparse and, where the filesystem allows, a reflink: images are mostly holes.
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(image), str(dest)], check=True)
+    sparse_copy(image, dest)  # images are mostly holes
     return dest
 
 
