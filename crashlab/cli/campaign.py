@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,16 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
 def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: Store, store_path: Path,
                    command: str, workers: int | None, unit_states: int,
                    host_mount: bool) -> campaign.Progress:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    def run(show: Callable[[campaign.Progress], None]) -> campaign.Progress:
+        return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
+                                   workers=workers, unit_states=unit_states, host_mount=host_mount,
+                                   on_progress=show)
+
+    if not Console(stderr=True).is_terminal:
+        return run(_progress_lines(len(cells), matrix.states))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn()) as bar:
         rec_task = bar.add_task("cells recorded", total=len(cells), rate="")
@@ -88,9 +97,28 @@ def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: S
             bar.update(st_task, completed=p.states_done,
                        total=max(p.states_total, len(cells) * matrix.states), rate=f"{p.rate:.2f}/s")
 
-        return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                   workers=workers, unit_states=unit_states, host_mount=host_mount,
-                                   on_progress=show)
+        return run(show)
+
+
+def _progress_lines(cells: int, states: int, every_s: float = 15.0) -> Callable[[campaign.Progress], None]:
+    """Progress for a log file or a CI console: a plain line when something changed, at most every
+    `every_s` seconds, and always when the work is done."""
+    last = [0.0, ()]
+
+    def show(p: campaign.Progress) -> None:
+        now = time.monotonic()
+        state = (p.recorded, p.states_done)
+        total = max(p.states_total, cells * states)
+        done = p.recorded == cells and p.states_done >= total
+        if state == last[1] or (now - last[0] < every_s and not done):
+            return
+        last[:] = [now, state]
+        left = total - p.states_done
+        eta = f", about {left / p.rate / 60:.0f} min left" if p.rate > 0 and left else ""
+        click.echo(f"progress: cells recorded {p.recorded}/{cells}, states checked {p.states_done}/{total} "
+                   f"({p.rate:.2f}/s{eta})", err=True)
+
+    return show
 
 
 def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Matrix:
