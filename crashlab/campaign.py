@@ -144,6 +144,14 @@ class Matrix:
             raise CampaignError("the matrix is empty")
         return out
 
+    def command(self) -> str:
+        """The `crashlab matrix` command that runs exactly this matrix, every default spelled out, so
+        a report's reader can rerun it whatever later versions choose as defaults."""
+        lists = ("fs", "cache", "barrier", "recorder", "workload", "window", "torn")
+        args = [f"--{k} {','.join(str(v) for v in getattr(self, k))}" for k in lists]
+        args += [f"--{k} {getattr(self, k)}" for k in ("states", "seed", "scale", "strategy")]
+        return "crashlab matrix " + " ".join(args)
+
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> Matrix:
         try:

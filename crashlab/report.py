@@ -66,6 +66,22 @@ def results(store: Store, match: dict[str, str] | None = None) -> list[CellResul
     return sorted(out, key=lambda r: tuple(str(r.config.get(k, "")) for k in CELL_KEYS))
 
 
+def environment(store: Store, cells: list[CellResult]) -> dict[str, str]:
+    """Versions behind these cells: the last run's host tools and each recording's guest (kernel,
+    QEMU, mkfs, Python). A key with several values lists them all: the table mixes them."""
+    runs = store.runs()
+    sources = [runs[-1]["versions"]] if runs else []
+    for c in cells:
+        row = store.cell(c.cell)
+        if row is not None and row.record:
+            sources.append(row.record.get("versions", {}))
+    values: dict[str, set[str]] = {}
+    for src in sources:
+        for k, v in src.items():
+            values.setdefault(k, set()).add(str(v))
+    return {k: " | ".join(sorted(v)) for k, v in sorted(values.items())}
+
+
 def _short_rate(r: stats.Rate) -> str:
     if not r.n:
         return "-"
@@ -115,7 +131,10 @@ def terminal(cells: list[CellResult]) -> None:
     for c in cells:
         table.add_row(*(str(c.config.get(k, "")) for k in varying), str(c.checked),
                       *(str(c.counts[o]) for o in OUTCOMES), _short_rate(c.corrupt), _short_rate(c.lost))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log file or a pipe: no reason to squeeze the table
+    console.print(table)
 
 
 def markdown(cells: list[CellResult], env: dict[str, Any] | None = None) -> str:

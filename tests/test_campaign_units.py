@@ -64,3 +64,16 @@ def test_present_markers_are_those_before_the_crash_point(tmp_path: Path) -> Non
     assert campaign.present_markers(entries, 0) == set()
     assert campaign.present_markers(entries, 5) == {0, 1, 2}
     assert campaign.present_markers(entries, len(entries)) == {0, 1, 2, 3}
+
+
+def test_matrix_command_spells_out_everything_and_parses_back() -> None:
+    import shlex
+
+    from crashlab.cli.campaign import _matrix_from, matrix_command
+
+    m = campaign.Matrix(cache=("none", "unsafe"), barrier=("on",), window=("inf", "default"), torn=(0, 4096),
+                        states=7, seed=3)
+    argv = shlex.split(m.command())
+    assert argv[:2] == ["crashlab", "matrix"]
+    ctx = matrix_command.make_context("matrix", argv[2:])
+    assert _matrix_from(ctx.params, campaign.Matrix(fs=("btrfs",), seed=99)) == m

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +54,8 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
         cells = matrix.cells()
     except campaign.CampaignError as e:
         raise CrashlabError(str(e)) from None
-    command = "crashlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # The store keeps the matrix as an explicit command: what was typed may lean on defaults.
+    command = matrix.command()
     with Store(store_path) as store:
         if quiet:
             prog = campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
@@ -198,7 +197,7 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
             click.echo(report.compare(a, b))
             return
         runs = store.runs()
-    env = runs[-1]["versions"] if runs else {}
+        env = report.environment(store, cells)
     commands = sorted({r["command"] for r in runs})
     if fmt == "png":
         if output is None:
