@@ -44,10 +44,19 @@ class Config:
 
     @property
     def prefix_only(self) -> bool:
-        """Every write up to the crash point is durable: the guest saw no write cache, so under `dm`
-        each completed write was already on stable storage. Under `qemu` the log itself carries the
-        flushes QEMU sent for writethrough, so the general rule gives the same answer from the log."""
-        return self.recorder == "dm" and not self.cache.write_cache
+        """Every write up to the crash point is durable: the guest saw no write cache, so each write
+        completed only once it was on stable storage.
+
+        Under `qemu` the log cannot show this by itself. Without a guest write cache QEMU emulates
+        FUA on every write with bdrv_co_flush on the top node, and that skips the node's own flush
+        (the one blklogwrites logs) when its write generation is already flushed, which is the case
+        for the first write after a flush, whose generation is counted only when it finishes. The
+        flush still reaches the file below ("flush_children" in block/io.c), so the write is durable
+        but no FLUSH entry follows it: qemu-io -t writethrough logs "w f w w f w f" for
+        write, flush, write, write, write. Reading such logs with the general rule made a cache=directsync
+        ext4 image fs-inconsistent (checkpoint writes dropped behind a journal-superblock update the
+        guest could only issue after they completed), which no host power loss can do."""
+        return not self.cache.write_cache
 
 
 def parse_window(text: str | float | None, cache: CacheMode) -> float:
