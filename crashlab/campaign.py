@@ -223,13 +223,14 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
     image as built, before recovery writes to it."""
     from crashlab.check.runner import CheckItem, check_batch
     from crashlab.oracle import load_promises
+    from crashlab.record import GuestOutputs
 
-    rec = Path(unit.recording)
-    promises_path = rec / "promises.jsonl"
+    rec = GuestOutputs(Path(unit.recording))
+    promises_path = rec.promises
     promises = load_promises(promises_path)  # loaded here too: a bad file fails the unit, as it always did
-    size = (rec / "data.img").stat().st_size
+    size = rec.image.stat().st_size
     results: list[StateResult] = []
-    with logformat.open_log(rec / "write.log") as reader, \
+    with logformat.open_log(rec.log) as reader, \
             tempfile.TemporaryDirectory(prefix="crashlab-states-", dir=crashstates.default_workdir()) as tmp:
         image_dir = keep_dir or Path(tmp)
         entries = reader.index()
@@ -276,7 +277,9 @@ def reproduce(cell: Cell, recording: Path, state_id: str, keep: Path | None = No
 
 def generate_states(cell: Cell, recording: Path, count: int) -> list[str]:
     """The cell's first `count` crash-state ids, deterministic from its seed."""
-    with logformat.open_log(recording / "write.log") as reader:
+    from crashlab.record import GuestOutputs
+
+    with logformat.open_log(GuestOutputs(recording).log) as reader:
         m = model.LogModel(reader.index(), cell.model_config())
         camp = crashstates.generate(m, crashstates.log_digest(reader), count, cell.seed, cell.strategy)
         return [s.id for s in camp.states]

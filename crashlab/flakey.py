@@ -29,7 +29,7 @@ from typing import Any
 from crashlab import markers
 from crashlab.machine import Machine
 from crashlab.provision import Guest
-from crashlab.record import ConfigError, RecordConfig, RecordError, run_guest
+from crashlab.record import ConfigError, GuestOutputs, RecordConfig, RecordError, run_guest
 
 MODES = ("drop_writes", "error_writes", "error_reads", "corrupt_bio_byte")
 
@@ -78,19 +78,10 @@ class FlakeyConfig:
 
 
 @dataclass
-class FlakeyResult:
-    out_dir: Path
+class FlakeyResult(GuestOutputs):
     config: FlakeyConfig
     run: dict[str, Any]
     last_marker: markers.Marker | None  # the last marker that reached the image: the crash point
-
-    @property
-    def image(self) -> Path:
-        return self.out_dir / "data.img"
-
-    @property
-    def promises(self) -> Path:
-        return self.out_dir / "promises.jsonl"
 
     @property
     def fault_after_s(self) -> float:
@@ -117,12 +108,13 @@ def inject(config: FlakeyConfig, out_dir: str | Path, *, guest: Guest | None = N
         raise ConfigError("a live fault runs without a recorder (recorder='none')")
     run = run_guest(base, Path(out_dir), guest=guest, qemu=qemu, flakey=config.job(), observer=observer)
     out = Path(out_dir).resolve()
+    files = GuestOutputs(out)
     g = run.get("guest", {})
     if run.get("error") or g.get("status") != "powered-off":
         why = run.get("error") or g.get("error") or f"guest status {g.get('status', 'unknown')}"
         raise RecordError(f"flakey {config.mode} on {base.describe()} failed: {why} "
-                          f"(see {out / 'console.log'})")
-    mk = last_marker(out / "data.img", base.fs_bytes, base.reserved_mib << 20)
+                          f"(see {files.console})")
+    mk = last_marker(files.image, base.fs_bytes, base.reserved_mib << 20)
     run["last_marker"] = asdict(mk) if mk else None
     (out / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
     return FlakeyResult(out, config, run, mk)

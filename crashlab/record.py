@@ -148,10 +148,10 @@ def log_disk_bytes(config: RecordConfig) -> int:
 
 
 @dataclass
-class Recording:
+class GuestOutputs:
+    """What a guest run leaves in its directory, by name: one place that knows the file names."""
+
     out_dir: Path
-    config: RecordConfig
-    run: dict[str, Any]
 
     @property
     def log(self) -> Path:
@@ -168,6 +168,12 @@ class Recording:
     @property
     def console(self) -> Path:
         return self.out_dir / "console.log"
+
+
+@dataclass
+class Recording(GuestOutputs):
+    config: RecordConfig
+    run: dict[str, Any]
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -225,7 +231,7 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     (share / "guest.env").write_text(guestinit.guest_env(sys.executable, str(PROJECT)))
     (share / "job.json").write_text(json.dumps(job_for(config, flakey), indent=1))
 
-    image, log = out_dir / "data.img", out_dir / "write.log"
+    image, log = GuestOutputs(out_dir).image, GuestOutputs(out_dir).log
     with open(image, "wb") as f:
         f.truncate(config.disk_bytes)
     drives = [Drive(image, mode, log=log if config.recorder == "qemu" else None, serial="data")]
