@@ -189,9 +189,29 @@ def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str]) -> s
         out += textwrap.wrap(f"{k}: {v}", MAIL_WIDTH, initial_indent="  ", subsequent_indent="    ")
     out += ["", "Reproduce:"]
     for cmd in commands:
-        out += textwrap.wrap(cmd, MAIL_WIDTH, initial_indent="  ", subsequent_indent="      ",
-                             break_on_hyphens=False, break_long_words=True)
+        out += shell_lines(cmd, MAIL_WIDTH, indent="  ")
     return "\n".join(line.rstrip() for line in out) + "\n"
+
+
+def shell_lines(cmd: str, width: int, indent: str = "") -> list[str]:
+    """A command folded at option boundaries with backslash continuations: still pastes into a
+    shell after a mail client has had it."""
+    words = cmd.split(" ")
+    chunks: list[str] = []
+    for w in words:  # keep each option with its value
+        if chunks and not w.startswith("-") and chunks[-1].startswith("-") and " " not in chunks[-1]:
+            chunks[-1] += " " + w
+        else:
+            chunks.append(w)
+    lines, line = [], indent
+    for chunk in chunks:
+        candidate = f"{line} {chunk}" if line.strip() else line + chunk
+        if len(candidate) + 2 > width and line.strip():
+            lines.append(line + " \\")
+            line = indent + "    " + chunk
+        else:
+            line = candidate
+    return [*lines, line]
 
 
 def plot(cells: list[CellResult], path: Path, title: str = "") -> None:

@@ -102,3 +102,14 @@ def test_store_rejects_garbage_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a database" * 100)
     with pytest.raises(sqlite3.DatabaseError):
         Store(bad)
+
+
+def test_long_commands_fold_into_lines_a_shell_still_reads() -> None:
+    import shlex
+
+    cmd = ("crashlab matrix --fs ext4 --cache writeback,none,writethrough,directsync,unsafe --barrier on,off "
+           "--recorder qemu --workload smallfiles,nofsync --states 12 --seed 1")
+    lines = report.shell_lines(cmd, 72, indent="  ")
+    assert len(lines) > 1 and all(len(line) <= 72 for line in lines)
+    assert all(line.endswith(" \\") for line in lines[:-1])
+    assert shlex.split("\n".join(lines).replace("\\\n", " ")) == shlex.split(cmd)
