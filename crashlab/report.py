@@ -223,10 +223,12 @@ def plot(cells: list[CellResult], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     filesystems = sorted({str(c.config.get("fs")) for c in cells}) or ["-"]
-    fig, axes = plt.subplots(1, len(filesystems), figsize=(6.5 * len(filesystems), 4.2), squeeze=False)
+    widest = max(sum(str(c.config.get("fs")) == fs for c in cells) for fs in filesystems)
+    width = max(6.5, 0.45 * widest + 2) * len(filesystems)
+    fig, axes = plt.subplots(1, len(filesystems), figsize=(width, 5.2), squeeze=False)
     for ax, fs in zip(axes[0], filesystems, strict=True):
         mine = [c for c in cells if str(c.config.get("fs")) == fs]
-        labels = [f"{c.config.get('cache')}\nbarrier={c.config.get('barrier')}\n{c.config.get('workload')}"
+        labels = [f"{c.config.get('cache')} barrier={c.config.get('barrier')} {c.config.get('workload')}"
                   for c in mine]
         xs = range(len(mine))
         for offset, (name, get, colour) in enumerate((("corrupt", lambda c: c.corrupt, "tab:red"),
@@ -237,7 +239,7 @@ def plot(cells: list[CellResult], path: Path, title: str = "") -> None:
                    [max(0.0, 100 * r.high - y) for y, r in zip(ys, rates, strict=True)]]
             ax.errorbar([x + (offset - 0.5) * 0.3 for x in xs], ys, yerr=err, fmt="o", capsize=3,
                         color=colour, label=name)
-        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_xticks(list(xs), labels, fontsize=7, rotation=40, ha="right")
         ax.set_ylim(-2, 102)
         ax.set_ylabel("% of crash states (95 % Wilson interval)")
         ax.set_title(fs)

@@ -202,7 +202,8 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
     if fmt == "png":
         if output is None:
             raise CrashlabError("--format png needs -o FILE.png")
-        report.plot(cells, output, "crashlab: " + ", ".join(f"{k} {v}" for k, v in sorted(env.items())[:3]))
+        wanted = ("guest_kernel", "qemu", "e2fsck", "crashlab")
+        report.plot(cells, output, "; ".join(f"{k}: {env[k]}" for k in wanted if k in env))
         click.echo(f"wrote {output}")
         return
     if fmt == "terminal" and output is None:
