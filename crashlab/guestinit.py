@@ -63,13 +63,16 @@ mount -t virtiofs out /out || fail "cannot mount the out share"
 . /out/guest.env
 mount -t virtiofs hostroot /host -o ro || fail "cannot mount the host root"
 R=/host
+# The host's /tmp stays visible (read-only, like the rest of the root): a project or venv cloned
+# under /tmp, as CI runners do, must be importable in the guest. Scratch space is TMPDIR, on /run.
 mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs devtmpfs $R/dev \
-    && mount -t tmpfs tmpfs $R/tmp && mount -t tmpfs tmpfs $R/run || fail "cannot mount in the chroot"
-mkdir -p $R/run/crashlab/out $R/run/crashlab/mnt
+    && mount -t tmpfs tmpfs $R/run || fail "cannot mount in the chroot"
+mkdir -p $R/run/crashlab/out $R/run/crashlab/mnt $R/run/crashlab/tmp
 mount --bind /out $R/run/crashlab/out || fail "cannot bind the out share"
 mkdir -p $R/run/crashlab/modules && mount --bind /lib/modules $R/run/crashlab/modules
 say "userspace at $(cut -d' ' -f1 /proc/uptime) s"
 chroot $R /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root DM_DISABLE_UDEV=1 \
+    TMPDIR=/run/crashlab/tmp SQLITE_TMPDIR=/run/crashlab/tmp \
     PYTHONPATH="$CRASHLAB_PROJECT" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     "$CRASHLAB_PYTHON" -m crashlab.guestinit /run/crashlab/out/job.json
 st=$?

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,9 @@ B = {"b": b"only in the log\n" * 50}
 @pytest.fixture(scope="module")
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, CheckRecord], GuestMounts]:
     tmp = tmp_path_factory.mktemp("guestcheck")
-    # Under /tmp, which the guest mounts over: the promises files reach it as copies in the out share.
-    promises, bad = a_promised(tmp / "promises.jsonl"), crashing_promises(tmp / "bad.jsonl")
+    # On /dev/shm, which the guest cannot see: the promises files reach it as copies in the out share.
+    shm = Path(tempfile.mkdtemp(prefix="crashlab-test-", dir="/dev/shm"))
+    promises, bad = a_promised(shm / "promises.jsonl"), crashing_promises(shm / "bad.jsonl")
     items: list[CheckItem] = []
     for fs in FSES:
         clean = mkfs(fs, tmp / f"{fs}-clean.img")
@@ -65,8 +67,11 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Check
     items.append(CheckItem(copy(clean, tmp / "btrfs-crash-p.img"), "btrfs", "btrfs/crash-p", promises=bad))
     assert len(items) - 1 <= MAX_DISKS  # all in one boot (ext4/nosb stays on the host)
     backend = GuestMounts()
-    with backend:
-        records = {r.state_id: r for r in check_batch(items, backend=backend)}
+    try:
+        with backend:
+            records = {r.state_id: r for r in check_batch(items, backend=backend)}
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
     return records, backend
 
 

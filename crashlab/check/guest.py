@@ -34,7 +34,7 @@ BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded 
 PANIC_SIGNS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "Call Trace:")
 # The guest's /init mounts fresh filesystems over these in the chroot of the host's root, so host
 # files below them (tempdirs, /dev/shm work dirs) are not what the guest sees there.
-GUEST_SHADOWED = (Path("/tmp"), Path("/run"), Path("/dev"), Path("/proc"), Path("/sys"))
+GUEST_SHADOWED = (Path("/run"), Path("/dev"), Path("/proc"), Path("/sys"))  # guestinit mounts over these
 
 
 class GuestMounts:
