@@ -22,7 +22,7 @@ from crashlab.check import outcome as oc
 from crashlab.check.outcome import StepVerdict, Verdict
 from crashlab.check.tools import run_tool
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "logs"
+FIXTURES = Path(__file__).parent / "data" / "logs"
 SIZES = {"ext4": "64M", "xfs": "300M", "btrfs": "128M"}
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
         "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f", "-m", "single"]}
