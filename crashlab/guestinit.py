@@ -282,6 +282,8 @@ def run_workload(job: dict[str, Any], marker_dev: str, result: Result) -> int:
     argv = [job["workload"], "--root", str(MNT), "--seed", str(job["seed"]), "--scale", str(job["scale"]),
             "--promises", str(OUT / "promises.jsonl"), "--marker-device", marker_dev,
             "--marker-offset", str(job["marker_offset"]), "--marker-length", str(job["marker_length"])]
+    for key, value in job.get("params", {}).items():
+        argv += ["--param", f"{key}={value}"]
     result.step("workload_start")
     try:
         with redirect_fds(OUT / "workload.out"):

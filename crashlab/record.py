@@ -70,6 +70,8 @@ class RecordConfig:
     timeout_s: float = 600.0
     # Extra directories searched for workload modules (tests use their own tiny workloads).
     workload_path: tuple[str, ...] = field(default=())
+    # Workload parameters (`--param KEY=VALUE`), e.g. ("ops", JSON) for the generated `ops` workload.
+    params: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def disk_bytes(self) -> int:
@@ -139,6 +141,7 @@ def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[
         "marker_offset": config.fs_bytes, "marker_length": config.reserved_mib << 20,
         "workload": config.workload, "seed": config.seed, "scale": config.scale,
         "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
+        "params": dict(config.params),
     }
 
 

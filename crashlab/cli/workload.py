@@ -62,3 +62,46 @@ def repro(ops_file: Path) -> None:
     except (ValueError, TypeError) as e:
         raise CrashlabError(f"{ops_file}: not an op list: {e}") from None
     click.echo(opgen.render_script(ops, f"crashlab reproducer from {ops_file.name}"), nl=False)
+
+
+@command.command()
+@click.option("--fs", default="ext4", show_default=True)
+@click.option("--cache", default="unsafe", show_default=True)
+@click.option("--barrier", default="on", show_default=True)
+@click.option("--recorder", default="qemu", show_default=True)
+@click.option("--window", default="default", show_default=True)
+@click.option("--states", type=click.IntRange(1), default=8, show_default=True,
+              help="Crash states checked per example.")
+@click.option("--max-ops", type=click.IntRange(1), default=6, show_default=True)
+@click.option("--examples", type=click.IntRange(1), default=20, show_default=True,
+              help="Generated sequences to try (each records and checks in guests).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--host-mount", is_flag=True, help="Check on this host instead of in checker guests.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the minimal sequence here as JSON (for `crashlab workload repro`).")
+def shrink(fs: str, cache: str, barrier: str, recorder: str, window: str, states: int, max_ops: int,
+           examples: int, seed: int, host_mount: bool, output: Path | None) -> None:
+    """Find a bounded op sequence whose crash states fail under this configuration, shrink it to a
+    minimal one, and print it as a runnable script. Exits 1 when nothing failed."""
+    from crashlab import campaign, opgen
+    from crashlab.shrink import shrink as find
+
+    try:
+        cell = campaign.Cell(fs=fs, cache=cache, barrier=barrier, recorder=recorder, workload="ops",
+                             window=window, seed=seed).validate()
+    except campaign.CampaignError as e:
+        raise CrashlabError(str(e)) from None
+    tried = [0]
+
+    def show(ops: list[opgen.Op], failed: bool) -> None:
+        tried[0] += 1
+        click.echo(f"example {tried[0]}: {len(ops)} ops, {'FAILS' if failed else 'survives'}", err=True)
+
+    found = find(cell, states=states, max_ops=max_ops, examples=examples, seed=seed, host_mount=host_mount,
+                 on_example=show)
+    if found is None:
+        click.echo(f"no failing sequence in {examples} examples of at most {max_ops} ops", err=True)
+        raise SystemExit(1)
+    if output:
+        output.write_text(opgen.dumps(found))
+    click.echo(opgen.render_script(found, f"crashlab: minimal workload failing under {cell.key}"), nl=False)

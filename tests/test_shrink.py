@@ -1,0 +1,25 @@
+"""The guest-backed predicate that shrinking drives: a fixed op sequence recorded in a real guest,
+its crash states checked. Under `unsafe` a fsync promises nothing the host keeps, so the sequence
+fails; under `writethrough` every completed write is durable, so it survives."""
+
+from __future__ import annotations
+
+import pytest
+
+from crashlab import campaign
+from crashlab.opgen import Op
+from crashlab.shrink import still_fails
+
+pytestmark = pytest.mark.guest
+
+OPS = [Op("creat", "foo"), Op("write", "foo", off=0, size=32768, fill=7), Op("fsync", "foo"),
+       Op("creat", "bar"), Op("write", "bar", off=0, size=4096, fill=9), Op("fsync", "bar"), Op("fsync", "")]
+
+
+def test_sequence_fails_under_unsafe_and_survives_writethrough() -> None:
+    failed = still_fails(campaign.Cell(cache="unsafe", workload="ops", seed=5), OPS, 8, host_mount=True)
+    assert failed, "no crash state of an fsync workload under cache=unsafe lost anything"
+    assert all(r.outcome in ("data-loss", "fs-inconsistent", "unmountable") for r in failed)
+    assert any(v["path"] in ("foo", "bar") for r in failed for v in r.detail["violations"])
+    safe = campaign.Cell(cache="writethrough", workload="ops", seed=5)
+    assert still_fails(safe, OPS, 8, host_mount=True) == []
