@@ -33,11 +33,12 @@ from typing import Any
 import crashlab
 from crashlab import guestinit
 from crashlab.cachemodes import CACHE_MODES, cache_mode
-from crashlab.machine import Drive, Machine, MachineError, Share, choose_accel, qemu_version
+from crashlab.machine import Drive, Machine, MachineError, Share, choose_accel, find_virtiofsd, qemu_version
 from crashlab.provision import Guest, provision
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 RECORDERS = ("qemu", "dm", "none")
+TRANSPORTS = ("auto", "virtiofs", "shell")
 EXT4_DATA_MODES = ("ordered", "journal", "writeback")
 # Smallest useful data disks (DESIGN.md: XFS needs >= 300 MiB, btrfs >= 114 MiB; sparse files).
 MIN_FS_MIB = {"ext4": 16, "xfs": 300, "btrfs": 114}
@@ -72,6 +73,10 @@ class RecordConfig:
     workload_path: tuple[str, ...] = field(default=())
     # Workload parameters (`--param KEY=VALUE`), e.g. ("ops", JSON) for the generated `ops` workload.
     params: tuple[tuple[str, str], ...] = field(default=())
+    # How the guest runs the workload: "virtiofs" (the host's Python over virtiofs), "shell" (the
+    # busybox fallback, crashlab.shellguest: one built-in shell workload, qemu recorder, ext4), or
+    # "auto": virtiofs when virtiofsd is found, else shell.
+    transport: str = "auto"
 
     @property
     def disk_bytes(self) -> int:
@@ -104,6 +109,8 @@ class RecordConfig:
             raise ConfigError("guest memory is capped at 1024 MiB")
         if self.accel not in ("auto", "tcg", "kvm"):
             raise ConfigError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
         return self
 
     def describe(self) -> str:
@@ -130,6 +137,15 @@ def mount_options(config: RecordConfig) -> str:
     if config.fs == "btrfs":
         return "" if config.barrier else "nobarrier"
     return ""  # xfs: validate() refuses barrier off
+
+
+def resolve_transport(config: RecordConfig) -> str:
+    """`auto` made concrete: virtiofs if virtiofsd is found (CRASHLAB_VIRTIOFSD=none: as if not)."""
+    if config.transport != "auto":
+        return config.transport
+    if os.environ.get("CRASHLAB_VIRTIOFSD") == "none" or find_virtiofsd() is None:
+        return "shell"
+    return "virtiofs"
 
 
 def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -219,6 +235,11 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
               observer: Callable[[Machine], None] | None = None) -> dict[str, Any]:
     """Boot one guest for `config` and return run.json's contents (also written to out_dir)."""
     config.validate()
+    if resolve_transport(config) == "shell":
+        from crashlab import shellguest
+
+        shellguest.check_config(config, flakey)
+        return shellguest.run_shell_guest(config, out_dir, guest=guest, qemu=qemu, observer=observer)
     guest = guest or provision()
     mode = CACHE_MODES[cache_mode(config.cache).name]
     out_dir = Path(out_dir).resolve()
