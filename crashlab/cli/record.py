@@ -16,6 +16,7 @@ from crashlab.provision import ProvisionError, provision
 from crashlab.record import (
     EXT4_DATA_MODES,
     FILESYSTEMS,
+    TRANSPORTS,
     ConfigError,
     RecordConfig,
     RecordError,
@@ -57,17 +58,21 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 @click.option("--modules", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Its lib/modules/VERSION directory.")
 @click.option("--qemu", default=None, help="qemu-system-x86_64 to use (default: from PATH).")
+@click.option("--transport", type=click.Choice(TRANSPORTS), default="auto", show_default=True,
+              help="How project code reaches the guest: virtiofs (the host's Python), or shell (busybox "
+                   "only: the built-in sh-smallfiles workload, qemu recorder, ext4); auto = shell only "
+                   "when there is no virtiofsd.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 def command(fs: str, cache: str, barrier: str, data_mode: str, recorder: str, workload: str, seed: int,
             scale: int, disk_mib: int | None, memory_mib: int, accel: str, timeout_s: float,
             fault: str | None, fault_after: float | None, kernel: Path | None, modules: Path | None,
-            qemu: str | None, out_dir: Path) -> None:
+            qemu: str | None, transport: str, out_dir: Path) -> None:
     """Record WORKLOAD in a disposable guest into --out: write.log, data.img, promises.jsonl,
     console.log and run.json (every option and version)."""
     config = RecordConfig(fs=fs, cache=cache, barrier=barrier == "on", data_mode=data_mode,
                           recorder="none" if fault else recorder, workload=workload, seed=seed,
                           scale=scale, disk_mib=disk_mib, memory_mib=memory_mib, accel=accel,
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, transport=transport)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         config.validate()
