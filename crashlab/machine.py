@@ -22,10 +22,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -299,6 +300,27 @@ class Machine:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.shutdown()
+
+
+def run_until_poweroff(kernel: Path, initrd: Path, run: dict[str, Any],
+                       observer: Callable[[Machine], None] | None = None, **options: Any) -> str | None:
+    """Boot a guest that powers itself off when its job is done and wait for that. Records the QEMU
+    command line, exit status and host seconds into `run` (a run.json being built); returns why
+    the guest did not finish, or None."""
+    t0 = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    try:
+        with Machine(kernel, initrd, **options) as m:
+            run["options"]["qemu_argv"] = m.process.args if m.process else None
+            if observer:
+                observer(m)
+            status = m.wait()
+    except MachineError as e:
+        error = str(e)
+    run["host_seconds"] = round(time.monotonic() - t0, 3)
+    run["qemu_exit"] = status
+    return error
 
 
 def _stop(p: subprocess.Popen[bytes], grace: float) -> None:

@@ -33,7 +33,15 @@ from typing import Any
 import crashlab
 from crashlab import guestinit
 from crashlab.cachemodes import CACHE_MODES, cache_mode
-from crashlab.machine import Drive, Machine, MachineError, Share, choose_accel, find_virtiofsd, qemu_version
+from crashlab.machine import (
+    Drive,
+    Machine,
+    Share,
+    choose_accel,
+    find_virtiofsd,
+    qemu_version,
+    run_until_poweroff,
+)
 from crashlab.provision import Guest, provision
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
@@ -272,22 +280,11 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
                                               "accel": accel, "flakey": flakey},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    t0 = time.monotonic()
-    status: int | None = None
-    error: str | None = None
-    try:
-        with Machine(guest.kernel, guest.initrd, drives=drives,
-                     shares=[Share("hostroot", Path("/")), Share("out", share, cache="none")],
-                     memory_mib=config.memory_mib, accel=accel, qemu=qemu, timeout=config.timeout_s,
-                     console_log=out_dir / "console.log") as m:
-            run["options"]["qemu_argv"] = m.process.args if m.process else None
-            if observer:
-                observer(m)
-            status = m.wait()
-    except MachineError as e:
-        error = str(e)
-    run["host_seconds"] = round(time.monotonic() - t0, 3)
-    run["qemu_exit"] = status
+    error = run_until_poweroff(
+        guest.kernel, guest.initrd, run, observer, drives=drives,
+        shares=[Share("hostroot", Path("/")), Share("out", share, cache="none")],
+        memory_mib=config.memory_mib, accel=accel, qemu=qemu, timeout=config.timeout_s,
+        console_log=GuestOutputs(out_dir).console)
     guest_result = _read_json(share / "result.json")
     run["guest"] = guest_result
     exit_file = share / "exit-status"

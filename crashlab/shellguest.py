@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from crashlab import markers, oracle
 from crashlab.cachemodes import CACHE_MODES, cache_mode
-from crashlab.machine import Drive, Machine, MachineError, choose_accel
+from crashlab.machine import Drive, Machine, choose_accel, run_until_poweroff
 from crashlab.provision import Guest, _libraries, provision, which
 
 if TYPE_CHECKING:
@@ -292,20 +292,9 @@ def run_shell_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None 
         "degraded": "shell transport: markers have clock 0 and there are no ticks, so the volatility "
                     "window cannot be applied",
     }
-    t0 = time.monotonic()
-    status: int | None = None
-    error: str | None = None
-    try:
-        with Machine(guest.kernel, initrd, append=append, drives=drives, memory_mib=config.memory_mib,
-                     accel=accel, qemu=qemu, timeout=config.timeout_s, console_log=outs.console) as m:
-            run["options"]["qemu_argv"] = m.process.args if m.process else None
-            if observer:
-                observer(m)
-            status = m.wait()
-    except MachineError as e:
-        error = str(e)
-    run["host_seconds"] = round(time.monotonic() - t0, 3)
-    run["qemu_exit"] = status
+    error = run_until_poweroff(guest.kernel, initrd, run, observer, append=append, drives=drives,
+                               memory_mib=config.memory_mib, accel=accel, qemu=qemu,
+                               timeout=config.timeout_s, console_log=outs.console)
     console = outs.console.read_text(errors="replace") if outs.console.exists() else ""
     result, out, exit_status = parse_console(console)
     run["guest"] = result
