@@ -1,11 +1,12 @@
 """What runs inside the disposable guest: the initramfs `/init` and the orchestration after it.
 
-`/init` (busybox sh) mounts the basics, loads the modules in dependency order, mounts the host's root
-read-only over virtiofs (tag `hostroot`) and the run's writable output directory (tag `out`), and
-chroots into the host root to run `python -m crashlab.guestinit /run/crashlab/out/job.json` with the
-host's own interpreter and project. Everything the host must see (job result, promises, workload
-output, exit status) is written to the `out` share, whose writes reach the host file synchronously, so
-a guest that is killed or powered off loses nothing that was written before.
+`/init` (busybox sh) mounts the basics, loads the modules in dependency order, mounts the host view
+over virtiofs (tag `hostroot`: the few host paths the guest needs, read-only at the daemon's side, see
+crashlab.shares) and the run's writable output directory (tag `out`), and chroots into the view to
+run `python -m crashlab.guestinit /run/crashlab/out/job.json` with the host's own interpreter and
+project. Everything the host must see (job result, promises, workload output, exit status) is
+written to the `out` share, whose writes reach the host file synchronously, so a guest that is
+killed or powered off loses nothing that was written before.
 
 The orchestration (`main`) sets up the recorder *before* the filesystem is made, so the log holds
 mkfs as its baseline: `dm` puts dm-log-writes over the whole data disk with the log on the second
@@ -63,8 +64,8 @@ mount -t virtiofs out /out || fail "cannot mount the out share"
 . /out/guest.env
 mount -t virtiofs hostroot /host -o ro || fail "cannot mount the host root"
 R=/host
-# The host's /tmp stays visible (read-only, like the rest of the root): a project or venv cloned
-# under /tmp, as CI runners do, must be importable in the guest. Scratch space is TMPDIR, on /run.
+# The view holds the project and venv at their host paths, wherever they are (CI clones under
+# /tmp). Its mount points are empty directories; scratch space is TMPDIR, on /run.
 mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs devtmpfs $R/dev \
     && mount -t tmpfs tmpfs $R/run || fail "cannot mount in the chroot"
 mkdir -p $R/run/crashlab/out $R/run/crashlab/mnt $R/run/crashlab/tmp

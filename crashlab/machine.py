@@ -32,6 +32,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from crashlab.cachemodes import CacheMode
 from crashlab.provision import ProvisionError, cache_root, file_identity, missing, which
+from crashlab.shares import Share
 
 VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
 BASE_APPEND = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"
@@ -55,15 +56,6 @@ class Drive:
     log: Path | None = None  # blklogwrites log; must be a fresh file (QEMU does not truncate it)
     log_sector_size: int = 512
     serial: str = ""
-
-
-@dataclass(frozen=True)
-class Share:
-    """A host directory exported to the guest over virtiofs under `tag`."""
-
-    tag: str
-    source: Path
-    cache: str = "auto"  # virtiofsd -o cache=: "none" makes guest writes reach the host file at once
 
 
 def _onoff(flag: bool) -> str:
@@ -195,8 +187,7 @@ class Machine:
             log = open(tmp / f"virtiofsd-{s.tag}.log", "wb")  # noqa: SIM115 (lives with the daemon)
             assert self.virtiofsd
             self.daemons.append(subprocess.Popen(
-                [self.virtiofsd, f"--socket-path={sock}", "-o", f"source={s.source}",
-                 "-o", "sandbox=chroot", "-o", f"cache={s.cache}"],
+                s.daemon_argv(self.virtiofsd, sock, tmp),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_pdeathsig))
             log.close()
             vfs_socks.append(sock)

@@ -36,13 +36,13 @@ from crashlab.cachemodes import CACHE_MODES, cache_mode
 from crashlab.machine import (
     Drive,
     Machine,
-    Share,
     choose_accel,
     find_virtiofsd,
     qemu_version,
     run_until_poweroff,
 )
 from crashlab.provision import Guest, provision
+from crashlab.shares import ResultsShare, host_view
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 RECORDERS = ("qemu", "dm", "none")
@@ -282,7 +282,7 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     }
     error = run_until_poweroff(
         guest.kernel, guest.initrd, run, observer, drives=drives,
-        shares=[Share("hostroot", Path("/")), Share("out", share, cache="none")],
+        shares=[host_view(extra=[Path(p) for p in config.workload_path]), ResultsShare("out", share)],
         memory_mib=config.memory_mib, accel=accel, qemu=qemu, timeout=config.timeout_s,
         console_log=GuestOutputs(out_dir).console)
     guest_result = _read_json(share / "result.json")

@@ -516,10 +516,11 @@ def test_unreadable_finds_what_cp_could_not_read(tmp_path: Path) -> None:
         assert unreadable(tmp_path) == f"{tmp_path}/d/f: Permission denied"
 
 
-def test_guest_sees_the_host_root_but_not_what_it_mounts_over(tmp_path: Path) -> None:
-    from crashlab.check.guest import guest_visible
+def test_guest_sees_the_project_but_not_the_rest_of_the_host(tmp_path: Path) -> None:
+    from crashlab.shares import host_view, visible_in
 
-    assert guest_visible(Path(__file__))
-    assert guest_visible(tmp_path) == (tmp_path.stat().st_dev == Path("/").stat().st_dev)
-    assert not guest_visible(Path("/dev/shm")) and not guest_visible(Path("/run"))
-    assert not guest_visible(tmp_path / "missing")
+    view = host_view()
+    assert visible_in(view, Path(__file__))
+    assert not visible_in(view, tmp_path)  # promises there are copied into the results share
+    assert not visible_in(view, Path("/dev/shm")) and not visible_in(view, Path("/run"))
+    assert not visible_in(view, Path(__file__).parent / "missing")

@@ -13,9 +13,10 @@ import pytest
 
 from crashlab import guestinit
 from crashlab.cachemodes import CACHE_MODES
-from crashlab.machine import Drive, Machine, MachineError, MachineTimeout, Share, choose_accel, drive_args
+from crashlab.machine import Drive, Machine, MachineError, MachineTimeout, choose_accel, drive_args
 from crashlab.provision import Guest
 from crashlab.record import PROJECT
+from crashlab.shares import ResultsShare, ShareError, host_view, minimal_paths, view_script, visible_in
 
 pytest_plugins = ["conftest_guest"]
 
@@ -78,7 +79,7 @@ def _exec_machine(guest: Guest, out: Path, argv: list[str], timeout: float = 120
     out.mkdir(parents=True, exist_ok=True)
     (out / "guest.env").write_text(guestinit.guest_env(sys.executable, str(PROJECT)))
     (out / "job.json").write_text(json.dumps({"mode": "exec", "argv": argv}))
-    shares = [Share("hostroot", Path("/")), Share("out", out, "none")]
+    shares = [host_view(), ResultsShare("out", out)]
     return Machine(guest.kernel, guest.initrd, shares=shares, accel=choose_accel(guest.kernel, guest.initrd),
                    timeout=timeout, name="crashlab-test")
 
@@ -130,3 +131,37 @@ def test_hard_timeout_stops_the_guest_and_cleans_up(guest: Guest, tmp_path: Path
         m.wait()
     assert m.temp_dir is None
     assert not any(_alive(p) for p in pids if p is not None)
+
+
+def test_host_view_never_exports_the_whole_root_and_keeps_secrets_out() -> None:
+    with pytest.raises(ShareError, match="whole root"):
+        minimal_paths([Path("/usr"), Path("/")])
+    assert minimal_paths([Path("/usr/lib"), Path("/usr"), Path("/work/p/.venv"), Path("/work/p")]) == [
+        Path("/usr"), Path("/work/p")]
+    view = host_view()
+    assert PROJECT in view.paths or any(PROJECT.is_relative_to(p) for p in view.paths)
+    for secret in ("/etc/shadow", "/etc/ssh", "/root/.ssh", "/etc/hostname"):
+        assert not visible_in(view, Path(secret)), secret
+    script = view_script(Path("/x/view"), view.paths)
+    assert script.count("mount --bind") == len(view.paths)
+    assert script.count("remount,bind,ro") == len(view.paths)
+    assert script.endswith("mount -o remount,ro /x/view")
+
+
+@pytest.mark.guest
+def test_guest_cannot_write_the_host_even_after_remounting_rw(guest: Guest, tmp_path: Path) -> None:
+    # The guest is root in its own kernel: `mount -o remount,rw /` succeeds there. The host side must
+    # still refuse every write (EROFS from the daemon's read-only binds) and show no secret.
+    canary = PROJECT / f".crashlab-escape-{os.getpid()}"
+    script = (f"mount -o remount,rw / && echo remounted; echo pwned > {canary}; echo project=$?; "
+              "mkdir /usr/crashlab-escape; echo usr=$?; test -e /etc/shadow; echo shadow=$?; "
+              "echo written > /run/crashlab/out/mine; echo out=$?")
+    with _exec_machine(guest, tmp_path / "out", ["sh", "-c", script]) as m:
+        assert m.wait() == 0
+    said = (tmp_path / "out" / "exec.out").read_text()
+    assert "remounted" in said, said
+    assert "project=0" not in said and "usr=0" not in said and "shadow=1" in said, said
+    assert "Read-only file system" in said
+    assert not canary.exists() and not Path("/usr/crashlab-escape").exists()
+    assert (tmp_path / "out" / "mine").read_text() == "written\n"  # the results share stays writable
+    assert "crashlab-view" not in Path("/proc/mounts").read_text()  # the view lived in the daemon's namespace

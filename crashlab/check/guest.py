@@ -28,13 +28,11 @@ from crashlab.cachemodes import cache_mode
 from crashlab.check.inguest import RESULTS
 from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec
 from crashlab.check.outcome import ToolRun, clip
+from crashlab.shares import HostView, ResultsShare, host_view, visible_in
 
 MAX_DISKS = 16  # virtio-blk-pci devices per boot (one PCI slot each)
 BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded host
 PANIC_SIGNS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "Call Trace:")
-# The guest's /init mounts fresh filesystems over these in the chroot of the host's root, so host
-# files below them (tempdirs, /dev/shm work dirs) are not what the guest sees there.
-GUEST_SHADOWED = (Path("/run"), Path("/dev"), Path("/proc"), Path("/sys"))  # guestinit mounts over these
 
 
 class GuestMounts:
@@ -75,7 +73,7 @@ class GuestMounts:
 
     def _boot(self, requests: Sequence[MountRequest], indices: list[int], timeout: float,
               results: list[MountSteps | None]) -> int:
-        from crashlab.machine import Drive, Machine, MachineError, Share
+        from crashlab.machine import Drive, Machine, MachineError
 
         with tempfile.TemporaryDirectory(prefix="crashlab-checkguest-") as tmp:
             out = Path(tmp)
@@ -85,14 +83,15 @@ class GuestMounts:
                    "argv": [python, "-m", "crashlab.check.inguest", str(guestinit.OUT / "check.json")]}
             (out / "job.json").write_text(json.dumps(job))
             promises: dict[Path, str] = {}
+            view = host_view()
             reqs = [{"index": i, "serial": f"ck{i}", "fs": requests[i].fs, "recover": requests[i].recover,
                      "tree": requests[i].tree_dest is not None,
-                     "oracle": _oracle_job(requests[i].oracle, out, promises)} for i in indices]
+                     "oracle": _oracle_job(requests[i].oracle, out, view, promises)} for i in indices]
             (out / "check.json").write_text(json.dumps({"timeout": timeout, "requests": reqs}))
             # writeback: the guest's unmount flushes, and the host's fsck reads the same page cache.
             drives = [Drive(Path(requests[i].image).resolve(), cache_mode("writeback"), serial=f"ck{i}")
                       for i in indices]
-            shares = [Share("out", out, cache="none"), Share("hostroot", Path("/"))]
+            shares = [ResultsShare("out", out), view]
             deadline = BOOT_BUDGET_S + len(indices) * (2 * timeout + 10)
             t0 = time.monotonic()
             crash = ""
@@ -142,24 +141,14 @@ class GuestMounts:
             return n
 
 
-def guest_visible(path: Path) -> bool:
-    """Whether the guest reads this host file at the same path: on the root filesystem (the
-    virtiofs share is of `/`) and not under a directory the guest mounts over."""
-    path = path.resolve()
-    try:
-        on_root = path.stat().st_dev == Path("/").stat().st_dev
-    except OSError:
-        return False
-    return on_root and not any(path.is_relative_to(d) for d in GUEST_SHADOWED)
-
-
-def _oracle_job(spec: OracleSpec | None, out: Path, copied: dict[Path, str]) -> dict[str, Any] | None:
+def _oracle_job(spec: OracleSpec | None, out: Path, view: HostView, copied: dict[Path, str]
+                ) -> dict[str, Any] | None:
     """The oracle as the guest gets it; a promises file it could not see is copied into `out`,
     once per file and boot."""
     if spec is None:
         return None
     src = Path(spec.promises).resolve()
-    if guest_visible(src):
+    if visible_in(view, src):
         path = str(src)
     else:
         if src not in copied:
