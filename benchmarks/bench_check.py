@@ -99,7 +99,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("needs root: images are prepared with loop mounts")
     from crashlab.check.guest import GuestMounts
-    from crashlab.provision import provision
+    from crashlab.guest.provision import provision
 
     guest = provision()
     with tempfile.TemporaryDirectory(prefix="crashlab-bench-check-", dir=crashstates.default_workdir()) as t:

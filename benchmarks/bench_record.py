@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from crashlab.provision import provision
+from crashlab.guest.provision import provision
 from crashlab.record import RecordConfig, record, run_guest, timings
 
 

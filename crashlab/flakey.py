@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from crashlab import markers
-from crashlab.machine import Machine
-from crashlab.provision import Guest
+from crashlab.guest.machine import Machine
+from crashlab.guest.provision import Guest
 from crashlab.record import ConfigError, GuestOutputs, RecordConfig, RecordError, run_guest
 
 MODES = ("drop_writes", "error_writes", "error_reads", "corrupt_bio_byte")

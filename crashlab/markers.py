@@ -93,12 +93,14 @@ class MarkerWriter:
     """
 
     def __init__(self, device: str, offset: int, length: int, block_size: int = PAYLOAD,
-                 tick_interval: float = 0.0) -> None:
+                 tick_interval: float = 0.0, listener: Callable[[Marker], None] | None = None) -> None:
         if offset % block_size or length < block_size:
             raise ValueError(f"marker region {offset}+{length} not aligned to {block_size}")
         self.device, self.offset, self.block_size = device, offset, block_size
         self.slots = length // block_size
         self.seq = 0
+        # Told of every marker once written (the guest sends native dm marks, starts fault clocks).
+        self.listener = listener
         self._lock = threading.Lock()
         self._buf = mmap.mmap(-1, block_size)  # page-aligned, as O_DIRECT needs
         self._fd = os.open(device, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
@@ -121,6 +123,8 @@ class MarkerWriter:
             if os.pwritev(self._fd, [self._buf], pos) != self.block_size:
                 raise OSError(f"short marker write to {self.device} at {pos}")
             self.seq += 1
+            if self.listener is not None:
+                self.listener(marker)
             return marker
 
     def _tick_loop(self, interval: float) -> None:

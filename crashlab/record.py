@@ -1,8 +1,8 @@
 """Record a workload in a disposable guest: every write, flush, FUA, discard and mark, in one log.
 
-`record(config, out_dir)` boots a guest (crashlab.machine), sets up the recorder, makes the filesystem
-(so mkfs is the log's baseline), mounts it and runs the workload with in-band markers in the reserved
-tail of the logged device. It leaves in `out_dir`:
+`record(config, out_dir)` runs a record job in a guest (crashlab.guest.job), which sets up the
+recorder, makes the filesystem (so mkfs is the log's baseline), mounts it and runs the workload
+with in-band markers in the reserved tail of the logged device. It leaves in `out_dir`:
 
     write.log        the dm-log-writes-format log (both recorders write the same format)
     data.img         the data disk as the guest left it
@@ -18,6 +18,7 @@ the whole data disk with dm-log-writes in the guest, the log on a second, sparse
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -31,27 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import crashlab
-from crashlab import guestinit
+from crashlab import logformat
 from crashlab.cachemodes import CACHE_MODES, cache_mode
-from crashlab.machine import (
-    Drive,
-    Machine,
-    choose_accel,
-    find_virtiofsd,
-    qemu_version,
-    run_until_poweroff,
-)
-from crashlab.provision import Guest, provision
-from crashlab.shares import ResultsShare, host_view
+from crashlab.guest import transport as transports
+from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
+from crashlab.guest.machine import Drive, Machine, choose_accel, qemu_version
+from crashlab.guest.provision import Guest, provision
 
 FILESYSTEMS = ("ext4", "xfs", "btrfs")
 RECORDERS = ("qemu", "dm", "none")
-TRANSPORTS = ("auto", "virtiofs", "shell")
+TRANSPORTS = transports.TRANSPORT_NAMES
 EXT4_DATA_MODES = ("ordered", "journal", "writeback")
 # Smallest useful data disks (DESIGN.md: XFS needs >= 300 MiB, btrfs >= 114 MiB; sparse files).
 MIN_FS_MIB = {"ext4": 16, "xfs": 300, "btrfs": 114}
 DEFAULT_DISK_MIB = {"ext4": 128, "xfs": 320, "btrfs": 128}
-PROJECT = Path(crashlab.__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
@@ -81,8 +75,8 @@ class RecordConfig:
     workload_path: tuple[str, ...] = field(default=())
     # Workload parameters (`--param KEY=VALUE`), e.g. ("ops", JSON) for the generated `ops` workload.
     params: tuple[tuple[str, str], ...] = field(default=())
-    # How the guest runs the workload: "virtiofs" (the host's Python over virtiofs), "shell" (the
-    # busybox fallback, crashlab.shellguest: one built-in shell workload, qemu recorder, ext4), or
+    # How the guest runs the workload (crashlab.guest.transport): "virtiofs" (the host's Python over
+    # virtiofs), "shell" (the busybox fallback: one built-in shell workload, qemu recorder, ext4), or
     # "auto": virtiofs when virtiofsd is found, else shell.
     transport: str = "auto"
 
@@ -148,12 +142,7 @@ def mount_options(config: RecordConfig) -> str:
 
 
 def resolve_transport(config: RecordConfig) -> str:
-    """`auto` made concrete: virtiofs if virtiofsd is found (CRASHLAB_VIRTIOFSD=none: as if not)."""
-    if config.transport != "auto":
-        return config.transport
-    if os.environ.get("CRASHLAB_VIRTIOFSD") == "none" or find_virtiofsd() is None:
-        return "shell"
-    return "virtiofs"
+    return transports.resolve(config.transport)
 
 
 def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -238,74 +227,81 @@ def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dic
     return v
 
 
+def prepare_out_dir(out_dir: Path) -> Path:
+    """`out_dir` made and cleared of a previous run's outputs: QEMU appends to an existing log."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        p = out_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    return out_dir
+
+
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
               observer: Callable[[Machine], None] | None = None) -> dict[str, Any]:
     """Boot one guest for `config` and return run.json's contents (also written to out_dir)."""
     config.validate()
-    if resolve_transport(config) == "shell":
-        from crashlab import shellguest
-
-        shellguest.check_config(config, flakey)
-        return shellguest.run_shell_guest(config, out_dir, guest=guest, qemu=qemu, observer=observer)
+    transport = transports.transport(config.transport)
+    payload = job_for(config, flakey)
+    outs = GuestOutputs(Path(out_dir).resolve())
+    drives = [Drive(outs.image, cache_mode(config.cache), log=outs.log if config.recorder == "qemu" else None,
+                    serial="data")]
+    if config.recorder == "dm":
+        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial="log"))
+    job = GuestJob(payload, share=outs.out_dir / ".guest", console=outs.console, drives=tuple(drives),
+                   view_extra=tuple(Path(p).resolve() for p in config.workload_path),
+                   memory_mib=config.memory_mib, qemu=qemu, timeout_s=config.timeout_s)
+    try:
+        transport.check(job)
+    except JobError as e:
+        raise ConfigError(str(e)) from e
     guest = guest or provision()
-    mode = CACHE_MODES[cache_mode(config.cache).name]
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:  # a fresh log every run: QEMU appends to an existing one
-        p = out_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    share = out_dir / ".guest"
-    share.mkdir()
-    (share / "guest.env").write_text(guestinit.guest_env(sys.executable, str(PROJECT)))
-    (share / "job.json").write_text(json.dumps(job_for(config, flakey), indent=1))
-
-    image, log = GuestOutputs(out_dir).image, GuestOutputs(out_dir).log
-    with open(image, "wb") as f:
+    prepare_out_dir(outs.out_dir)
+    job.share.mkdir()
+    with open(outs.image, "wb") as f:
         f.truncate(config.disk_bytes)
-    drives = [Drive(image, mode, log=log if config.recorder == "qemu" else None, serial="data")]
     if config.recorder == "qemu":
-        log.touch()
+        outs.log.touch()
     elif config.recorder == "dm":
-        with open(log, "wb") as f:
+        with open(outs.log, "wb") as f:
             f.truncate(log_disk_bytes(config))
-        drives.append(Drive(log, CACHE_MODES["writeback"], serial="log"))
     accel = choose_accel(guest.kernel, guest.initrd, config.accel, qemu)
+    job = dataclasses.replace(job, accel=accel)
 
     run: dict[str, Any] = {
         "config": asdict(config), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
                                               "accel": accel, "flakey": flakey},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    error = run_until_poweroff(
-        guest.kernel, guest.initrd, run, observer, drives=drives,
-        shares=[host_view(extra=[Path(p) for p in config.workload_path]), ResultsShare("out", share)],
-        memory_mib=config.memory_mib, accel=accel, qemu=qemu, timeout=config.timeout_s,
-        console_log=GuestOutputs(out_dir).console)
-    guest_result = _read_json(share / "result.json")
-    run["guest"] = guest_result
-    exit_file = share / "exit-status"
-    run["guest_exit"] = int(exit_file.read_text()) if exit_file.exists() else None
-    init_error = share / "init-error"
-    if init_error.exists():
-        error = error or f"guest init: {init_error.read_text().strip()}"
+    gr = transport.run(job, guest, observer)
+    record_run(run, gr)
     for name in ("promises.jsonl", "workload.out"):
-        if (share / name).exists():
-            os.replace(share / name, out_dir / name)
-    run["error"] = error
-    if config.recorder != "none" and log.exists():
-        run["log"] = summarize_log(log, truncate=config.recorder == "dm")
-    (out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
+        move_guest_file(job.share / name, outs.out_dir / name)
+    if config.recorder != "none" and outs.log.exists():
+        run["log"] = summarize_log(outs.log, truncate=config.recorder == "dm")
+    (outs.out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
     return run
+
+
+def record_run(run: dict[str, Any], gr: GuestRun) -> None:
+    """A guest run's facts into run.json, under the keys run.json has always had."""
+    run["options"]["qemu_argv"] = gr.qemu_argv
+    if "append" in gr.notes:
+        run["options"]["append"] = gr.notes["append"]
+    run.update({k: v for k, v in gr.notes.items() if k != "append"})
+    run["host_seconds"] = gr.host_seconds
+    run["qemu_exit"] = gr.qemu_exit
+    run["guest"] = gr.result
+    run["guest_exit"] = gr.exit_status
+    run["error"] = gr.error
 
 
 def summarize_log(log: Path, truncate: bool) -> dict[str, Any] | None:
     """The log's summary; `truncate` cuts a dm log disk down to its entries (it is a sparse disk)."""
-    from crashlab import logformat
-
     try:
         with logformat.open_log(log) as reader:
             entries = reader.index()

@@ -117,7 +117,7 @@ def available() -> list[str]:
     return sorted(p.stem for p in Path(workloads.__path__[0]).glob("*.py") if not p.stem.startswith("_"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, listener: Callable[[markers.Marker], None] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m crashlab.workload")
     ap.add_argument("name")
     ap.add_argument("--root", type=Path, required=True)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = None
     if args.marker_device:
         writer = markers.MarkerWriter(args.marker_device, args.marker_offset, args.marker_length,
-                                      args.marker_block, tick_interval=args.tick)
+                                      args.marker_block, tick_interval=args.tick, listener=listener)
     try:
         with args.promises.open("w") as out:
             ctx = WorkloadContext(args.root, args.seed, args.scale, out, writer, params)

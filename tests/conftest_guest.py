@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crashlab.provision import Guest, provision
+from crashlab.guest.provision import Guest, provision
 from crashlab.record import RecordConfig, Recording, record
 
 GUEST_WORKLOADS = str(Path(__file__).parent / "guest_workloads")

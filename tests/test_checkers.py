@@ -517,7 +517,7 @@ def test_unreadable_finds_what_cp_could_not_read(tmp_path: Path) -> None:
 
 
 def test_guest_sees_the_project_but_not_the_rest_of_the_host(tmp_path: Path) -> None:
-    from crashlab.shares import host_view, visible_in
+    from crashlab.guest.shares import host_view, visible_in
 
     view = host_view()
     assert visible_in(view, Path(__file__))

@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from crashlab import guestinit
 from crashlab.cachemodes import CACHE_MODES
-from crashlab.machine import Drive, Machine, MachineError, MachineTimeout, choose_accel, drive_args
-from crashlab.provision import Guest
-from crashlab.record import PROJECT
-from crashlab.shares import ResultsShare, ShareError, host_view, minimal_paths, view_script, visible_in
+from crashlab.guest.inguest import dm as guest_dm
+from crashlab.guest.inguest.init import guest_env
+from crashlab.guest.machine import Drive, Machine, MachineError, MachineTimeout, choose_accel, drive_args
+from crashlab.guest.provision import Guest
+from crashlab.guest.shares import (
+    PROJECT,
+    ResultsShare,
+    ShareError,
+    host_view,
+    minimal_paths,
+    view_script,
+    visible_in,
+)
 
 pytest_plugins = ["conftest_guest"]
 
@@ -68,8 +76,8 @@ def test_auto_accel_without_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_dm_ioctl_layout() -> None:
     # struct dm_ioctl is 312 bytes; DM_TARGET_MSG = _IOWR(0xfd, 14, struct dm_ioctl).
-    assert guestinit.dm_ioctl_number(guestinit.DM_TARGET_MSG) == 0xC138FD0E
-    buf = guestinit.dm_message_buffer("crashlab-log", "mark fsync-1")
+    assert guest_dm.dm_ioctl_number(guest_dm.DM_TARGET_MSG) == 0xC138FD0E
+    buf = guest_dm.dm_message_buffer("crashlab-log", "mark fsync-1")
     assert len(buf) % 8 == 0 and int.from_bytes(buf[12:16], "little") == len(buf)
     assert int.from_bytes(buf[16:20], "little") == 312
     assert buf[48:60] == b"crashlab-log" and buf[312 + 8:312 + 8 + 13] == b"mark fsync-1\0"
@@ -77,7 +85,7 @@ def test_dm_ioctl_layout() -> None:
 
 def _exec_machine(guest: Guest, out: Path, argv: list[str], timeout: float = 120) -> Machine:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "guest.env").write_text(guestinit.guest_env(sys.executable, str(PROJECT)))
+    (out / "guest.env").write_text(guest_env(sys.executable, str(PROJECT)))
     (out / "job.json").write_text(json.dumps({"mode": "exec", "argv": argv}))
     shares = [host_view(), ResultsShare("out", out)]
     return Machine(guest.kernel, guest.initrd, shares=shares, accel=choose_accel(guest.kernel, guest.initrd),

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from crashlab import guestinit, provision
-from crashlab.provision import (
+from crashlab.guest import provision
+from crashlab.guest.inguest import init as guestinit
+from crashlab.guest.provision import (
     ProvisionError,
     load_order,
     module_name,

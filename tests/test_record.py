@@ -16,8 +16,8 @@ import pytest
 
 from crashlab import logformat, markers
 from crashlab.flakey import CorruptBio, FlakeyConfig, inject, last_marker
-from crashlab.machine import Machine
-from crashlab.provision import Guest
+from crashlab.guest.machine import Machine
+from crashlab.guest.provision import Guest
 from crashlab.record import (
     ConfigError,
     RecordConfig,

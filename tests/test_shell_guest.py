@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from crashlab import logformat, markers, oracle, shellguest
-from crashlab import record as record_module
+from crashlab import logformat, markers, oracle
 from crashlab.check.outcome import Outcome
 from crashlab.check.runner import check_image
-from crashlab.provision import Guest
+from crashlab.guest import shell as shellguest
+from crashlab.guest import transport as transports
+from crashlab.guest.provision import Guest
 from crashlab.record import ConfigError, RecordConfig, record, resolve_transport
 from crashlab.workload import WorkloadContext
 
@@ -57,9 +58,9 @@ def test_shell_transport_refuses_what_it_cannot_do(kw: dict[str, object], messag
 
 def test_auto_picks_shell_only_without_virtiofsd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CRASHLAB_VIRTIOFSD", raising=False)
-    monkeypatch.setattr(record_module, "find_virtiofsd", lambda: "/usr/lib/qemu/virtiofsd")
+    monkeypatch.setattr(transports, "find_virtiofsd", lambda: "/usr/lib/qemu/virtiofsd")
     assert resolve_transport(RecordConfig()) == "virtiofs"
-    monkeypatch.setattr(record_module, "find_virtiofsd", lambda: None)
+    monkeypatch.setattr(transports, "find_virtiofsd", lambda: None)
     assert resolve_transport(RecordConfig()) == "shell"
     assert resolve_transport(RecordConfig(transport="virtiofs")) == "virtiofs"  # forced stays forced
     monkeypatch.undo()

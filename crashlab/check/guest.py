@@ -1,10 +1,11 @@
 """The checker guest: kernel mounts of crash images inside a disposable QEMU guest.
 
 A corrupted image can oops, hang or panic the kernel that mounts it, so by default that kernel is a
-guest's. One boot serves many images: each is attached as a virtio disk (serial `ck<N>`), and
-crashlab.check.inguest mounts them in turn and runs the workload's oracle on each read-only mount,
-reporting the violations as JSON; only a request without a promises file (a callable oracle) or a
-tree that cannot be read in full has its tree copied into the `out` virtiofs share.
+guest's. One boot serves many images: each is attached as a virtio disk (serial `ck<N>`), and the
+guest's `check` job (crashlab.guest.inguest.check) mounts them in turn and runs the workload's
+oracle on each read-only mount, reporting the violations as JSON; only a request without a
+promises file (a callable oracle) or a tree that cannot be read in full has its tree copied into
+the results share.
 If an image kills the guest kernel, that image is recorded as what a reboot would have met (a
 crashed mount: `unmountable`, console kept) and the images after it get a fresh guest.
 """
@@ -14,21 +15,21 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import crashlab
-from crashlab import guestinit
 from crashlab.cachemodes import cache_mode
-from crashlab.check.inguest import RESULTS
 from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec
 from crashlab.check.outcome import ToolRun, clip
-from crashlab.shares import HostView, ResultsShare, host_view, visible_in
+from crashlab.guest.inguest.check import RESULTS
+from crashlab.guest.job import GuestFileError, GuestJob, read_guest_file
+from crashlab.guest.machine import Drive
+from crashlab.guest.provision import Guest, provision
+from crashlab.guest.shares import HostView, host_view, visible_in
+from crashlab.guest.transport import VirtiofsTransport, guest_path
 
 MAX_DISKS = 16  # virtio-blk-pci devices per boot (one PCI slot each)
 BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded host
@@ -40,15 +41,13 @@ class GuestMounts:
 
     name = "guest"
 
-    def __init__(self, guest: Any = None, *, memory_mib: int = 512, accel: str = "tcg",
+    def __init__(self, guest: Guest | None = None, *, memory_mib: int = 512, accel: str = "tcg",
                  max_disks: int = MAX_DISKS) -> None:
         self.guest, self.memory_mib, self.accel, self.max_disks = guest, memory_mib, accel, max_disks
         self.boots: list[dict[str, float]] = []  # per boot: images, seconds (for reports and tests)
 
     def __enter__(self) -> GuestMounts:
         if self.guest is None:
-            from crashlab.provision import provision
-
             self.guest = provision()
         return self
 
@@ -73,41 +72,24 @@ class GuestMounts:
 
     def _boot(self, requests: Sequence[MountRequest], indices: list[int], timeout: float,
               results: list[MountSteps | None]) -> int:
-        from crashlab.machine import Drive, Machine, MachineError
-
+        assert self.guest is not None
         with tempfile.TemporaryDirectory(prefix="crashlab-checkguest-") as tmp:
             out = Path(tmp)
-            python, project = sys.executable, str(Path(crashlab.__file__).resolve().parent.parent)
-            (out / "guest.env").write_text(guestinit.guest_env(python, project))
-            job = {"mode": "exec",
-                   "argv": [python, "-m", "crashlab.check.inguest", str(guestinit.OUT / "check.json")]}
-            (out / "job.json").write_text(json.dumps(job))
             promises: dict[Path, str] = {}
             view = host_view()
             reqs = [{"index": i, "serial": f"ck{i}", "fs": requests[i].fs, "recover": requests[i].recover,
                      "tree": requests[i].tree_dest is not None,
                      "oracle": _oracle_job(requests[i].oracle, out, view, promises)} for i in indices]
-            (out / "check.json").write_text(json.dumps({"timeout": timeout, "requests": reqs}))
             # writeback: the guest's unmount flushes, and the host's fsck reads the same page cache.
-            drives = [Drive(Path(requests[i].image).resolve(), cache_mode("writeback"), serial=f"ck{i}")
-                      for i in indices]
-            shares = [ResultsShare("out", out), view]
-            deadline = BOOT_BUDGET_S + len(indices) * (2 * timeout + 10)
-            t0 = time.monotonic()
-            crash = ""
-            try:
-                with Machine(self.guest.kernel, self.guest.initrd, drives=drives, shares=shares,
-                             memory_mib=self.memory_mib, accel=self.accel, timeout=deadline,
-                             console_log=out / "console.log", name="crashlab-check") as m:
-                    try:
-                        m.wait()
-                    except MachineError as e:  # includes MachineTimeout: the guest hung
-                        crash = f"timeout: {e}"
-            except MachineError as e:
-                crash = f"launch: {e}"
-            seconds = time.monotonic() - t0
-            log = out / "console.log"
-            console = log.read_text(errors="replace") if log.exists() else ""
+            drives = tuple(Drive(Path(requests[i].image).resolve(), cache_mode("writeback"), serial=f"ck{i}")
+                           for i in indices)
+            job = GuestJob({"mode": "check", "timeout": timeout, "requests": reqs}, share=out,
+                           console=out / "console.log", drives=drives, memory_mib=self.memory_mib,
+                           accel=self.accel, timeout_s=BOOT_BUDGET_S + len(indices) * (2 * timeout + 10),
+                           name="crashlab-check")
+            run = VirtiofsTransport().run(job, self.guest)
+            crash = ("timeout: " if run.timed_out else "") + (run.error or "")
+            console = run.console_text()
             events = _events(out / RESULTS)
             n = 0
             for i in indices:
@@ -130,10 +112,9 @@ class GuestMounts:
                 elif ev.get("event") == "missing":
                     results[i] = _failed(requests[i], "disk not found in the guest", tool=True)
                     n += 1
-            self.boots.append({"images": float(n), "seconds": seconds})
+            self.boots.append({"images": float(n), "seconds": run.host_seconds})
             if n == 0 and console:
-                exec_out = out / "exec.out"
-                said = _console_tail(exec_out.read_text(errors="replace"), 6) if exec_out.exists() else ""
+                said = str(run.result.get("error") or "")
                 for i in indices:
                     results[i] = _failed(requests[i], f"checker guest failed ({crash or 'no results'}): "
                                          + (said or _console_tail(console)), tool=True)
@@ -156,7 +137,7 @@ def _oracle_job(spec: OracleSpec | None, out: Path, view: HostView, copied: dict
             # Unreadable here: left out, so the guest's load fails and says so (a checker-error).
             with contextlib.suppress(OSError):
                 shutil.copyfile(src, out / name)
-            copied[src] = str(guestinit.OUT / name)
+            copied[src] = guest_path(name)
         path = copied[src]
     present = None if spec.present is None else sorted(spec.present)
     return {"promises": path, "present": present}
@@ -164,12 +145,16 @@ def _oracle_job(spec: OracleSpec | None, out: Path, view: HostView, copied: dict
 
 def _events(path: Path) -> dict[int, dict[str, Any]]:
     last: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                ev = json.loads(line)
-            except ValueError:  # a line cut by the guest's death
-                continue
+    try:
+        text = read_guest_file(path) or ""
+    except GuestFileError:
+        text = ""
+    for line in text.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:  # a line cut by the guest's death
+            continue
+        if isinstance(ev, dict) and isinstance(ev.get("index"), int):
             last[ev["index"]] = ev
     return last
 
@@ -197,7 +182,7 @@ def _steps_from(ev: dict[str, Any], req: MountRequest, out: Path) -> MountSteps:
                        kernel_log=ev.get("kernel_log", ""), timings=dict(ev.get("timings", {})),
                        violations=ev.get("violations"), oracle_error=ev.get("oracle_error", ""))
     src = out / "trees" / str(ev["index"])
-    if req.tree_dest is not None and src.is_dir():
+    if req.tree_dest is not None and src.is_dir() and not src.is_symlink():
         shutil.rmtree(req.tree_dest, ignore_errors=True)
         shutil.move(str(src), str(req.tree_dest))
     return steps

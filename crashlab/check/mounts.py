@@ -183,7 +183,7 @@ def _is_bad_mount(run: ToolRun) -> bool:
 class HostMounts:
     """Mounts in the kernel this process runs on: loop mounts of image files on the host (explicit
     opt-in only: `host_mount=True`, `--host-mount`), or, with `loop=False`, the block devices of the
-    checker guest, where crashlab.check.inguest uses it. There the mounts are system calls, not
+    checker guest, where crashlab.guest.inguest.check uses it. There the mounts are system calls, not
     mount(8)/umount(8) processes: under TCG each process costs about half a second per image, and a
     block device needs none of mount(8)'s loop setup."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from crashlab.cli import CrashlabError
-from crashlab.provision import ProvisionError, cache_root, provision
+from crashlab.guest.provision import ProvisionError, cache_root, provision
 
 
 @click.group("guest")

@@ -11,8 +11,8 @@ import click
 
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.cli import CrashlabError
-from crashlab.machine import MachineError
-from crashlab.provision import ProvisionError, provision
+from crashlab.guest.machine import MachineError
+from crashlab.guest.provision import ProvisionError, provision
 from crashlab.record import (
     EXT4_DATA_MODES,
     FILESYSTEMS,

@@ -4,7 +4,7 @@ The kernel comes from `apt-get download linux-image-6.1.0-N-cloud-amd64` (newest
 lists know), unpacked with `dpkg-deb -x` and indexed with `depmod -b`; nothing is installed into the
 host's /boot. The initramfs holds busybox-static, the modules the guest needs in `modules.dep` order,
 host dmsetup/e2fsprogs (and xfsprogs/btrfs-progs when present) with their `ldd` libraries, and the
-`/init` of `crashlab.guestinit`. Everything lives under `$CRASHLAB_CACHE`, else
+`/init` of `crashlab.guest.inguest.init`. Everything lives under `$CRASHLAB_CACHE`, else
 `$XDG_CACHE_HOME/crashlab`, else `~/.cache/crashlab`, in a directory named by a hash of every input,
 so a changed input (kernel, host binary, init script, module list) builds a new guest.
 See DESIGN.md, "Guests on these machines".
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crashlab import guestinit
+from crashlab.guest.inguest import init as guest_init
 
 FORMAT = 1  # bump when the initramfs layout changes in a way the inputs below do not capture
 SERIES = "6.1"
@@ -299,7 +299,7 @@ def provision(kernel: str | Path | None = None, modules: str | Path | None = Non
     order = load_order(deps, [m for m in GUEST_MODULES if m in deps])
     fs_order = {fs: [p for p in load_order(deps, [m for m in mods if m in deps]) if p not in order]
                 for fs, mods in FS_MODULES.items()}
-    init_text = guestinit.init_script()
+    init_text = guest_init.init_script()
     libs = _libraries(binaries)
     inputs = {
         "format": FORMAT, "kernel": file_identity(kernel_path), "modules": order,

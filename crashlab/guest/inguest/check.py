@@ -1,7 +1,6 @@
 """The checker guest's side: mount the attached crash images, one after another, and report.
 
-Run by the guest's /init (crashlab.guestinit, `exec` mode) inside the chroot of the host's root:
-    python -m crashlab.check.inguest /run/crashlab/out/check.json
+The `check` job of crashlab.guest.inguest, in the guest's one interpreter (no second Python start).
 
 Each image is a virtio disk whose serial names its request. Results go to `check-results.jsonl` in
 the out share, a `start` line before an image and a `done` line after it, so that when an image
@@ -20,12 +19,14 @@ import ctypes
 import ctypes.util
 import json
 import re
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from crashlab.check.mounts import HostMounts, OracleSpec
 from crashlab.check.tools import run_tool
+from crashlab.guest.inguest.init import OUT
+from crashlab.guest.inguest.runtime import Result, load_fs_modules
 
 RESULTS = "check-results.jsonl"
 SYSLOG_ACTION_READ_CLEAR, SYSLOG_ACTION_SIZE_BUFFER = 4, 10  # linux/include/linux/syslog.h
@@ -55,14 +56,9 @@ def devices_by_serial(sys_block: Path = Path("/sys/block")) -> dict[str, str]:
     return found
 
 
-def main(argv: list[str]) -> int:
-    job_path = Path(argv[0])
-    job = json.loads(job_path.read_text())
-    out = job_path.parent
+def run(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
     devices = devices_by_serial()
     mounts = HostMounts(loop=False, name="guest")
-    from crashlab.guestinit import load_fs_modules  # the extension point provision.py offers
-
     for fs in sorted({req["fs"] for req in job["requests"]}):
         load_fs_modules(fs)  # xfs and btrfs are modules, loaded only when needed
     kernel_messages()  # boot messages are nobody's kernel log
@@ -89,8 +85,5 @@ def main(argv: list[str]) -> int:
                   "tree": steps.tree.to_dict() if steps.tree else None,
                   "violations": steps.violations, "oracle_error": steps.oracle_error,
                   "timings": steps.timings, "kernel_log": kernel_messages()})
+    result.set(status="done")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

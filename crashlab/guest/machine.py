@@ -16,26 +16,31 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from crashlab.cachemodes import CacheMode
-from crashlab.provision import ProvisionError, cache_root, file_identity, missing, which
-from crashlab.shares import Share
+from crashlab.guest.inguest.init import PROBE_OK
+from crashlab.guest.provision import ProvisionError, cache_root, file_identity, missing, which
+from crashlab.guest.shares import Share
+
+log = logging.getLogger("crashlab.guest")
 
 VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
-BASE_APPEND = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"
+# no_timer_check: on a loaded host a TCG guest's timer looks broken to the kernel, which then dies
+# in setup_IO_APIC ("IO-APIC + timer doesn't work!") before userspace.
+BASE_APPEND = "console=ttyS0 panic=-1 loglevel=4 no_timer_check rdinit=/init"
 PROBE_TIMEOUT_S = 12.0
 
 
@@ -45,6 +50,11 @@ class MachineError(RuntimeError):
 
 class MachineTimeout(MachineError):
     pass
+
+
+class AbnormalShutdown(MachineError):
+    """QEMU did not stop when asked over QMP and had to be killed; the message ends with the
+    console's tail."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +184,8 @@ class Machine:
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-machine-"))
         try:
             self._launch(self.temp_dir)
-        except BaseException:
-            self.shutdown()
+        except BaseException as e:
+            self._shutdown_quietly(e)
             raise
 
     def _launch(self, tmp: Path) -> None:
@@ -203,9 +213,9 @@ class Machine:
             self.qmp.accept(timeout=min(30.0, self.timeout))
             self.qmp.settimeout(10.0)
             self.version = self.qmp.cmd("query-version")  # what actually runs, for the record
-        except Exception as e:
+        except Exception as e:  # qemu.qmp's own errors, OSError, socket timeouts
             self._reap(1.0)
-            raise MachineError(f"QEMU did not come up: {self.qemu_log_tail() or e}") from None
+            raise MachineError(f"QEMU did not come up: {self.qemu_log_tail() or e}") from e
 
     def _await_socket(self, sock: Path, daemon: subprocess.Popen[bytes], log: Path) -> None:
         end = time.monotonic() + 10
@@ -231,7 +241,7 @@ class Machine:
             self.exitcode = self.process.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             tail = self.console_tail(3)  # before shutdown removes a console kept in the temp dir
-            self.shutdown()
+            self._shutdown_quietly(None)
             hard = "hard timeout" if end == self.deadline else "timeout"
             raise MachineTimeout(f"guest still running after its {hard} "
                                  f"({end - self.launched_at:.0f} s); console: {tail}") from None
@@ -249,23 +259,56 @@ class Machine:
             self.process.kill()
 
     def shutdown(self, grace: float = 3.0) -> None:
-        """Stop QEMU (QMP quit → SIGTERM → SIGKILL), its daemons, and remove the temp dir."""
+        """Stop QEMU (QMP quit → SIGTERM → SIGKILL), its daemons, and remove the temp dir.
+
+        Raises AbnormalShutdown, after everything is cleaned up, when QEMU was still running and did
+        not quit when asked; a guest that already powered off (or was killed) is a normal end.
+        """
+        abnormal = ""
         try:
-            if self.is_running() and self.qmp is not None:
-                with contextlib.suppress(Exception):
-                    self.qmp.settimeout(grace)
-                    self.qmp.cmd("quit")
-            self._reap(grace)
+            if self.is_running():
+                abnormal = self._quit(grace)
+            elif self.process is not None:
+                self._reap(grace)
         finally:
+            tail = self.console_tail(8) if abnormal else ""  # before the temp dir goes
             if self.qmp is not None:
-                with contextlib.suppress(Exception):
+                try:
                     self.qmp.close()
+                except OSError as e:
+                    log.debug("%s: closing QMP: %s", self.name, e)
                 self.qmp = None
             for d in self.daemons:
-                _stop(d, grace)
+                if _stop(d, grace) != "exited":
+                    log.warning("%s: virtiofsd %d had to be signalled", self.name, d.pid)
+            self.daemons = []
             if self.temp_dir is not None:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 self.temp_dir = None
+        if abnormal:
+            raise AbnormalShutdown(f"{self.name}: {abnormal}; console: {tail}")
+
+    def _quit(self, grace: float) -> str:
+        """Ask QEMU to quit over QMP, then escalate; why it was abnormal, or ''."""
+        asked = ""
+        if self.qmp is None:
+            asked = "no QMP connection"
+        else:
+            try:
+                self.qmp.settimeout(grace)
+                self.qmp.cmd("quit")
+            except (EOFError, ConnectionError):
+                pass  # QEMU closed the socket as it quit, before its reply
+            except Exception as e:  # qemu.qmp raises its own types, OSError and socket timeouts
+                asked = f"QMP quit failed ({type(e).__name__}: {e})"
+        assert self.process is not None
+        how = _stop(self.process, grace)
+        self.exitcode = self.process.returncode
+        if how == "exited" and not asked:
+            return ""
+        why = f"{asked or 'QEMU ignored QMP quit'}; stopped by {how}"
+        log.warning("%s: %s", self.name, why)
+        return why
 
     def _reap(self, grace: float) -> None:
         if self.process is not None:
@@ -290,41 +333,32 @@ class Machine:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.shutdown()
+        if ev is None:
+            self.shutdown()
+        else:
+            self._shutdown_quietly(ev)
+
+    def _shutdown_quietly(self, cause: BaseException | None) -> None:
+        """Shut down when another error is already the one to report: log an abnormal end."""
+        try:
+            self.shutdown()
+        except AbnormalShutdown as e:
+            log.warning("%s (while handling %s)", e, type(cause).__name__ if cause else "a timeout")
 
 
-def run_until_poweroff(kernel: Path, initrd: Path, run: dict[str, Any],
-                       observer: Callable[[Machine], None] | None = None, **options: Any) -> str | None:
-    """Boot a guest that powers itself off when its job is done and wait for that. Records the QEMU
-    command line, exit status and host seconds into `run` (a run.json being built); returns why
-    the guest did not finish, or None."""
-    t0 = time.monotonic()
-    status: int | None = None
-    error: str | None = None
-    try:
-        with Machine(kernel, initrd, **options) as m:
-            run["options"]["qemu_argv"] = m.process.args if m.process else None
-            if observer:
-                observer(m)
-            status = m.wait()
-    except MachineError as e:
-        error = str(e)
-    run["host_seconds"] = round(time.monotonic() - t0, 3)
-    run["qemu_exit"] = status
-    return error
-
-
-def _stop(p: subprocess.Popen[bytes], grace: float) -> None:
-    """Wait `grace` seconds, then SIGTERM, then SIGKILL; always reaps."""
+def _stop(p: subprocess.Popen[bytes], grace: float) -> str:
+    """Wait `grace` seconds, then SIGTERM, then SIGKILL; always reaps. Returns what ended it:
+    "exited", "SIGTERM" or "SIGKILL"."""
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(sig)
         try:
             p.wait(grace if sig != signal.SIGKILL else None)
-            return
+            return "exited" if sig is None else sig.name
         except subprocess.TimeoutExpired:
             continue
+    return "SIGKILL"
 
 
 # --- versions and acceleration -----------------------------------------------------------------
@@ -358,8 +392,6 @@ def choose_accel(kernel: Path, initrd: Path, accel: str = "auto", qemu: str | No
 
 
 def probe_kvm(kernel: Path, initrd: Path, qemu: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    from crashlab.guestinit import PROBE_OK
-
     try:
         with Machine(kernel, initrd, append="crashlab.probe", accel="kvm", qemu=qemu, timeout=timeout,
                      memory_mib=256, name="crashlab-probe") as m:

@@ -1,0 +1,49 @@
+"""The in-guest entry point: `python -m crashlab.guest.inguest JOB.json`, run by /init in the chroot.
+
+One interpreter per boot does the whole job: `record` (a workload under a recorder or dm-flakey),
+`check` (mount crash images and run their oracles) or `exec` (a command: tests, probes).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from crashlab.guest.inguest import check
+from crashlab.guest.inguest.init import OUT
+from crashlab.guest.inguest.record import record
+from crashlab.guest.inguest.runtime import Result, redirect_fds
+
+
+def execute(job: dict[str, Any], result: Result) -> int:
+    """Run a command in the guest (tests, probes): stdout to the out share."""
+    with redirect_fds(OUT / "exec.out"):
+        r = subprocess.run(job["argv"], check=False)
+    result.set(status="done", exec_status=r.returncode)
+    return r.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(args[0]).read_text())
+    result = Result(OUT / "result.json")
+    result.step("python_started")
+    try:
+        mode = job.get("mode", "record")
+        if mode == "exec":
+            return execute(job, result)
+        if mode == "check":
+            return check.run(job, result)
+        return record(job, result)
+    except Exception as e:
+        result.set(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        print(f"crashlab-guest: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

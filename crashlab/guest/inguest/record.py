@@ -1,0 +1,123 @@
+"""The recording job inside the guest: recorder, mkfs, mount, workload with markers, teardown.
+
+The recorder is set up *before* the filesystem is made, so the log holds mkfs as its baseline: `dm`
+puts dm-log-writes over the whole data disk with the log on the second disk; `qemu` needs nothing in
+the guest (QEMU's blklogwrites logs below the virtio disk). dm-flakey faults put a flakey target in
+the same place.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import workloads
+from crashlab import markers, workload
+from crashlab.guest.inguest.dm import DmControl, dmsetup_create, flakey_table
+from crashlab.guest.inguest.init import FLAKEY_TARGET, LOG_TARGET, MNT, OUT
+from crashlab.guest.inguest.runtime import Result, load_fs_modules, poweroff, redirect_fds, run, sectors
+
+
+def marker_listener(dm: DmControl | None, target: str, started: threading.Event
+                    ) -> Callable[[markers.Marker], None]:
+    """Send every durability marker as a native dm mark too (with `dm`; ticks excluded: each native
+    mark rewrites the log superblock), and set `started` once `workload-start` is written (the fault
+    clock starts there)."""
+    def heard(m: markers.Marker) -> None:
+        if dm is not None and m.name != markers.TICK:
+            dm.message(target, f"mark {m.name}")
+        if m.name == markers.WORKLOAD_START:
+            started.set()
+    return heard
+
+
+def run_workload(job: dict[str, Any], marker_dev: str, result: Result,
+                 listener: Callable[[markers.Marker], None]) -> int:
+    if job.get("workload_path"):
+        workloads.__path__.extend(job["workload_path"])
+    argv = [job["workload"], "--root", str(MNT), "--seed", str(job["seed"]), "--scale", str(job["scale"]),
+            "--promises", str(OUT / "promises.jsonl"), "--marker-device", marker_dev,
+            "--marker-offset", str(job["marker_offset"]), "--marker-length", str(job["marker_length"])]
+    for key, value in job.get("params", {}).items():
+        argv += ["--param", f"{key}={value}"]
+    result.step("workload_start")
+    try:
+        with redirect_fds(OUT / "workload.out"):
+            status = workload.main(argv, listener=listener) or 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+        result.set(workload_error=str(e.code))
+    except Exception as e:
+        status = 1
+        result.set(workload_error=f"{type(e).__name__}: {e}", workload_traceback=traceback.format_exc())
+    result.step("workload_end", workload_status=status)
+    return int(status)
+
+
+def record(job: dict[str, Any], result: Result) -> int:
+    data = job["data_dev"]
+    data_sectors = sectors(data)
+    result.set(uname=os.uname().release, data_sectors=data_sectors)
+    dm: DmControl | None = None
+    dev = data
+    if job["recorder"] == "dm":
+        dev = dmsetup_create(LOG_TARGET, f"0 {data_sectors} log-writes {data} {job['log_dev']}")
+        dm = DmControl()
+    flakey = job.get("flakey")
+    if flakey:
+        dev = dmsetup_create(FLAKEY_TARGET, flakey_table(data_sectors, data, None))
+    load_fs_modules(job["fs"])
+    result.step("recorder_ready", device=dev)
+
+    run(*[a.replace("{dev}", dev) for a in job["mkfs"]])
+    if dm:
+        dm.message(LOG_TARGET, "mark mkfs")
+    result.step("mkfs")
+    MNT.mkdir(parents=True, exist_ok=True)
+    run("mount", "-t", job["fs"], *(["-o", job["mount_opts"]] if job["mount_opts"] else []), dev, str(MNT))
+    result.step("mounted")
+    started = threading.Event()
+
+    fault: threading.Thread | None = None
+    if flakey:
+        # Loaded now into the inactive slot, so the fault itself is two ioctls (suspend, resume):
+        # dmsetup processes take a second each under TCG while the workload runs on.
+        table = flakey_table(data_sectors, data, flakey["mode"], flakey.get("corrupt"))
+        run("dmsetup", "load", FLAKEY_TARGET, "--table", table)
+        result.set(fault_table=table)
+        fault = threading.Thread(target=inject, args=(flakey, started, result), daemon=True)
+        fault.start()
+    status = run_workload(job, dev, result, marker_listener(dm, LOG_TARGET, started))
+    if fault:
+        # A live fault ends with a power cut, whatever the workload did; the image is what it is.
+        started.set()  # a workload that failed before its start marker still gets its fault
+        fault.join()
+        poweroff()
+
+    run("umount", str(MNT))
+    result.step("unmounted")
+    if dm:
+        dm.close()
+        run("dmsetup", "remove", LOG_TARGET)  # logs the dm-log-writes-end mark
+        result.step("recorder_removed")
+    os.sync()
+    result.set(status="done")
+    return status
+
+
+def inject(flakey: dict[str, Any], started: threading.Event, result: Result) -> None:
+    """`after_s` after workload-start, switch dm-flakey to the loaded fault table; cut the power
+    `grace_s` later."""
+    started.wait()
+    time.sleep(flakey["after_s"])
+    dm = DmControl()
+    dm.suspend(FLAKEY_TARGET)
+    dm.resume(FLAKEY_TARGET)
+    result.step("fault")
+    time.sleep(flakey.get("grace_s", 0.5))
+    result.step("poweroff", status="powered-off")
+    poweroff()
