@@ -108,6 +108,12 @@ class LogModel:
         self.entries = entries
         self.cfg = cfg
         self.n = len(entries)
+        # One log, one sector size: the logged device's logical block, which it writes atomically.
+        self.sector_size = entries[0].sector_size if entries else None
+        if cfg.torn and self.sector_size and cfg.torn % self.sector_size:
+            raise ModelError(f"torn-write unit {cfg.torn} B is not a whole number of this log's "
+                             f"{self.sector_size}-byte sectors: a device cannot tear inside its own "
+                             f"logical block; valid units here: {', '.join(map(str, self.torn_units()))}")
         self.ops = [e.index for e in entries if e.is_write or e.is_discard]
         self.flushes = [e.index for e in entries if e.is_flush]
         self.baseline_index = self._find_baseline()
@@ -198,6 +204,10 @@ class LogModel:
         bounds = [self.lo, *cuts]
         out = [range(a, b) for a, b in zip(bounds, [*cuts, self.n + 1], strict=True) if a < b]
         return out
+
+    def torn_units(self) -> list[int]:
+        """The torn-write units this log can have: whole multiples of its sector size."""
+        return [u for u in TORN_UNITS if self.sector_size is None or u % self.sector_size == 0]
 
     def units(self, index: int) -> list[tuple[int, int]]:
         """A write's atomic pieces as (byte offset on the device, length): split at multiples of the

@@ -29,7 +29,8 @@ def command() -> None:
               help="Volatility window in seconds (default: the cache mode's).")
 @click.option("--baseline", default=model.DEFAULT_BASELINE, show_default=True, metavar="NAME|none",
               help="Mark or marker before which everything is settled.")
-@click.option("--torn", type=click.Choice(["512", "4096"]), default=None, help="Atomic unit for torn writes.")
+@click.option("--torn", type=click.Choice(["512", "4096"]), default=None,
+              help="Atomic unit for torn writes (not below the log's sector size).")
 @click.option("--strategy", type=click.Choice(crashstates.STRATEGIES), default="random", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also build every state's image as OUT/ID.img.")
@@ -57,9 +58,9 @@ def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window
                         mat.build(st, out / f"{st.id}.img")
                 dt = time.monotonic() - t0
                 built = f"built {len(camp.states)} images in {out} in {dt:.2f} s"
-    except logformat.LogFormatError as e:
-        raise CrashlabError(str(e)) from None
-    except crashstates.CrashStateError as e:
+    except model.ModelError as e:
+        raise CrashlabError(f"{log}: {e}") from None
+    except (logformat.LogFormatError, crashstates.CrashStateError) as e:
         raise CrashlabError(str(e)) from None
     summary = camp.summary(m)
     click.echo(f"# {log.name} sha256 {digest[:crashstates.DIGEST_CHARS]} recorder {cfg.recorder} "
