@@ -235,7 +235,7 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
         image_dir = keep_dir or Path(tmp)
         entries = reader.index()
         digest = crashstates.log_digest(reader)
-        m = model.LogModel(entries, unit.cell.model_config())
+        m = cell_model(unit.cell, Path(unit.recording), entries)
         try:
             states = [crashstates.parse_id(s) for s in unit.state_ids]
         except crashstates.CrashStateError as e:
@@ -275,12 +275,24 @@ def reproduce(cell: Cell, recording: Path, state_id: str, keep: Path | None = No
         return run_check(unit, keep_dir=Path(tmp), before_check=keep_copy)[0]
 
 
+def cell_model(cell: Cell, recording: Path, entries: list[logformat.Entry]) -> model.LogModel:
+    """The model a cell's states are read with. A cell reads its own recording, so its recorder and
+    cache mode are the recorded ones; a run.json that says otherwise (a recording moved or reused
+    by hand) is refused rather than read as a silent counterfactual, as is a torn unit the log's
+    sector size rules out."""
+    try:
+        model.reading(model.recorded(_read_json(recording / "run.json")), cell.recorder, cell.cache)
+        return model.LogModel(entries, cell.model_config())
+    except ValueError as e:
+        raise CampaignError(f"cell {cell.key}: {e}") from None
+
+
 def generate_states(cell: Cell, recording: Path, count: int) -> list[str]:
     """The cell's first `count` crash-state ids, deterministic from its seed."""
     from crashlab.record import GuestOutputs
 
     with logformat.open_log(GuestOutputs(recording).log) as reader:
-        m = model.LogModel(reader.index(), cell.model_config())
+        m = cell_model(cell, recording, reader.index())
         camp = crashstates.generate(m, crashstates.log_digest(reader), count, cell.seed, cell.strategy)
         return [s.id for s in camp.states]
 

@@ -466,7 +466,10 @@ def build_one(log: str | os.PathLike[str], state_id: str, dest: str | os.PathLik
     state = parse_id(state_id)
     with logformat.open_log(log) as reader:
         digest = log_digest(reader)
-        m = LogModel(reader.index(), state.cfg)
+        try:
+            m = LogModel(reader.index(), state.cfg)
+        except model.ModelError as e:
+            raise CrashStateError(f"crash state {state.id}: {e}") from None
         with Materializer(reader, m, digest, size=size) as mat:
             r = mat.build(state, dest)
     return r

@@ -87,6 +87,77 @@ def config(recorder: str, cache: str | CacheMode, window: str | float | None = N
     return Config(rec, mode, parse_window(window, mode), baseline or None, torn)
 
 
+def recorded(run: object) -> tuple[str, str] | None:
+    """(recorder, cache mode) a recording's run.json says its log was made with, or None when it
+    names no log this model reads (a dm-flakey run has recorder `none`)."""
+    cfg = run.get("config") if isinstance(run, dict) else None
+    if not isinstance(cfg, dict) or cfg.get("recorder") not in RECORDERS:
+        return None
+    if not isinstance(cfg.get("cache"), str):
+        raise ModelError("run.json names a recorder but no cache mode")
+    return cfg["recorder"], cache_mode(cfg["cache"]).name
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """Which recorder and cache mode a log is read with, and on whose word."""
+
+    recorder: str
+    cache: str
+    recorded: tuple[str, str] | None  # (recorder, cache) from the recording's run.json, if there is one
+
+    @property
+    def counterfactual(self) -> bool:
+        """A qemu log read under a mode it was not recorded in: "had the host done this instead"."""
+        return self.recorded is not None and self.recorder == "qemu" and self.cache != self.recorded[1]
+
+    def describe(self) -> str:
+        if self.recorded is None:
+            return f"as given (no run.json): recorder {self.recorder}, cache {self.cache}"
+        rec, cache = self.recorded
+        if self.cache == cache:
+            return f"as recorded (run.json): recorder {rec}, cache {cache}"
+        if self.counterfactual:
+            return f"counterfactual: cache {self.cache} on a qemu log recorded under cache {cache} (run.json)"
+        # A dm log is the guest-side view whatever the host did: applying a mode is what it is for.
+        return f"cache {self.cache} applied to a dm log recorded under cache {cache} (run.json)"
+
+
+def reading(recorded: tuple[str, str] | None, recorder: str | None = None, cache: str | None = None,
+            what_if: str | None = None) -> Reading:
+    """The reading of a log from what its run.json recorded and what the user named: `cache` is a
+    claim about the recording, `what_if` a counterfactual asked for by name.
+
+    A qemu log already carries the mode it was recorded under (DESIGN.md), so a `cache` that
+    contradicts run.json is refused; only `what_if` reads it otherwise. A recorder is a fact of the
+    recording and never has a counterfactual."""
+    rec = recorder.strip().lower() if recorder else None
+    if rec is not None and rec not in RECORDERS:
+        raise ModelError(f"unknown recorder {recorder!r}; valid recorders: {', '.join(RECORDERS)}")
+    named = cache_mode(cache).name if cache else None
+    asked = cache_mode(what_if).name if what_if else None
+    if recorded is None:
+        if named and asked and named != asked:
+            raise ModelError(f"--cache {named} and --what-if-cache {asked} disagree; without a run.json "
+                             "either names the mode to read the log with")
+        mode = asked or named
+        if rec is None or mode is None:
+            raise ModelError("no run.json beside the log says how it was recorded: "
+                             "give --recorder and --cache")
+        return Reading(rec, mode, None)
+    rrec, rcache = recorded
+    if rec is not None and rec != rrec:
+        raise ModelError(f"the log was recorded by {rrec} (run.json), not {rec}")
+    if named and named != rcache:
+        if asked is None and rrec == "qemu":
+            raise ModelError(f"this qemu log was recorded under cache {rcache} (run.json) and carries that "
+                             f"mode already; --cache {named} contradicts it (to ask what would have "
+                             f"happened, say so: --what-if-cache {named})")
+        if asked is not None and asked != named:
+            raise ModelError(f"--cache {named} and --what-if-cache {asked} disagree")
+    return Reading(rrec, asked or named or rcache, recorded)
+
+
 @dataclass(frozen=True, slots=True)
 class CrashPoint:
     end: int  # entries [0, end) happened
@@ -108,6 +179,12 @@ class LogModel:
         self.entries = entries
         self.cfg = cfg
         self.n = len(entries)
+        # One log, one sector size: the logged device's logical block, which it writes atomically.
+        self.sector_size = entries[0].sector_size if entries else None
+        if cfg.torn and self.sector_size and cfg.torn % self.sector_size:
+            raise ModelError(f"torn-write unit {cfg.torn} B is not a whole number of this log's "
+                             f"{self.sector_size}-byte sectors: a device cannot tear inside its own "
+                             f"logical block; valid units here: {', '.join(map(str, self.torn_units()))}")
         self.ops = [e.index for e in entries if e.is_write or e.is_discard]
         self.flushes = [e.index for e in entries if e.is_flush]
         self.baseline_index = self._find_baseline()
@@ -198,6 +275,10 @@ class LogModel:
         bounds = [self.lo, *cuts]
         out = [range(a, b) for a, b in zip(bounds, [*cuts, self.n + 1], strict=True) if a < b]
         return out
+
+    def torn_units(self) -> list[int]:
+        """The torn-write units this log can have: whole multiples of its sector size."""
+        return [u for u in TORN_UNITS if self.sector_size is None or u % self.sector_size == 0]
 
     def units(self, index: int) -> list[tuple[int, int]]:
         """A write's atomic pieces as (byte offset on the device, length): split at multiples of the

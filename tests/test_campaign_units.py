@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,17 @@ def test_matrix_command_spells_out_everything_and_parses_back() -> None:
     assert argv[:2] == ["crashlab", "matrix"]
     ctx = matrix_command.make_context("matrix", argv[2:])
     assert _matrix_from(ctx.params, campaign.Matrix(fs=("btrfs",), seed=99)) == m
+
+
+def test_a_cell_reads_its_recording_only_as_recorded(tmp_path: Path) -> None:
+    with logformat.LogWriter(tmp_path / "write.log", 4096) as w:
+        w.write(0, bytes(8192))
+        w.flush()
+    cell = campaign.Cell(cache="writeback", recorder="qemu", workload="smallfiles")
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"recorder": "qemu", "cache": "writeback"}}))
+    assert campaign.generate_states(cell, tmp_path, 3)
+    with pytest.raises(campaign.CampaignError, match="cannot tear inside its own logical block"):
+        campaign.generate_states(replace(cell, torn=512), tmp_path, 3)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"recorder": "qemu", "cache": "none"}}))
+    with pytest.raises(campaign.CampaignError, match="recorded under cache none"):
+        campaign.generate_states(cell, tmp_path, 3)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,13 +28,15 @@ from test_model import (
     gen_log,
     reference_image,
     steps,
+    write_log,
     writer_of,
 )
 
 from crashlab import crashstates as cs
 from crashlab import logformat, model
+from crashlab.cachemodes import CACHE_MODES
 from crashlab.cli import cli
-from crashlab.logformat import LogReader
+from crashlab.logformat import FUA, LogReader
 
 DEV = (DATA_SECTORS + TAIL_SLOTS) * SS  # the generated logs' device size
 
@@ -375,3 +379,128 @@ def test_cli_generate_then_build_twice_gives_identical_bytes(tmp_path: Path) -> 
     assert bad.exit_code == 2 and "not a dm-log-writes log" in bad.output
     mode = run(cli, ["crash", "generate", log, "--cache", "fast", "--recorder", "dm"])
     assert mode.exit_code == 2 and "valid modes: writeback, none" in mode.output
+
+
+# --- torn writes never tear inside the log's own sector -------------------------------------------
+
+BLOCKS = 16  # logical blocks on the device of a `sized_log`
+
+_sized_step = st.one_of(
+    st.tuples(st.just("w"), st.integers(0, BLOCKS - 1), st.integers(1, 8), st.sampled_from([0, 0, FUA])),
+    st.tuples(st.just("f")),
+)
+
+
+def block_of(index: int, block: int, ss: int) -> bytes:
+    """Entry `index`'s data for logical block `block`: unlike every other write's, in every byte
+    range, so a block mixing two writes (or a write and the old contents) cannot pass as one."""
+    return struct.pack("<II", index + 1, block).ljust(ss, bytes([index % 251 + 1]))
+
+
+def write_sized_log(path: Path, ss: int, plan: list[tuple]) -> None:
+    with logformat.LogWriter(path, ss) as w:
+        for step in plan:
+            if step[0] == "w":
+                _, block, nr, flags = step
+                nr = min(nr, BLOCKS - block)
+                index = w.nr_entries
+                w.write(block, b"".join(block_of(index, block + k, ss) for k in range(nr)), flags)
+            else:
+                w.flush()
+
+
+@given(st.sampled_from(logformat.SECTOR_SIZES), st.sampled_from(model.TORN_UNITS),
+       st.lists(_sized_step, min_size=1, max_size=30), st.integers(0, 2**32))
+def test_no_state_tears_inside_one_logical_block(tmp_path_factory: pytest.TempPathFactory, ss: int,
+                                                 torn: int, plan: list[tuple], seed: int) -> None:
+    tmp = tmp_path_factory.mktemp("ss")
+    plan = [*plan, ("w", 0, 8, 0), ("w", 3, 5, 0)]  # always something multi-block to tear
+    log = tmp / "sized.log"
+    write_sized_log(log, ss, plan)
+    cfg = model.config("qemu", "unsafe", window="inf", baseline=None, torn=torn)
+    with logformat.open_log(log) as r:
+        if torn < ss:  # a unit the log cannot have: refused, for generating and for rebuilding by id
+            with pytest.raises(model.ModelError, match="cannot tear inside its own logical block"):
+                model.LogModel(r.index(), cfg)
+            forged = cs.CrashState(cs.log_digest(r)[:cs.DIGEST_CHARS], cfg, r.index()[-1].index + 1, "a")
+            with pytest.raises(cs.CrashStateError, match="cannot tear"):
+                cs.build_one(log, forged.id, tmp / "forged.img")
+            return
+        m = model.LogModel(r.index(), cfg)
+        d = cs.log_digest(r)
+        states = cs.generate(m, d, 20, seed).states
+        with cs.Materializer(r, m, d, workdir=str(tmp), size=BLOCKS * ss) as mat:
+            for s in states:
+                with mat.checkout(s) as p:
+                    img = p.read_bytes()
+                for b in range(BLOCKS):
+                    legal = {bytes(ss)} | {block_of(e.index, b, ss) for e in r.index()[:s.end]
+                                           if e.is_write and e.sector <= b < e.sector + e.nr_sectors}
+                    assert img[b * ss:(b + 1) * ss] in legal, (s.id, b)
+
+
+# --- a qemu log is read under the mode it was recorded in, unless a counterfactual is asked for ----
+
+def ids_of(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line and not line.startswith("#")]
+
+
+@given(steps, st.sampled_from(list(CACHE_MODES)), st.sampled_from(list(CACHE_MODES)),
+       st.sampled_from(["inf", "3"]), st.integers(0, 2**32))
+def test_a_contradicting_mode_is_refused_and_the_counterfactual_is_todays_states(
+        tmp_path_factory: pytest.TempPathFactory, plan: list[tuple], recorded: str, asked: str, window: str,
+        seed: int) -> None:
+    rec = tmp_path_factory.mktemp("rec")
+    write_log(rec / "write.log", plan, None)
+    (rec / "run.json").write_text(json.dumps({"config": {"recorder": "qemu", "cache": recorded}}))
+    run = CliRunner().invoke
+    common = ["--window", window, "--baseline", "none", "--count", "8", "--seed", str(seed)]
+    named = run(cli, ["crash", "generate", str(rec / "write.log"), "--cache", asked, "--recorder", "qemu",
+                      *common])
+    what_if = run(cli, ["crash", "generate", str(rec / "write.log"), "--what-if-cache", asked, *common])
+    assert what_if.exit_code == 0, what_if.output
+    # Today's states: the model read with the asked mode, straight from the library.
+    with logformat.open_log(rec / "write.log") as r:
+        m = model.LogModel(r.index(), model.config("qemu", asked, window, None))
+        today = [s.id for s in cs.generate(m, cs.log_digest(r), 8, seed).states]
+    assert ids_of(what_if.stdout) == today
+    if asked == recorded:
+        assert named.exit_code == 0 and ids_of(named.stdout) == today
+        assert "reading: as recorded (run.json): recorder qemu" in what_if.stderr
+    else:
+        assert named.exit_code == 2 and named.stdout == ""
+        assert f"recorded under cache {recorded}" in named.output
+        assert f"--what-if-cache {asked}" in named.output
+        assert f"reading: counterfactual: cache {asked} on a qemu log recorded under cache {recorded}" \
+            in what_if.stderr
+    if today:
+        built = run(cli, ["crash", "build", str(rec / "write.log"), today[0], str(rec / "s.img")])
+        assert built.exit_code == 0, built.output
+        assert ("counterfactual" in built.stdout) == (asked != recorded)
+
+
+def test_fixture_recorded_writeback_is_not_read_as_unsafe_unless_asked(tmp_path: Path) -> None:
+    # The issue's case: ext4-qemu-writecache-on, recorded under writeback, FLUSH at entry 22 after
+    # the ext4 superblock write at 21 (sector 2). As recorded, no state after 22 can lose it.
+    shutil.copy(FIXTURES / "ext4-qemu-writecache-on.log.xz", tmp_path)
+    log = str(tmp_path / "ext4-qemu-writecache-on.log.xz")
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"recorder": "qemu", "cache": "writeback"}}))
+    run = CliRunner().invoke
+    common = ["--window", "inf", "--count", "40", "--seed", "3"]
+    refused = run(cli, ["crash", "generate", log, "--cache", "unsafe", "--recorder", "qemu", *common])
+    assert refused.exit_code == 2 and "contradicts" in refused.output
+    as_recorded = run(cli, ["crash", "generate", log, *common])
+    what_if = run(cli, ["crash", "generate", log, "--what-if-cache", "unsafe", *common])
+    assert as_recorded.exit_code == what_if.exit_code == 0
+    with logformat.open_log(log) as r:
+        assert r.index()[21].offset == 1024 and r.index()[22].is_flush
+        lost_superblock = {}
+        for out in (as_recorded, what_if):
+            states = [cs.parse_id(i) for i in ids_of(out.stdout)]
+            m = model.LogModel(r.index(), states[0].cfg)
+            lost = 0
+            for s in states:
+                res = cs.resolve(m, s)
+                lost += s.end > 22 and 21 not in {*m.durable(res.cp), *res.chosen}
+            lost_superblock[states[0].cfg.cache.name] = lost
+    assert lost_superblock["writeback"] == 0 and lost_superblock["unsafe"] > 0

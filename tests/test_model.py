@@ -293,3 +293,30 @@ def test_dm_fixture_barrier_off_leaves_far_more_volatile_than_barrier_on() -> No
             return sum(len(m.crash(end).volatile) for end in points) / len(points)
     on, off = mean_volatile("ext4-dm-barrier-on"), mean_volatile("ext4-dm-barrier-off")
     assert off > 20 * on, (on, off)
+
+
+# --- the reading: whose word the recorder and cache mode are taken on -----------------------------
+
+def test_reading_takes_a_qemu_logs_mode_from_its_recording() -> None:
+    wb = ("qemu", "writeback")
+    assert model.reading(wb) == model.Reading("qemu", "writeback", wb)
+    assert model.reading(wb, "qemu", "WriteBack").describe().startswith("as recorded")
+    with pytest.raises(model.ModelError, match=r"contradicts it.*--what-if-cache unsafe"):
+        model.reading(wb, "qemu", "unsafe")
+    with pytest.raises(model.ModelError, match="recorded by qemu"):
+        model.reading(wb, "dm", "writeback")
+    cf = model.reading(wb, what_if="unsafe")
+    assert (cf.cache, cf.counterfactual) == ("unsafe", True) and cf.describe().startswith("counterfactual")
+    assert model.reading(wb, "qemu", "unsafe", what_if="unsafe").counterfactual
+    with pytest.raises(model.ModelError, match="disagree"):
+        model.reading(wb, cache="none", what_if="unsafe")
+    # A dm log is the guest-side view under any host mode: the model applies whichever is named.
+    dm = model.reading(("dm", "writeback"), cache="unsafe")
+    assert (dm.cache, dm.counterfactual) == ("unsafe", False) and "dm log" in dm.describe()
+    # Without a run.json nothing is recorded to contradict, and nothing can be assumed either.
+    assert model.reading(None, "qemu", "unsafe").describe().startswith("as given")
+    with pytest.raises(model.ModelError, match="give --recorder and --cache"):
+        model.reading(None, cache="unsafe")
+    assert model.recorded({"config": {"recorder": "qemu", "cache": "none"}}) == ("qemu", "none")
+    assert model.recorded({"config": {"recorder": "none", "cache": "none"}}) is None  # a dm-flakey run
+    assert model.recorded(["not", "a", "run"]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +13,17 @@ from crashlab.cachemodes import CACHE_MODES, UnknownCacheMode
 from crashlab.cli import CrashlabError
 
 
+def _recorded(log: Path) -> tuple[str, str] | None:
+    """What the run.json beside LOG (the recording's directory) says it was recorded with."""
+    path = log.parent / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return model.recorded(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnknownCacheMode are ValueErrors
+        raise CrashlabError(f"{path}: not a usable run.json: {e}") from None
+
+
 @click.group("crash")
 def command() -> None:
     """Crash states: the disk images a host power loss could leave, from a recorded log."""
@@ -19,28 +31,35 @@ def command() -> None:
 
 @command.command("generate")
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--cache", "cache", required=True, metavar="MODE",
-              help=f"QEMU cache mode: {', '.join(CACHE_MODES)}.")
-@click.option("--recorder", type=click.Choice(model.RECORDERS), required=True,
-              help="Who recorded the log: QEMU blklogwrites (qemu) or dm-log-writes in the guest (dm).")
+@click.option("--cache", "cache", default=None, metavar="MODE",
+              help=f"QEMU cache mode the log was recorded under: {', '.join(CACHE_MODES)} "
+              "(default: the recording's run.json; a qemu log's mode cannot be contradicted).")
+@click.option("--what-if-cache", "what_if", default=None, metavar="MODE",
+              help="Read the log under this mode instead of the recorded one: a counterfactual.")
+@click.option("--recorder", type=click.Choice(model.RECORDERS), default=None,
+              help="Who recorded the log: QEMU blklogwrites (qemu) or dm-log-writes in the guest (dm) "
+              "(default: the recording's run.json).")
 @click.option("--count", type=click.IntRange(min=0), default=30, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--window", default=None, metavar="S|inf",
               help="Volatility window in seconds (default: the cache mode's).")
 @click.option("--baseline", default=model.DEFAULT_BASELINE, show_default=True, metavar="NAME|none",
               help="Mark or marker before which everything is settled.")
-@click.option("--torn", type=click.Choice(["512", "4096"]), default=None, help="Atomic unit for torn writes.")
+@click.option("--torn", type=click.Choice(["512", "4096"]), default=None,
+              help="Atomic unit for torn writes (not below the log's sector size).")
 @click.option("--strategy", type=click.Choice(crashstates.STRATEGIES), default="random", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also build every state's image as OUT/ID.img.")
-def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window: str | None,
-             baseline: str, torn: str | None, strategy: str, out: Path | None) -> None:
-    """Print COUNT crash-state ids for LOG, then a summary."""
+def generate(log: Path, cache: str | None, what_if: str | None, recorder: str | None, count: int, seed: int,
+             window: str | None, baseline: str, torn: str | None, strategy: str, out: Path | None) -> None:
+    """Print COUNT crash-state ids for LOG, then a summary. Recorder and cache mode come from
+    the run.json beside LOG when there is one."""
     try:
-        cfg = model.config(recorder, cache, window, None if baseline == "none" else baseline,
+        how = model.reading(_recorded(log), recorder, cache, what_if)
+        cfg = model.config(how.recorder, how.cache, window, None if baseline == "none" else baseline,
                            int(torn) if torn else None)
     except (UnknownCacheMode, model.ModelError) as e:
-        raise CrashlabError(str(e)) from None
+        raise CrashlabError(f"{log}: {e}") from None
     try:
         with logformat.open_log(log) as reader:
             digest = crashstates.log_digest(reader)
@@ -57,11 +76,11 @@ def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window
                         mat.build(st, out / f"{st.id}.img")
                 dt = time.monotonic() - t0
                 built = f"built {len(camp.states)} images in {out} in {dt:.2f} s"
-    except logformat.LogFormatError as e:
+    except model.ModelError as e:
+        raise CrashlabError(f"{log}: {e}") from None
+    except (logformat.LogFormatError, crashstates.CrashStateError) as e:
         raise CrashlabError(str(e)) from None
-    except crashstates.CrashStateError as e:
-        raise CrashlabError(str(e)) from None
-    summary = camp.summary(m)
+    summary = {"reading": how.describe(), **camp.summary(m)}
     click.echo(f"# {log.name} sha256 {digest[:crashstates.DIGEST_CHARS]} recorder {cfg.recorder} "
                f"cache {cfg.cache.name} strategy {strategy} seed {seed}"
                + (f" torn {cfg.torn}" if cfg.torn else ""), err=True)
@@ -80,9 +99,12 @@ def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window
 def build(log: Path, state_id: str, image: Path, size: int | None) -> None:
     """Rebuild the image of crash state ID from LOG into IMAGE."""
     try:
+        cfg = crashstates.parse_id(state_id).cfg
+        # The id names its mode outright, so a qemu log may be read under another: say which.
+        how = model.reading(_recorded(log), cfg.recorder, what_if=cfg.cache.name)
         r = crashstates.build_one(log, state_id, image, size)
-    except (logformat.LogFormatError, crashstates.CrashStateError) as e:
+    except (logformat.LogFormatError, crashstates.CrashStateError, model.ModelError) as e:
         raise CrashlabError(str(e)) from None
     click.echo(f"{image}: crash after {r.cp.end} entries, base at op {r.cp.stable}, "
                f"{len(r.chosen)}/{len(r.cp.volatile)} volatile ops persisted"
-               + (f", {len(r.tears)} torn" if r.tears else ""))
+               + (f", {len(r.tears)} torn" if r.tears else "") + f"; reading {how.describe()}")
