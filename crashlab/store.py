@@ -138,7 +138,8 @@ class Store:
         return Counter(dict(rows.fetchall()))
 
     def states(self, cell: str | None = None, outcome: str | None = None) -> Iterator[StateRow]:
-        sql, args = "SELECT cell, state_id, outcome, detail, run_id FROM states WHERE 1", []
+        sql = "SELECT cell, state_id, outcome, detail, run_id FROM states WHERE 1"
+        args: list[str] = []
         if cell is not None:
             sql, args = sql + " AND cell = ?", [*args, cell]
         if outcome is not None:

@@ -108,7 +108,8 @@ def load(name: str) -> Callable[[WorkloadContext], None]:
         module = importlib.import_module(f"workloads.{name}")
     except ModuleNotFoundError:
         raise SystemExit(f"unknown workload {name!r}; available: {', '.join(available())}") from None
-    return module.run
+    run: Callable[[WorkloadContext], None] = module.run
+    return run
 
 
 def available() -> list[str]:

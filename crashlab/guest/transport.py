@@ -20,7 +20,7 @@ from crashlab.guest.inguest.init import OUT, guest_env
 from crashlab.guest.job import GuestJob, GuestRun, boot, read_guest_file, read_guest_json
 from crashlab.guest.machine import Machine, find_virtiofsd
 from crashlab.guest.provision import Guest
-from crashlab.guest.shares import PROJECT, ResultsShare, host_view
+from crashlab.guest.shares import PROJECT, ResultsShare, Share, host_view
 from crashlab.guest.shell import ShellTransport
 
 
@@ -45,7 +45,7 @@ class VirtiofsTransport:
         share = job.share
         (share / "guest.env").write_text(guest_env(sys.executable, str(PROJECT)))
         (share / "job.json").write_text(json.dumps(job.payload, indent=1))
-        shares = [host_view(extra=job.view_extra), ResultsShare("out", share)]
+        shares: list[Share] = [host_view(extra=job.view_extra), ResultsShare("out", share)]
         b = boot(job, guest, shares=shares, observer=observer)
         exit_text = (read_guest_file(share / "exit-status") or "").strip()
         init_error = (read_guest_file(share / "init-error") or "").strip()
