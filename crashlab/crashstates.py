@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crashlab import logformat, model
+from crashlab import logformat, model, rundir
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.logformat import LogReader
 from crashlab.model import Config, CrashPoint, LogModel
@@ -314,8 +314,10 @@ def generate(m: LogModel, digest: str, count: int, seed: int, strategy: str = "r
 # --- materialisation -----------------------------------------------------------------------------
 
 def default_workdir() -> str | None:
-    """tmpfs when there is one: images are rebuilt often and thrown away."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    """tmpfs when there is one (images are rebuilt often and thrown away), in this process's run
+    directory there, so that a killed run's images are reclaimed by the next."""
+    shm = rundir.tmpfs()
+    return str(shm) if shm else None
 
 
 def image_size(entries: Sequence[logformat.Entry]) -> int:

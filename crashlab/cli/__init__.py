@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from crashlab import __version__
+from crashlab import __version__, rundir
 
 
 class CrashlabError(click.ClickException):
@@ -41,6 +41,7 @@ _load_commands()
 
 
 def main() -> None:
+    rundir.enter()
     try:
         cli.main(prog_name="crashlab")
     except KeyboardInterrupt:
