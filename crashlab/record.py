@@ -33,6 +33,7 @@ from typing import Any
 import crashlab
 from crashlab import guestinit
 from crashlab.cachemodes import CACHE_MODES, cache_mode
+from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.machine import (
     Drive,
     Machine,
@@ -44,13 +45,8 @@ from crashlab.machine import (
 )
 from crashlab.provision import Guest, provision
 
-FILESYSTEMS = ("ext4", "xfs", "btrfs")
 RECORDERS = ("qemu", "dm", "none")
 TRANSPORTS = ("auto", "virtiofs", "shell")
-EXT4_DATA_MODES = ("ordered", "journal", "writeback")
-# Smallest useful data disks (DESIGN.md: XFS needs >= 300 MiB, btrfs >= 114 MiB; sparse files).
-MIN_FS_MIB = {"ext4": 16, "xfs": 300, "btrfs": 114}
-DEFAULT_DISK_MIB = {"ext4": 128, "xfs": 320, "btrfs": 128}
 PROJECT = Path(crashlab.__file__).resolve().parent.parent
 
 
@@ -67,12 +63,12 @@ class RecordConfig:
     fs: str = "ext4"
     cache: str = "writeback"
     barrier: bool = True
-    data_mode: str = "ordered"  # ext4 data=
+    data_mode: str = DEFAULT_DATA_MODE  # ext4/ext3 data=
     recorder: str = "dm"  # qemu | dm | none (no log: dm-flakey runs use this)
     workload: str = "smallfiles"
     seed: int = 0
     scale: int = 1
-    disk_mib: int | None = None  # default per filesystem (DEFAULT_DISK_MIB)
+    disk_mib: int | None = None  # default per filesystem (Filesystem.default_disk_mib)
     reserved_mib: int = 4  # tail of the logged device for in-band markers
     memory_mib: int = 512
     accel: str = "auto"
@@ -87,31 +83,30 @@ class RecordConfig:
     transport: str = "auto"
 
     @property
+    def filesystem(self) -> Filesystem:
+        return filesystem(self.fs)
+
+    @property
     def disk_bytes(self) -> int:
-        return (self.disk_mib or DEFAULT_DISK_MIB[self.fs] + self.reserved_mib) << 20
+        return (self.disk_mib or self.filesystem.default_disk_mib + self.reserved_mib) << 20
 
     @property
     def fs_bytes(self) -> int:
         return self.disk_bytes - (self.reserved_mib << 20)
 
     def validate(self) -> RecordConfig:
-        if self.fs not in FILESYSTEMS:
-            raise ConfigError(f"unknown filesystem {self.fs!r}; choose from {', '.join(FILESYSTEMS)}")
+        try:
+            fs = self.filesystem
+            fs.mount_options(self.barrier, self.data_mode)  # what the filesystem lacks, e.g. XFS barrier=off
+        except FilesystemError as e:
+            raise ConfigError(str(e)) from None
         if self.recorder not in RECORDERS:
             raise ConfigError(f"unknown recorder {self.recorder!r}; choose from {', '.join(RECORDERS)}")
         cache_mode(self.cache)  # raises UnknownCacheMode, a ValueError naming the valid modes
-        if self.fs == "xfs" and not self.barrier:
-            raise ConfigError("XFS has no barrier=off: 'nobarrier' was removed in Linux 4.19 and XFS "
-                              "always flushes; record XFS with barrier on")
-        if self.data_mode not in EXT4_DATA_MODES:
-            raise ConfigError(f"unknown data mode {self.data_mode!r}; "
-                              f"choose from {', '.join(EXT4_DATA_MODES)}")
-        if self.fs != "ext4" and self.data_mode != "ordered":
-            raise ConfigError(f"data={self.data_mode} is an ext4 option; {self.fs} has no data modes")
         if self.reserved_mib < 1:
             raise ConfigError("the marker region needs at least 1 MiB")
-        if self.fs_bytes < MIN_FS_MIB[self.fs] << 20:
-            raise ConfigError(f"{self.fs} needs at least {MIN_FS_MIB[self.fs]} MiB; the disk leaves "
+        if self.fs_bytes < fs.min_mib << 20:
+            raise ConfigError(f"{self.fs} needs at least {fs.min_mib} MiB; the disk leaves "
                               f"{self.fs_bytes >> 20} MiB after the {self.reserved_mib} MiB marker region")
         if self.memory_mib > 1024:
             raise ConfigError("guest memory is capped at 1024 MiB")
@@ -129,22 +124,11 @@ class RecordConfig:
 
 def mkfs_argv(config: RecordConfig) -> list[str]:
     """mkfs for the filesystem, sized to leave the marker region free; `{dev}` is the device."""
-    size = config.fs_bytes
-    if config.fs == "ext4":
-        # No lazy init: the background inode-table/journal zeroing would write during the workload.
-        return ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", "{dev}",
-                f"{size // 1024}k"]
-    if config.fs == "xfs":
-        return ["mkfs.xfs", "-f", "-q", "-d", f"size={size}", "{dev}"]
-    return ["mkfs.btrfs", "-f", "-q", "-b", str(size), "{dev}"]
+    return config.filesystem.mkfs_argv(config.fs_bytes)
 
 
 def mount_options(config: RecordConfig) -> str:
-    if config.fs == "ext4":
-        return f"data={config.data_mode},barrier={1 if config.barrier else 0}"
-    if config.fs == "btrfs":
-        return "" if config.barrier else "nobarrier"
-    return ""  # xfs: validate() refuses barrier off
+    return config.filesystem.mount_options(config.barrier, config.data_mode)
 
 
 def resolve_transport(config: RecordConfig) -> str:
@@ -221,9 +205,7 @@ def tool_version(*argv: str) -> str:
 
 
 def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dict[str, str]:
-    tools = {"ext4": [("mkfs.ext4", "-V"), ("e2fsck", "-V")],
-             "xfs": [("mkfs.xfs", "-V"), ("xfs_repair", "-V")],
-             "btrfs": [("mkfs.btrfs", "--version"), ("btrfs", "--version")]}[config.fs]
+    tools = (config.filesystem.mkfs_version, config.filesystem.fsck_version)
     v = {
         "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "python": sys.version.split()[0],
         "host_kernel": os.uname().release,

@@ -39,7 +39,7 @@ GUEST_WORKLOADS = str(Path(__file__).parent / "guest_workloads")
 # --- configuration (no guest) ---------------------------------------------------------------------
 
 def test_xfs_barrier_off_is_refused_not_faked() -> None:
-    with pytest.raises(ConfigError, match="XFS has no barrier=off"):
+    with pytest.raises(ConfigError, match="xfs has no barrier=off"):
         RecordConfig(fs="xfs", barrier=False).validate()
     assert mount_options(RecordConfig(fs="xfs").validate()) == ""
 
@@ -56,7 +56,7 @@ def test_mount_options(fs: str, barrier: bool, data: str, expected: str) -> None
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"fs": "btrfs", "data_mode": "journal"}, "ext4 option"),
+    ({"fs": "btrfs", "data_mode": "journal"}, "btrfs has no data modes"),
     ({"fs": "btrfs", "disk_mib": 100}, "at least 114 MiB"),
     ({"fs": "xfs", "disk_mib": 256}, "at least 300 MiB"),
     ({"fs": "zfs"}, "unknown filesystem"),

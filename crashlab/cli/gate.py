@@ -11,6 +11,7 @@ import click
 from crashlab import gate
 from crashlab.campaign import CampaignError
 from crashlab.cli import CrashlabError
+from crashlab.filesystems import FILESYSTEMS
 from crashlab.store import DEFAULT_PATH, Store
 
 
@@ -21,7 +22,8 @@ Exit status:
   {gate.EXIT_USAGE}  usage error
   {gate.EXIT_BLIND}  gate broken: the known-unsafe configuration showed no failure either
   {gate.EXIT_INCONCLUSIVE}  inconclusive: states missing or uncheckable; rerun to resume""")
-@click.option("--fs", default="ext4", show_default=True, help="Filesystems, comma-separated.")
+@click.option("--fs", default="ext4", show_default=True,
+              help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)}.")
 @click.option("--cache", default="none", show_default=True, help="The proposed cache mode.")
 @click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option("--states", type=click.IntRange(1), default=32, show_default=True,

@@ -11,11 +11,10 @@ import click
 
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.cli import CrashlabError
+from crashlab.filesystems import DATA_MODES, FILESYSTEMS
 from crashlab.machine import MachineError
 from crashlab.provision import ProvisionError, provision
 from crashlab.record import (
-    EXT4_DATA_MODES,
-    FILESYSTEMS,
     TRANSPORTS,
     ConfigError,
     RecordConfig,
@@ -31,13 +30,13 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 @click.command("record")
-@click.option("--fs", type=click.Choice(FILESYSTEMS), default="ext4", show_default=True)
+@click.option("--fs", type=click.Choice(list(FILESYSTEMS)), default="ext4", show_default=True)
 @click.option("--cache", type=click.Choice(list(CACHE_MODES)), default="writeback", show_default=True,
               help="QEMU cache mode of the data disk.")
 @click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True,
-              help="ext4 barrier=0 / btrfs nobarrier when off (XFS has no such option).")
-@click.option("--data", "data_mode", type=click.Choice(EXT4_DATA_MODES), default="ordered",
-              show_default=True, help="ext4 data= mode.")
+              help="ext4/ext3 barrier=0 / btrfs nobarrier when off (XFS has no such option).")
+@click.option("--data", "data_mode", type=click.Choice(DATA_MODES), default="ordered",
+              show_default=True, help="ext4/ext3 data= mode (others have none: leave the default).")
 @click.option("--recorder", type=click.Choice(["qemu", "dm"]), default="dm", show_default=True,
               help="qemu: blklogwrites below the virtio disk; dm: dm-log-writes in the guest.")
 @click.option("--workload", default="smallfiles", show_default=True)
