@@ -26,13 +26,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import crashlab
 from crashlab import guestinit
-from crashlab.cachemodes import CACHE_MODES, cache_mode
+from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.machine import (
     Drive,
@@ -44,8 +44,8 @@ from crashlab.machine import (
     run_until_poweroff,
 )
 from crashlab.provision import Guest, provision
+from crashlab.recorders import Recorder
 
-RECORDERS = ("qemu", "dm", "none")
 TRANSPORTS = ("auto", "virtiofs", "shell")
 PROJECT = Path(crashlab.__file__).resolve().parent.parent
 
@@ -60,11 +60,13 @@ class RecordError(RuntimeError):
 
 @dataclass(frozen=True)
 class RecordConfig:
+    """What one guest run records; names are parsed into these types by the CLI (or a Cell)."""
+
     fs: str = "ext4"
-    cache: str = "writeback"
+    cache: CacheMode = CACHE_MODES["writeback"]
     barrier: bool = True
     data_mode: str = DEFAULT_DATA_MODE  # ext4/ext3 data=
-    recorder: str = "dm"  # qemu | dm | none (no log: dm-flakey runs use this)
+    recorder: Recorder = Recorder.DM  # none: no log (dm-flakey runs use this)
     workload: str = "smallfiles"
     seed: int = 0
     scale: int = 1
@@ -100,9 +102,6 @@ class RecordConfig:
             fs.mount_options(self.barrier, self.data_mode)  # what the filesystem lacks, e.g. XFS barrier=off
         except FilesystemError as e:
             raise ConfigError(str(e)) from None
-        if self.recorder not in RECORDERS:
-            raise ConfigError(f"unknown recorder {self.recorder!r}; choose from {', '.join(RECORDERS)}")
-        cache_mode(self.cache)  # raises UnknownCacheMode, a ValueError naming the valid modes
         if self.reserved_mib < 1:
             raise ConfigError("the marker region needs at least 1 MiB")
         if self.fs_bytes < fs.min_mib << 20:
@@ -118,8 +117,13 @@ class RecordConfig:
 
     def describe(self) -> str:
         opts = mount_options(self) or "defaults"
-        return (f"{self.fs} ({opts}) cache={self.cache} recorder={self.recorder} "
+        return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder} "
                 f"workload={self.workload} seed={self.seed} scale={self.scale}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
 
 
 def mkfs_argv(config: RecordConfig) -> list[str]:
@@ -143,9 +147,9 @@ def resolve_transport(config: RecordConfig) -> str:
 def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
     """The guest's job.json (pure)."""
     return {
-        "mode": "record", "recorder": config.recorder, "fs": config.fs,
+        "mode": "record", "recorder": config.recorder.value, "fs": config.fs,
         "mkfs": mkfs_argv(config), "mount_opts": mount_options(config),
-        "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder == "dm" else None,
+        "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder.in_guest else None,
         "marker_offset": config.fs_bytes, "marker_length": config.reserved_mib << 20,
         "workload": config.workload, "seed": config.seed, "scale": config.scale,
         "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
@@ -215,7 +219,7 @@ def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dic
     }
     for argv in tools:
         v[argv[0]] = tool_version(*argv)
-    if config.recorder == "dm" or config.recorder == "none":
+    if config.recorder in (Recorder.DM, Recorder.NONE):  # none: dm-flakey
         v["dmsetup"] = tool_version("dmsetup", "--version")
     return v
 
@@ -231,7 +235,6 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         shellguest.check_config(config, flakey)
         return shellguest.run_shell_guest(config, out_dir, guest=guest, qemu=qemu, observer=observer)
     guest = guest or provision()
-    mode = CACHE_MODES[cache_mode(config.cache).name]
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:  # a fresh log every run: QEMU appends to an existing one
@@ -248,17 +251,18 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     image, log = GuestOutputs(out_dir).image, GuestOutputs(out_dir).log
     with open(image, "wb") as f:
         f.truncate(config.disk_bytes)
-    drives = [Drive(image, mode, log=log if config.recorder == "qemu" else None, serial="data")]
-    if config.recorder == "qemu":
+    qemu_log = log if config.recorder is Recorder.QEMU else None
+    drives = [Drive(image, config.cache, log=qemu_log, serial="data")]
+    if config.recorder is Recorder.QEMU:
         log.touch()
-    elif config.recorder == "dm":
+    elif config.recorder is Recorder.DM:
         with open(log, "wb") as f:
             f.truncate(log_disk_bytes(config))
         drives.append(Drive(log, CACHE_MODES["writeback"], serial="log"))
     accel = choose_accel(guest.kernel, guest.initrd, config.accel, qemu)
 
     run: dict[str, Any] = {
-        "config": asdict(config), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
+        "config": config.as_dict(), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
                                               "accel": accel, "flakey": flakey},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -278,8 +282,8 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         if (share / name).exists():
             os.replace(share / name, out_dir / name)
     run["error"] = error
-    if config.recorder != "none" and log.exists():
-        run["log"] = summarize_log(log, truncate=config.recorder == "dm")
+    if config.recorder.logs and log.exists():
+        run["log"] = summarize_log(log, truncate=config.recorder.in_guest)
     (out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
     return run
 
@@ -311,7 +315,7 @@ def _read_json(p: Path) -> dict[str, Any]:
 def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Guest | None = None,
            qemu: str | None = None, observer: Callable[[Machine], None] | None = None) -> Recording:
     """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
-    if config.recorder == "none":
+    if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
     run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
     rec = Recording(Path(out_dir).resolve(), config, run)

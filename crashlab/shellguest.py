@@ -36,14 +36,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crashlab import markers, oracle
-from crashlab.cachemodes import CACHE_MODES, cache_mode
 from crashlab.machine import Drive, Machine, choose_accel, run_until_poweroff
 from crashlab.provision import Guest, _libraries, provision, which
+from crashlab.recorders import Recorder
 
 if TYPE_CHECKING:
     from crashlab.record import RecordConfig
@@ -242,8 +242,8 @@ def check_config(config: RecordConfig, flakey: dict[str, Any] | None = None) -> 
     from crashlab.record import ConfigError
 
     why = "the shell transport (no virtiofsd: the guest cannot run the host's Python)"
-    if config.recorder != "qemu":
-        raise ConfigError(f"{why} supports only the qemu recorder, not {config.recorder!r}: "
+    if config.recorder is not Recorder.QEMU:
+        raise ConfigError(f"{why} supports only the qemu recorder, not {config.recorder.value!r}: "
                           "dm-log-writes marks and teardown need the Python guest; "
                           "install virtiofsd or use --recorder qemu")
     if flakey:
@@ -263,7 +263,6 @@ def run_shell_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None 
 
     check_config(config)
     guest = guest or provision()
-    mode = CACHE_MODES[cache_mode(config.cache).name]
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
@@ -281,11 +280,11 @@ def run_shell_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None 
     with open(outs.image, "wb") as f:
         f.truncate(config.disk_bytes)
     outs.log.touch()
-    drives = [Drive(outs.image, mode, log=outs.log, serial="data")]
+    drives = [Drive(outs.image, config.cache, log=outs.log, serial="data")]
     accel = choose_accel(guest.kernel, guest.initrd, config.accel, qemu)
     append = f"rdinit=/{SHARE_DIR}/init"  # after BASE_APPEND's rdinit=/init, so it wins
     run: dict[str, Any] = {
-        "config": asdict(config), "transport": "shell",
+        "config": config.as_dict(), "transport": "shell",
         "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config), "accel": accel, "flakey": None,
                     "append": append},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -19,6 +19,7 @@ from crashlab.filesystems import (
     filesystem,
 )
 from crashlab.record import ConfigError, RecordConfig, job_for, versions
+from crashlab.recorders import Recorder
 
 
 def test_lookup_is_forgiving_about_case_and_names_the_choices_when_it_fails() -> None:
@@ -115,7 +116,7 @@ def test_command_line_choices_come_from_the_table() -> None:
 def test_matrix_validation_takes_filesystems_from_the_table() -> None:
     cells = campaign.Matrix(fs=("ext3", "xfs"), cache=("none",), barrier=("on", "off"),
                             workload=("smallfiles",)).cells()
-    assert {(c.fs, c.barrier) for c in cells} == {("ext3", "on"), ("ext3", "off"), ("xfs", "on")}
+    assert {(c.fs, c.barrier) for c in cells} == {("ext3", True), ("ext3", False), ("xfs", True)}
     with pytest.raises(campaign.CampaignError, match="valid filesystems: ext4, ext3"):
         campaign.Matrix(fs=("ext2",)).cells()
 
@@ -131,5 +132,5 @@ def test_versions_name_the_filesystems_tools() -> None:
     from crashlab.provision import Guest
 
     guest = Guest(Path("k"), Path("i"), "6.1", None, None, (), "key", Path("."))
-    v = versions(RecordConfig(fs="ext3", recorder="qemu"), guest)  # runs qemu --version only
+    v = versions(RecordConfig(fs="ext3", recorder=Recorder.QEMU), guest)  # runs qemu --version only
     assert v["mkfs.ext3"].startswith("mke2fs") and v["e2fsck"].startswith("e2fsck")
