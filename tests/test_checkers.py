@@ -240,11 +240,13 @@ def test_dirty_log_is_recovered_not_misreported(fs: str, clean_images: dict[str,
     no_leaks()
 
 
-def replay_fixture(log: str, to: str, image: Path) -> Path:
+def replay_fixture(log: str, mark: str, image: Path) -> Path:
     from crashlab import logformat
 
     with logformat.open_log(FIXTURES / log) as reader:
-        logformat.replay(reader, image, logformat.stop_index(reader, to))
+        end = logformat.mark_end(reader.index(), mark)
+        assert end is not None
+        logformat.replay(reader, image, end)
     return image
 
 
@@ -252,7 +254,7 @@ def replay_fixture(log: str, to: str, image: Path) -> Path:
 def test_real_log_prefix_is_replayed_before_fsck(tmp_path: Path) -> None:
     """A real guest log cut at `fsync50`: the journal holds the workload's directory. Without replay
     the tree is empty and the check would run on stale metadata."""
-    image = replay_fixture("ext4-dm-barrier-on.log.xz", "mark:fsync50", tmp_path / "p.img")
+    image = replay_fixture("ext4-dm-barrier-on.log.xz", "fsync50", tmp_path / "p.img")
     assert oc.ext4_superblock(image.read_bytes()[:2048]).needs_recovery
     seen: list[str] = []
 
