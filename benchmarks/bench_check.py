@@ -30,12 +30,9 @@ from typing import Any
 
 from crashlab import crashstates
 from crashlab.check import CheckItem, check_batch
+from crashlab.filesystems import FILESYSTEMS, filesystem
 from crashlab.oracle import load_promises
 from crashlab.workload import WorkloadContext, load
-
-SIZES = {"ext4": "64M", "xfs": "300M", "btrfs": "128M"}
-MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
-        "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f", "-m", "single"]}
 
 
 @contextmanager
@@ -50,8 +47,10 @@ def mounted(image: Path, fs: str, mnt: Path) -> Iterator[Path]:
 
 def make_images(tmp: Path, fs: str, count: int, scale: int, workload: str) -> tuple[list[Path], Path]:
     base = tmp / "base.img"
-    subprocess.run(["truncate", "-s", SIZES[fs], str(base)], check=True)
-    subprocess.run([*MKFS[fs], str(base)], check=True, capture_output=True)
+    size = filesystem(fs).default_disk_mib << 20  # what a recording's filesystem is made with
+    subprocess.run(["truncate", "-s", str(size), str(base)], check=True)
+    argv = [a.replace("{dev}", str(base)) for a in filesystem(fs).mkfs_argv(size)]
+    subprocess.run(argv, check=True, capture_output=True)
     promises = tmp / "promises.jsonl"
     images = []
     with mounted(base, fs, tmp / "mnt") as mnt, promises.open("w") as out:
@@ -89,7 +88,7 @@ def run(items: list[CheckItem], **kw: Any) -> tuple[float, list[dict[str, Any]]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fs", default="ext4", choices=sorted(SIZES))
+    ap.add_argument("--fs", default="ext4", choices=list(FILESYSTEMS))
     ap.add_argument("--count", type=int, default=16, help="images (16: one guest boot)")
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--workload", default="smallfiles")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from crashlab.guest.provision import provision
 from crashlab.record import RecordConfig, record, run_guest, timings
+from crashlab.recorders import Recorder
 
 
 def userspace_s(console: Path) -> float:
@@ -36,11 +37,11 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="crashlab-bench-") as tmp:
         for i in range(args.repeat):
-            for recorder in ("none", "qemu", "dm"):
+            for recorder in (Recorder.NONE, Recorder.QEMU, Recorder.DM):
                 config = RecordConfig(recorder=recorder, workload=args.workload, scale=args.scale,
                                       seed=i, accel=args.accel)
                 out = Path(tmp) / f"{recorder}-{i}"
-                if recorder == "none":
+                if not recorder.logs:
                     run = run_guest(config, out, guest=guest)
                 else:
                     run = record(config, out, guest=guest).run

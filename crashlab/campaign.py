@@ -20,14 +20,16 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import crashlab
-from crashlab import crashstates, logformat, model
-from crashlab.cachemodes import CACHE_MODES
+from crashlab import crashstates, logformat, model, recorders
+from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
+from crashlab.filesystems import FILESYSTEMS
+from crashlab.recorders import Recorder
 from crashlab.store import Store
 
 STATES_PER_UNIT = 8  # states per checker-guest boot: bounds what an interrupt can lose
@@ -38,12 +40,30 @@ class CampaignError(ValueError):
     """A matrix or cell the user got wrong; one line saying what is valid."""
 
 
+BARRIER = {"on": True, "off": False}  # barrier as stored and typed
+
+
+def barrier_name(barrier: bool) -> str:
+    return "on" if barrier else "off"
+
+
+def parse_barrier(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    try:
+        return BARRIER[value.strip().lower()]
+    except KeyError:
+        raise CampaignError(f"barrier must be on or off, not {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Cell:
+    """One configuration, typed; `parse` makes one from names (a store row, TOML, a command line)."""
+
     fs: str = "ext4"
-    cache: str = "writeback"
-    barrier: str = "on"
-    recorder: str = "qemu"
+    cache: CacheMode = CACHE_MODES["writeback"]
+    barrier: bool = True
+    recorder: Recorder = Recorder.QEMU
     workload: str = "smallfiles"
     window: str = "default"  # seconds, "inf", or "default" (the cache mode's, DESIGN.md)
     torn: int = 0  # atomic unit for torn writes, 0 = none
@@ -52,10 +72,37 @@ class Cell:
     scale: int = 1
     strategy: str = "random"
 
+    def stored(self) -> dict[str, Any]:
+        """The fields as the store, keys and slugs have always spelled them: names for the cache mode
+        and the recorder, on/off for the barrier."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**d, "cache": self.cache.name, "barrier": barrier_name(self.barrier),
+                "recorder": self.recorder.value}
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], base: Cell | None = None) -> Cell:
+        """`base` (default: the default cell) with `values`, where the cache mode, barrier and
+        recorder may be given by name; a bad name or field raises CampaignError saying what is valid."""
+        names = {f.name for f in fields(cls)}
+        if unknown := sorted(set(values) - names):
+            raise CampaignError(f"unknown cell fields {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(names))}")
+        v = dict(values)
+        try:
+            if isinstance(v.get("cache"), str):
+                v["cache"] = cache_mode(v["cache"])
+            if "recorder" in v:
+                v["recorder"] = recorders.recorder(v["recorder"])
+        except ValueError as e:
+            raise CampaignError(str(e)) from None
+        if "barrier" in v:
+            v["barrier"] = parse_barrier(v["barrier"])
+        return replace(base or cls(), **v)
+
     @property
     def key(self) -> str:
         """Canonical and stable: the store's name for this cell."""
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        return " ".join(f"{k}={v}" for k, v in self.stored().items())
 
     RECORDED = ("fs", "cache", "barrier", "recorder", "workload", "data_mode", "seed", "scale")
 
@@ -63,24 +110,25 @@ class Cell:
     def recording_slug(self) -> str:
         """Names the recording: only what the guest run depends on, so cells that differ in the
         crash model alone (window, torn writes, strategy) share one log."""
-        recorded = " ".join(f"{k}={getattr(self, k)}" for k in self.RECORDED)
+        stored = self.stored()
+        recorded = " ".join(f"{k}={stored[k]}" for k in self.RECORDED)
         return hashlib.sha256(recorded.encode()).hexdigest()[:16]
 
     def config(self) -> dict[str, Any]:
         """For the store and reports: the fields, with the window as it applies ('30s') and as
         written ('default'), so a report names the window and a cell can be rebuilt from a row."""
-        return {**asdict(self), "window": self.window_label, "window_spec": self.window}
+        return {**self.stored(), "window": self.window_label, "window_spec": self.window}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Cell:
         values = {f.name: config[f.name] for f in fields(cls) if f.name in config}
-        return cls(**{**values, "window": config.get("window_spec", values.get("window", "default"))})
+        return cls.parse({**values, "window": config.get("window_spec", values.get("window", "default"))})
 
     @property
     def window_label(self) -> str:
         if self.window != "default":
             return self.window if self.window == "inf" else f"{float(self.window):g}s"
-        return f"{CACHE_MODES[self.cache].default_window_s:g}s"
+        return f"{self.cache.default_window_s:g}s"
 
     def model_config(self) -> model.Config:
         return model.config(self.recorder, self.cache, None if self.window == "default" else self.window,
@@ -89,7 +137,7 @@ class Cell:
     def record_config(self) -> Any:
         from crashlab.record import RecordConfig
 
-        return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier == "on",
+        return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier,
                             data_mode=self.data_mode, recorder=self.recorder, workload=self.workload,
                             seed=self.seed, scale=self.scale)
 
@@ -99,8 +147,6 @@ class Cell:
             self.model_config()
         except ValueError as e:
             raise CampaignError(f"cell {self.key}: {e}") from None
-        if self.barrier not in ("on", "off"):
-            raise CampaignError(f"barrier must be on or off, not {self.barrier!r}")
         if self.strategy not in crashstates.STRATEGIES:
             raise CampaignError(f"unknown strategy {self.strategy!r}; "
                                 f"valid: {', '.join(crashstates.STRATEGIES)}")
@@ -128,18 +174,22 @@ class Matrix:
     strategy: str = "random"
 
     def cells(self) -> list[Cell]:
+        """The matrix's cells, its names parsed (CampaignError says what is valid)."""
         out = []
         for fs in self.fs:
-            for barrier in self.barrier:
-                if fs == "xfs" and barrier == "off":
-                    continue  # XFS removed nobarrier in 4.19: there is no such configuration
+            for barrier in map(parse_barrier, self.barrier):
+                known = FILESYSTEMS.get(fs)  # an unknown one is reported by Cell.validate
+                if known is not None and not barrier and known.barrier_off is None:
+                    continue  # there is no such configuration (XFS removed nobarrier in 4.19)
                 for cache in self.cache:
                     for rec in self.recorder:
                         for wl in self.workload:
                             for window in self.window:
                                 for torn in self.torn:
-                                    out.append(Cell(fs, cache, barrier, rec, wl, window, torn, seed=self.seed,
-                                                    scale=self.scale, strategy=self.strategy).validate())
+                                    out.append(Cell.parse(dict(
+                                        fs=fs, cache=cache, barrier=barrier, recorder=rec, workload=wl,
+                                        window=window, torn=torn, seed=self.seed, scale=self.scale,
+                                        strategy=self.strategy)).validate())
         if not out:
             raise CampaignError("the matrix is empty")
         return out
@@ -281,7 +331,7 @@ def cell_model(cell: Cell, recording: Path, entries: list[logformat.Entry]) -> m
     by hand) is refused rather than read as a silent counterfactual, as is a torn unit the log's
     sector size rules out."""
     try:
-        model.reading(model.recorded(_read_json(recording / "run.json")), cell.recorder, cell.cache)
+        model.reading(model.recorded(_read_json(recording / "run.json")), cell.recorder, cell.cache.name)
         return model.LogModel(entries, cell.model_config())
     except ValueError as e:
         raise CampaignError(f"cell {cell.key}: {e}") from None

@@ -30,6 +30,7 @@ from crashlab import markers
 from crashlab.guest.machine import Machine
 from crashlab.guest.provision import Guest
 from crashlab.record import ConfigError, GuestOutputs, RecordConfig, RecordError, run_guest
+from crashlab.recorders import Recorder
 
 MODES = ("drop_writes", "error_writes", "error_reads", "corrupt_bio_byte")
 
@@ -48,7 +49,7 @@ class CorruptBio:
 
 @dataclass(frozen=True)
 class FlakeyConfig:
-    base: RecordConfig = field(default_factory=lambda: RecordConfig(recorder="none"))
+    base: RecordConfig = field(default_factory=lambda: RecordConfig(recorder=Recorder.NONE))
     mode: str = "drop_writes"
     after_s: float | None = None  # seconds after the workload starts; None: drawn from the seed
     max_after_s: float = 2.0
@@ -104,7 +105,7 @@ def inject(config: FlakeyConfig, out_dir: str | Path, *, guest: Guest | None = N
     """Run the workload under dm-flakey, fault it, cut the power; the image is in `out_dir`."""
     config.validate()
     base = config.base
-    if base.recorder != "none":
+    if base.recorder is not Recorder.NONE:
         raise ConfigError("a live fault runs without a recorder (recorder='none')")
     run = run_guest(base, Path(out_dir), guest=guest, qemu=qemu, flakey=config.job(), observer=observer)
     out = Path(out_dir).resolve()

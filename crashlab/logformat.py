@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -454,33 +454,19 @@ def apply(reader: LogReader, entry: Entry, fd: int) -> None:
         punch_hole(fd, entry.offset, entry.length)
 
 
-def stop_index(reader: LogReader, to: str) -> int:
-    """How many entries to replay for a `--to` target.
+def mark_end(entries: Sequence[Entry], name: str) -> int | None:
+    """How many entries run through the first native mark or in-band marker named `name`; None if
+    there is none."""
+    for e in entries:
+        if e.mark == name or (e.marker is not None and e.marker.name == name):
+            return e.index + 1
+    return None
 
-    `all`; `entry:K` (the first K entries); `mark:NAME` (through the first native mark or in-band
-    marker of that name); `flush:N` (through the N-th flush entry, from 1).
-    """
-    entries = reader.index()
-    if to == "all":
-        return len(entries)
-    kind, _, arg = to.partition(":")
-    if kind == "entry" and arg.isdigit():
-        k = int(arg)
-        if k > len(entries):
-            raise LogFormatError(f"--to {to}: the log has only {len(entries)} entries")
-        return k
-    if kind == "mark" and arg:
-        for e in entries:
-            if e.mark == arg or (e.marker is not None and e.marker.name == arg):
-                return e.index + 1
-        raise LogFormatError(f"--to {to}: no mark or marker named {arg!r} in the log")
-    if kind == "flush" and arg.isdigit() and int(arg) > 0:
-        n = int(arg)
-        flushes = [e.index for e in entries if e.is_flush]
-        if n > len(flushes):
-            raise LogFormatError(f"--to {to}: the log has only {len(flushes)} flush entries")
-        return flushes[n - 1] + 1
-    raise LogFormatError(f"--to {to!r}: expected all, entry:K, mark:NAME or flush:N")
+
+def flush_end(entries: Sequence[Entry], n: int) -> int | None:
+    """How many entries run through the `n`-th flush entry (from 1); None if there are fewer."""
+    flushes = [e.index for e in entries if e.is_flush]
+    return flushes[n - 1] + 1 if 0 < n <= len(flushes) else None
 
 
 def replay(reader: LogReader, image: str | os.PathLike[str], stop: int | None = None,

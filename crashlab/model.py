@@ -16,11 +16,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from crashlab import markers
+from crashlab import markers, recorders
 from crashlab.cachemodes import CacheMode, cache_mode
 from crashlab.logformat import Entry
+from crashlab.recorders import LOGGING, Recorder, UnknownRecorder
 
-RECORDERS = ("qemu", "dm")
+RECORDERS = tuple(r.value for r in LOGGING)  # the recorders whose logs the model reads
 DEFAULT_BASELINE = markers.WORKLOAD_START
 TORN_UNITS = (512, 4096)
 
@@ -31,7 +32,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    recorder: str  # "qemu" or "dm": whose view of the I/O the log is
+    recorder: Recorder  # qemu or dm: whose view of the I/O the log is
     cache: CacheMode
     window_s: float  # volatility window in seconds; math.inf = only flushes guarantee anything
     baseline: str | None  # name of the native mark or in-band marker that opens the crash window
@@ -75,13 +76,14 @@ def parse_window(text: str | float | None, cache: CacheMode) -> float:
     return value
 
 
-def config(recorder: str, cache: str | CacheMode, window: str | float | None = None,
+def config(recorder: str | Recorder, cache: str | CacheMode, window: str | float | None = None,
            baseline: str | None = DEFAULT_BASELINE, torn: int | None = None) -> Config:
     """A validated `Config`; unknown names raise with the valid ones listed."""
     mode = cache if isinstance(cache, CacheMode) else cache_mode(cache)
-    rec = recorder.strip().lower()
-    if rec not in RECORDERS:
-        raise ModelError(f"unknown recorder {recorder!r}; valid recorders: {', '.join(RECORDERS)}")
+    try:
+        rec = recorders.recorder(recorder, LOGGING)
+    except UnknownRecorder as e:
+        raise ModelError(str(e)) from None
     if torn is not None and torn not in TORN_UNITS:
         raise ModelError(f"torn-write atomic unit {torn}: valid units: {', '.join(map(str, TORN_UNITS))}")
     return Config(rec, mode, parse_window(window, mode), baseline or None, torn)

@@ -115,10 +115,13 @@ class Options:
 
     @property
     def policy(self) -> gate.Policy:
+        """The options as the gate's policy; raises CampaignError for a bad name."""
         from crashlab import gate
+        from crashlab.campaign import Cell
 
-        return gate.Policy(fs=self.fs, cache=self.cache, barrier=self.barrier, workload=self.workload,
-                           seed=self.seed, strategy=self.strategy)
+        cell = Cell.parse(dict(cache=self.cache, barrier=self.barrier, workload=self.workload, seed=self.seed,
+                               strategy=self.strategy), gate.DEFAULT_CELL)
+        return gate.Policy(cell, fs=self.fs, states=self.states)
 
 
 @dataclass
@@ -178,13 +181,13 @@ class CellFactory:
         self.options, self.runs, self.item = options, runs, item
 
     def __call__(self, fs: str | None = None, *, states: int | None = None, **fields: Any) -> CellRun:
-        from crashlab.campaign import CampaignError
+        from crashlab.campaign import CampaignError, Cell
 
         o = self.options
         try:
             base = replace(o.policy, fs=(fs or o.fs[0],)).cells()[0]
-            cell = replace(base, **fields).validate()
-        except (CampaignError, TypeError) as e:
+            cell = Cell.parse(fields, base).validate()  # fields as a test writes them: names
+        except CampaignError as e:
             error = str(e)
         else:
             return self.run(cell, states or o.states)

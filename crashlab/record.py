@@ -27,25 +27,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import crashlab
 from crashlab import logformat
-from crashlab.cachemodes import CACHE_MODES, cache_mode
+from crashlab.cachemodes import CACHE_MODES, CacheMode
+from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.guest import transport as transports
 from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
 from crashlab.guest.machine import Drive, Machine, choose_accel, qemu_version
 from crashlab.guest.provision import Guest, provision
+from crashlab.recorders import Recorder
 
-FILESYSTEMS = ("ext4", "xfs", "btrfs")
-RECORDERS = ("qemu", "dm", "none")
 TRANSPORTS = transports.TRANSPORT_NAMES
-EXT4_DATA_MODES = ("ordered", "journal", "writeback")
-# Smallest useful data disks (DESIGN.md: XFS needs >= 300 MiB, btrfs >= 114 MiB; sparse files).
-MIN_FS_MIB = {"ext4": 16, "xfs": 300, "btrfs": 114}
-DEFAULT_DISK_MIB = {"ext4": 128, "xfs": 320, "btrfs": 128}
 
 
 class ConfigError(ValueError):
@@ -58,15 +54,17 @@ class RecordError(RuntimeError):
 
 @dataclass(frozen=True)
 class RecordConfig:
+    """What one guest run records; names are parsed into these types by the CLI (or a Cell)."""
+
     fs: str = "ext4"
-    cache: str = "writeback"
+    cache: CacheMode = CACHE_MODES["writeback"]
     barrier: bool = True
-    data_mode: str = "ordered"  # ext4 data=
-    recorder: str = "dm"  # qemu | dm | none (no log: dm-flakey runs use this)
+    data_mode: str = DEFAULT_DATA_MODE  # ext4/ext3 data=
+    recorder: Recorder = Recorder.DM  # none: no log (dm-flakey runs use this)
     workload: str = "smallfiles"
     seed: int = 0
     scale: int = 1
-    disk_mib: int | None = None  # default per filesystem (DEFAULT_DISK_MIB)
+    disk_mib: int | None = None  # default per filesystem (Filesystem.default_disk_mib)
     reserved_mib: int = 4  # tail of the logged device for in-band markers
     memory_mib: int = 512
     accel: str = "auto"
@@ -81,31 +79,27 @@ class RecordConfig:
     transport: str = "auto"
 
     @property
+    def filesystem(self) -> Filesystem:
+        return filesystem(self.fs)
+
+    @property
     def disk_bytes(self) -> int:
-        return (self.disk_mib or DEFAULT_DISK_MIB[self.fs] + self.reserved_mib) << 20
+        return (self.disk_mib or self.filesystem.default_disk_mib + self.reserved_mib) << 20
 
     @property
     def fs_bytes(self) -> int:
         return self.disk_bytes - (self.reserved_mib << 20)
 
     def validate(self) -> RecordConfig:
-        if self.fs not in FILESYSTEMS:
-            raise ConfigError(f"unknown filesystem {self.fs!r}; choose from {', '.join(FILESYSTEMS)}")
-        if self.recorder not in RECORDERS:
-            raise ConfigError(f"unknown recorder {self.recorder!r}; choose from {', '.join(RECORDERS)}")
-        cache_mode(self.cache)  # raises UnknownCacheMode, a ValueError naming the valid modes
-        if self.fs == "xfs" and not self.barrier:
-            raise ConfigError("XFS has no barrier=off: 'nobarrier' was removed in Linux 4.19 and XFS "
-                              "always flushes; record XFS with barrier on")
-        if self.data_mode not in EXT4_DATA_MODES:
-            raise ConfigError(f"unknown data mode {self.data_mode!r}; "
-                              f"choose from {', '.join(EXT4_DATA_MODES)}")
-        if self.fs != "ext4" and self.data_mode != "ordered":
-            raise ConfigError(f"data={self.data_mode} is an ext4 option; {self.fs} has no data modes")
+        try:
+            fs = self.filesystem
+            fs.mount_options(self.barrier, self.data_mode)  # what the filesystem lacks, e.g. XFS barrier=off
+        except FilesystemError as e:
+            raise ConfigError(str(e)) from None
         if self.reserved_mib < 1:
             raise ConfigError("the marker region needs at least 1 MiB")
-        if self.fs_bytes < MIN_FS_MIB[self.fs] << 20:
-            raise ConfigError(f"{self.fs} needs at least {MIN_FS_MIB[self.fs]} MiB; the disk leaves "
+        if self.fs_bytes < fs.min_mib << 20:
+            raise ConfigError(f"{self.fs} needs at least {fs.min_mib} MiB; the disk leaves "
                               f"{self.fs_bytes >> 20} MiB after the {self.reserved_mib} MiB marker region")
         if self.memory_mib > 1024:
             raise ConfigError("guest memory is capped at 1024 MiB")
@@ -117,28 +111,22 @@ class RecordConfig:
 
     def describe(self) -> str:
         opts = mount_options(self) or "defaults"
-        return (f"{self.fs} ({opts}) cache={self.cache} recorder={self.recorder} "
+        return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder} "
                 f"workload={self.workload} seed={self.seed} scale={self.scale}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
 
 
 def mkfs_argv(config: RecordConfig) -> list[str]:
     """mkfs for the filesystem, sized to leave the marker region free; `{dev}` is the device."""
-    size = config.fs_bytes
-    if config.fs == "ext4":
-        # No lazy init: the background inode-table/journal zeroing would write during the workload.
-        return ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", "{dev}",
-                f"{size // 1024}k"]
-    if config.fs == "xfs":
-        return ["mkfs.xfs", "-f", "-q", "-d", f"size={size}", "{dev}"]
-    return ["mkfs.btrfs", "-f", "-q", "-b", str(size), "{dev}"]
+    return config.filesystem.mkfs_argv(config.fs_bytes)
 
 
 def mount_options(config: RecordConfig) -> str:
-    if config.fs == "ext4":
-        return f"data={config.data_mode},barrier={1 if config.barrier else 0}"
-    if config.fs == "btrfs":
-        return "" if config.barrier else "nobarrier"
-    return ""  # xfs: validate() refuses barrier off
+    return config.filesystem.mount_options(config.barrier, config.data_mode)
 
 
 def resolve_transport(config: RecordConfig) -> str:
@@ -148,9 +136,9 @@ def resolve_transport(config: RecordConfig) -> str:
 def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
     """The guest's job.json (pure)."""
     return {
-        "mode": "record", "recorder": config.recorder, "fs": config.fs,
+        "mode": "record", "recorder": config.recorder.value, "fs": config.fs,
         "mkfs": mkfs_argv(config), "mount_opts": mount_options(config),
-        "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder == "dm" else None,
+        "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder.in_guest else None,
         "marker_offset": config.fs_bytes, "marker_length": config.reserved_mib << 20,
         "workload": config.workload, "seed": config.seed, "scale": config.scale,
         "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
@@ -210,9 +198,7 @@ def tool_version(*argv: str) -> str:
 
 
 def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dict[str, str]:
-    tools = {"ext4": [("mkfs.ext4", "-V"), ("e2fsck", "-V")],
-             "xfs": [("mkfs.xfs", "-V"), ("xfs_repair", "-V")],
-             "btrfs": [("mkfs.btrfs", "--version"), ("btrfs", "--version")]}[config.fs]
+    tools = (config.filesystem.mkfs_version, config.filesystem.fsck_version)
     v = {
         "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "python": sys.version.split()[0],
         "host_kernel": os.uname().release,
@@ -222,7 +208,7 @@ def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dic
     }
     for argv in tools:
         v[argv[0]] = tool_version(*argv)
-    if config.recorder == "dm" or config.recorder == "none":
+    if config.recorder in (Recorder.DM, Recorder.NONE):  # none: dm-flakey
         v["dmsetup"] = tool_version("dmsetup", "--version")
     return v
 
@@ -248,9 +234,9 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     transport = transports.transport(config.transport)
     payload = job_for(config, flakey)
     outs = GuestOutputs(Path(out_dir).resolve())
-    drives = [Drive(outs.image, cache_mode(config.cache), log=outs.log if config.recorder == "qemu" else None,
-                    serial="data")]
-    if config.recorder == "dm":
+    qemu_log = outs.log if config.recorder is Recorder.QEMU else None
+    drives = [Drive(outs.image, config.cache, log=qemu_log, serial="data")]
+    if config.recorder is Recorder.DM:
         drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial="log"))
     job = GuestJob(payload, share=outs.out_dir / ".guest", console=outs.console, drives=tuple(drives),
                    view_extra=tuple(Path(p).resolve() for p in config.workload_path),
@@ -264,16 +250,16 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     job.share.mkdir()
     with open(outs.image, "wb") as f:
         f.truncate(config.disk_bytes)
-    if config.recorder == "qemu":
+    if config.recorder is Recorder.QEMU:
         outs.log.touch()
-    elif config.recorder == "dm":
+    elif config.recorder is Recorder.DM:
         with open(outs.log, "wb") as f:
             f.truncate(log_disk_bytes(config))
     accel = choose_accel(guest.kernel, guest.initrd, config.accel, qemu)
     job = dataclasses.replace(job, accel=accel)
 
     run: dict[str, Any] = {
-        "config": asdict(config), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
+        "config": config.as_dict(), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
                                               "accel": accel, "flakey": flakey},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -281,8 +267,8 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     record_run(run, gr)
     for name in ("promises.jsonl", "workload.out"):
         move_guest_file(job.share / name, outs.out_dir / name)
-    if config.recorder != "none" and outs.log.exists():
-        run["log"] = summarize_log(outs.log, truncate=config.recorder == "dm")
+    if config.recorder.logs and outs.log.exists():
+        run["log"] = summarize_log(outs.log, truncate=config.recorder.in_guest)
     (outs.out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
     return run
 
@@ -325,7 +311,7 @@ def _read_json(p: Path) -> dict[str, Any]:
 def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Guest | None = None,
            qemu: str | None = None, observer: Callable[[Machine], None] | None = None) -> Recording:
     """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
-    if config.recorder == "none":
+    if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
     run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
     rec = Recording(Path(out_dir).resolve(), config, run)

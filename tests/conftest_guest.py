@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from crashlab.cachemodes import cache_mode
 from crashlab.guest.provision import Guest, provision
 from crashlab.record import RecordConfig, Recording, record
+from crashlab.recorders import Recorder
 
 GUEST_WORKLOADS = str(Path(__file__).parent / "guest_workloads")
 
@@ -32,7 +34,8 @@ class Recordings:
             workload: str = "smallfiles", **kw: object) -> Recording:
         key = (recorder, barrier, cache, fs, workload, tuple(sorted(kw.items())))
         if key not in self.made:
-            config = RecordConfig(fs=fs, cache=cache, barrier=barrier, recorder=recorder, workload=workload,
+            config = RecordConfig(fs=fs, cache=cache_mode(cache), barrier=barrier,
+                                  recorder=Recorder(recorder), workload=workload,
                                   accel=os.environ.get("CRASHLAB_ACCEL", "auto"),
                                   workload_path=(GUEST_WORKLOADS,), timeout_s=300, **kw)  # type: ignore[arg-type]
             name = "-".join(str(k) for k in key[:5])

@@ -130,7 +130,7 @@ def test_unknown_names_are_clear_errors() -> None:
     bad = crashlab("run", "--cache", "writebak", "--states", "1", "-q", "--store", os.devnull, check=False)
     assert bad.returncode == 2
     assert "valid modes: writeback, none, writethrough, directsync, unsafe" in bad.stderr
-    with pytest.raises(campaign.CampaignError, match="XFS has no barrier=off"):
-        campaign.Cell(fs="xfs", barrier="off").validate()
+    with pytest.raises(campaign.CampaignError, match="xfs has no barrier=off"):
+        campaign.Cell(fs="xfs", barrier=False).validate()
     with pytest.raises(campaign.CampaignError, match="unknown workload"):
         campaign.Cell(workload="nope").validate()

@@ -23,10 +23,11 @@ from crashlab.check.outcome import StepVerdict, Verdict
 from crashlab.check.tools import run_tool
 
 FIXTURES = Path(__file__).parent / "data" / "logs"
-SIZES = {"ext4": "64M", "xfs": "300M", "btrfs": "128M"}
+SIZES = {"ext4": "64M", "ext3": "64M", "xfs": "300M", "btrfs": "128M"}
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
+        "ext3": ["mkfs.ext3", "-q", "-F"],
         "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f", "-m", "single"]}
-FSES = ("ext4", "xfs", "btrfs")
+FSES = ("ext4", "ext3", "xfs", "btrfs")
 
 
 # --- pure rules -------------------------------------------------------------------------------
@@ -234,16 +235,18 @@ def test_dirty_log_is_recovered_not_misreported(fs: str, clean_images: dict[str,
     rec = check_image(crash, fs, "dirty", oracle=expect_files({**A, **files}), host_mount=True)
     assert rec.outcome is Outcome.CONSISTENT, rec.to_dict()
     assert rec.violations == []
-    if fs == "ext4":
+    if fs in ("ext4", "ext3"):  # replayed in userspace, by e2fsck
         assert rec.recovery and "recovering journal" in rec.recovery.output
     no_leaks()
 
 
-def replay_fixture(log: str, to: str, image: Path) -> Path:
+def replay_fixture(log: str, mark: str, image: Path) -> Path:
     from crashlab import logformat
 
     with logformat.open_log(FIXTURES / log) as reader:
-        logformat.replay(reader, image, logformat.stop_index(reader, to))
+        end = logformat.mark_end(reader.index(), mark)
+        assert end is not None
+        logformat.replay(reader, image, end)
     return image
 
 
@@ -251,7 +254,7 @@ def replay_fixture(log: str, to: str, image: Path) -> Path:
 def test_real_log_prefix_is_replayed_before_fsck(tmp_path: Path) -> None:
     """A real guest log cut at `fsync50`: the journal holds the workload's directory. Without replay
     the tree is empty and the check would run on stale metadata."""
-    image = replay_fixture("ext4-dm-barrier-on.log.xz", "mark:fsync50", tmp_path / "p.img")
+    image = replay_fixture("ext4-dm-barrier-on.log.xz", "fsync50", tmp_path / "p.img")
     assert oc.ext4_superblock(image.read_bytes()[:2048]).needs_recovery
     seen: list[str] = []
 
@@ -280,7 +283,7 @@ def garbage(image: Path, offset: int, length: int) -> None:
         f.write(os.urandom(length))
 
 
-SUPERBLOCK = {"ext4": (1024, 1024), "xfs": (0, 512), "btrfs": (64 * 1024, 4096)}
+SUPERBLOCK = {"ext4": (1024, 1024), "ext3": (1024, 1024), "xfs": (0, 512), "btrfs": (64 * 1024, 4096)}
 
 
 @needs_root
@@ -352,7 +355,7 @@ def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_hung_fsck_is_checker_error(fs: str, clean_images: dict[str, Path], tmp_path: Path,
                                     fake_tools: Path) -> None:
     image = copy(clean_images[fs], tmp_path / "x.img")
-    if fs == "ext4":
+    if fs in ("ext4", "ext3"):
         # A journal to replay, so the hung e2fsck is met at recovery as well as at the check.
         with host_mounted(image, fs, tmp_path) as mnt:
             write_fsynced(mnt, "b", b"x")
@@ -360,7 +363,7 @@ def test_hung_fsck_is_checker_error(fs: str, clean_images: dict[str, Path], tmp_
     rec = check_image(image, fs, "hang", host_mount=True, timeout=1.0)
     assert rec.outcome is Outcome.CHECKER_ERROR, rec.to_dict()
     assert "hung" in rec.reason and not rec.outcome.is_corruption
-    run_ = rec.recovery if fs == "ext4" else rec.fsck
+    run_ = rec.recovery if fs in ("ext4", "ext3") else rec.fsck
     assert run_ and run_.timed_out and run_.seconds < 10
     no_leaks()
 
@@ -387,7 +390,7 @@ def test_batch_and_cli(clean_images: dict[str, Path], tmp_path: Path) -> None:
     images = [copy(clean_images[fs], tmp_path / f"{fs}.img") for fs in FSES]
     items = [CheckItem(p, fs, fs, expect_files(A)) for p, fs in zip(images, FSES, strict=True)]
     recs = list(check_batch(items, host_mount=True))
-    assert [r.outcome for r in recs] == [Outcome.CONSISTENT] * 3
+    assert [r.outcome for r in recs] == [Outcome.CONSISTENT] * len(FSES)
     assert [r.state_id for r in recs] == list(FSES)
 
     promises = tmp_path / "promises.jsonl"

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from crashlab import gate
+from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import CampaignError, Cell
 from crashlab.store import StateRow, Store
 
 # --- decision logic (pure) ------------------------------------------------------------------------
 
-POLICY = Cell(cache="none", barrier="on")
+POLICY = Cell(cache=CACHE_MODES["none"], barrier=True)
 REFERENCE = gate.Policy().sensitivity_cell()
 
 
@@ -85,21 +86,21 @@ def test_exit_codes_are_distinct() -> None:
 
 
 def test_policy_cells_and_the_reference_share_what_shapes_visibility() -> None:
-    p = gate.Policy(fs=("ext4", "xfs"), cache="writeback", barrier="on", workload="append_log", seed=9,
-                    strategy="prefix", window="inf")
+    p = gate.Policy(Cell.parse(dict(cache="writeback", barrier="on", workload="append_log", seed=9,
+                                    strategy="prefix", window="inf")), fs=("ext4", "xfs"))
     cells = p.cells()
-    assert [(c.fs, c.cache, c.barrier, c.window) for c in cells] == [
-        ("ext4", "writeback", "on", "inf"), ("xfs", "writeback", "on", "inf")]
+    assert [(c.fs, c.cache.name, c.barrier, c.window) for c in cells] == [
+        ("ext4", "writeback", True, "inf"), ("xfs", "writeback", True, "inf")]
     ref = p.sensitivity_cell()
-    assert (ref.fs, ref.cache, ref.barrier, ref.window) == ("ext4", "unsafe", "off", "default")
+    assert (ref.fs, ref.cache.name, ref.barrier, ref.window) == ("ext4", "unsafe", False, "default")
     assert (ref.workload, ref.seed, ref.strategy) == ("append_log", 9, "prefix")
 
 
 def test_policy_refuses_what_cannot_be_tested_rather_than_dropping_it() -> None:
     with pytest.raises(CampaignError, match="xfs has no barrier=off"):
-        gate.Policy(fs=("ext4", "xfs"), barrier="off").cells()
+        gate.Policy(Cell(barrier=False), fs=("ext4", "xfs")).cells()
     with pytest.raises(CampaignError, match="writebak"):
-        gate.Policy(cache="writebak").cells()
+        Cell.parse({"cache": "writebak"})
 
 
 def row(state_id: str, outcome: str, **detail: object) -> StateRow:
@@ -166,7 +167,7 @@ def test_gate_passes_cache_none_with_barriers(gate_store: Path) -> None:
 def test_gate_refuses_unsafe_without_barriers_naming_each_state(gate_store: Path) -> None:
     out = run_gate(gate_store, "--cache", "unsafe", "--barrier", "off", "--no-sensitivity")
     assert out.returncode == gate.EXIT_REFUSED, out.stdout + out.stderr
-    cell = gate.Policy(cache="unsafe", barrier="off").cells()[0]
+    cell = gate.Policy(Cell(cache=CACHE_MODES["unsafe"], barrier=False)).cells()[0]
     with Store(gate_store) as store:
         bad = gate.failures(store, cell)
     assert bad, "the unsafe cell failed no state, yet the gate refused it"

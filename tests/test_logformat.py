@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crashlab import logformat, markers
-from crashlab.cli import cli
+from crashlab.cli import CrashlabError, cli
+from crashlab.cli.log import stop_index
 from crashlab.logformat import DISCARD, FLUSH, FUA, METADATA, LogWriter, open_log
 
 # Real logs recorded from real guests, copied from shared/fixtures (see tests/data/README.md).
@@ -175,7 +176,7 @@ def test_replay_to_k_equals_first_k_entries_applied(tmp_path: Path, ops: list[tu
     write_ops(log, ops)
     image.write_bytes(bytes((DEVICE_SECTORS + 1) * SECTOR))
     with open_log(log) as reader:
-        logformat.replay(reader, image, logformat.stop_index(reader, f"entry:{k}"))
+        logformat.replay(reader, image, k)
     assert image.read_bytes() == apply_to_bytearray(ops[:k])
 
 
@@ -258,13 +259,21 @@ def test_replay_targets(tmp_path: Path) -> None:
            ("marker", 0, "fsync-1"), ("flush", 0), ("write", 2, 1, 0, 3)]
     write_ops(log, ops)
     with open_log(log) as reader:
-        assert logformat.stop_index(reader, "all") == 7
-        assert logformat.stop_index(reader, "mark:m1") == 3
-        assert logformat.stop_index(reader, "mark:fsync-1") == 5
-        assert logformat.stop_index(reader, "flush:2") == 6
-        for bad in ("flush:3", "entry:8", "mark:zz", "everything"):
-            with pytest.raises(logformat.LogFormatError):
-                logformat.stop_index(reader, bad)
+        entries = reader.index()
+        assert logformat.mark_end(entries, "m1") == 3 and logformat.mark_end(entries, "zz") is None
+        assert logformat.flush_end(entries, 2) == 6 and logformat.flush_end(entries, 3) is None
+        assert stop_index(reader, "all") == 7
+        assert stop_index(reader, "entry:4") == 4
+        assert stop_index(reader, "mark:m1") == 3
+        assert stop_index(reader, "mark:fsync-1") == 5
+        assert stop_index(reader, "flush:2") == 6
+        for bad, why in (("flush:3", "only 2 flush"), ("entry:8", "only 7 entries"), ("mark:zz", "no mark"),
+                         ("everything", "expected all")):
+            with pytest.raises(CrashlabError, match=why):
+                stop_index(reader, bad)
+    result = CliRunner().invoke(cli, ["log", "replay", str(log), str(tmp_path / "i.img"), "--to", "flush:9"])
+    assert result.exit_code == 2 and "only 2 flush entries" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "i.img").exists()
 
 
 def test_markers_are_recognised_and_not_replayed(tmp_path: Path) -> None:

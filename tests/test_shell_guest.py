@@ -18,14 +18,16 @@ from crashlab.guest import shell as shellguest
 from crashlab.guest import transport as transports
 from crashlab.guest.provision import Guest
 from crashlab.record import ConfigError, RecordConfig, record, resolve_transport
+from crashlab.recorders import Recorder
 from crashlab.workload import WorkloadContext
 
 pytest_plugins = ["conftest_guest"]
 
 
 def shell_config(**kw: object) -> RecordConfig:
-    base: dict[str, object] = {"recorder": "qemu", "workload": shellguest.WORKLOAD, "transport": "shell",
-                               "accel": os.environ.get("CRASHLAB_ACCEL", "auto"), "timeout_s": 120}
+    base: dict[str, object] = {"recorder": Recorder.QEMU, "workload": shellguest.WORKLOAD,
+                               "transport": "shell", "accel": os.environ.get("CRASHLAB_ACCEL", "auto"),
+                               "timeout_s": 120}
     return RecordConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -45,7 +47,7 @@ def test_promises_are_written_as_the_python_harness_writes_them(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"recorder": "dm"}, "only the qemu recorder"),
+    ({"recorder": Recorder.DM}, "only the qemu recorder"),
     ({"fs": "xfs"}, "only ext4"),
     ({"workload": "smallfiles"}, "only the built-in shell workload"),
     ({"transport": "sometimes"}, "unknown transport"),

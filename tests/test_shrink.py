@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from crashlab import campaign
+from crashlab.cachemodes import CACHE_MODES
 from crashlab.opgen import Op
 from crashlab.shrink import still_fails
 
@@ -17,9 +18,10 @@ OPS = [Op("creat", "foo"), Op("write", "foo", off=0, size=32768, fill=7), Op("fs
 
 
 def test_sequence_fails_under_unsafe_and_survives_writethrough() -> None:
-    failed = still_fails(campaign.Cell(cache="unsafe", workload="ops", seed=5), OPS, 8, host_mount=True)
+    unsafe = campaign.Cell(cache=CACHE_MODES["unsafe"], workload="ops", seed=5)
+    failed = still_fails(unsafe, OPS, 8, host_mount=True)
     assert failed, "no crash state of an fsync workload under cache=unsafe lost anything"
     assert all(r.outcome in ("data-loss", "fs-inconsistent", "unmountable") for r in failed)
     assert any(v["path"] in ("foo", "bar") for r in failed for v in r.detail["violations"])
-    safe = campaign.Cell(cache="writethrough", workload="ops", seed=5)
+    safe = campaign.Cell(cache=CACHE_MODES["writethrough"], workload="ops", seed=5)
     assert still_fails(safe, OPS, 8, host_mount=True) == []

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from crashlab.cachemodes import CACHE_MODES
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.oracle import load_promises
 from crashlab.record import RecordConfig, Recording, record
+from crashlab.recorders import Recorder
 from crashlab.workload import available
 
 pytestmark = pytest.mark.guest
@@ -25,8 +27,9 @@ SEED = 1  # the generated `ops` workload leaves a non-empty promised file at thi
 def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Recording]:
     out = {}
     for name in WORKLOADS:
-        out[name] = record(RecordConfig(fs="ext4", cache="writeback", recorder="qemu", workload=name,
-                                        seed=SEED, scale=1), tmp_path_factory.mktemp(name))
+        config = RecordConfig(fs="ext4", cache=CACHE_MODES["writeback"], recorder=Recorder.QEMU,
+                              workload=name, seed=SEED, scale=1)
+        out[name] = record(config, tmp_path_factory.mktemp(name))
     return out
 
 

@@ -22,17 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from crashlab import filesystems
 from crashlab.check.outcome import ToolRun, violation_to_json
 from crashlab.check.tools import run_tool
-
-SUPPORTED = ("ext4", "xfs", "btrfs")
-
-# Read-only mount after recovery: options that forbid any further log replay, so what the oracle
-# reads is exactly what fsck checks. Recovery already happened and was unmounted cleanly, so on a
-# sound image they change nothing.
-RO_OPTIONS = {"ext4": "ro,noload", "xfs": "ro,norecovery", "btrfs": "ro,rescue=nologreplay"}
-# Recovery mount: read-write like a reboot; noatime so reading nothing rewrites inodes.
-RW_OPTIONS = {"ext4": "noatime", "xfs": "noatime", "btrfs": "noatime"}
 
 MOUNT_TIMEOUT = 120.0
 MNT_EX_FAIL = 32  # what mount(8) and umount(8) exit with when the call fails
@@ -228,13 +220,12 @@ class HostMounts:
 
     def mount_steps(self, image: Path, fs: str, *, recover: bool, tree_dest: Path | None,
                     timeout: float = MOUNT_TIMEOUT, oracle: OracleSpec | None = None) -> MountSteps:
-        if fs not in SUPPORTED:
-            raise ValueError(f"unsupported filesystem {fs!r}")
+        fsys = filesystems.filesystem(fs)  # raises UnknownFilesystem, a ValueError
         steps = MountSteps()
         if recover:
             t0 = time.monotonic()
             runs: list[ToolRun] = []
-            with self._mounted(image, fs, RW_OPTIONS[fs], timeout, runs):
+            with self._mounted(image, fs, filesystems.RECOVERY_MOUNT_OPTIONS, timeout, runs):
                 pass
             steps.recovery = merge_runs(["recover-mount", fs, str(image)], runs)
             steps.timings["recovery"] = time.monotonic() - t0
@@ -243,7 +234,10 @@ class HostMounts:
         if tree_dest is not None or oracle is not None:
             t0 = time.monotonic()
             runs = []
-            with self._mounted(image, fs, RO_OPTIONS[fs], timeout, runs) as mnt:
+            # Options that forbid any further log replay, so what the oracle reads is exactly what
+            # fsck checks. Recovery already happened and was unmounted cleanly, so on a sound image
+            # they change nothing.
+            with self._mounted(image, fs, fsys.ro_options, timeout, runs) as mnt:
                 if mnt is not None and oracle is not None:
                     t1 = time.monotonic()
                     bad = unreadable(mnt)

@@ -144,6 +144,11 @@ def ext4_precheck(sb: Ext4Superblock) -> StepVerdict | None:
     return None
 
 
+def ext4_head_precheck(head: bytes) -> StepVerdict | None:
+    """`ext4_precheck` from the image's first 2 KiB (ext3 has the same superblock)."""
+    return ext4_precheck(ext4_superblock(head))
+
+
 # e2fsck prints these only when it went past the journal into a full check. With -y that repairs
 # the image, so nothing after it can be checked; the kernel would have refused to mount instead.
 _E2FSCK_ESCALATED = ("Pass 1:", "journal has been deleted", "Cannot proceed")
@@ -192,9 +197,6 @@ def btrfs_check(run: ToolRun) -> StepVerdict:
     if run.rc == 0:
         return StepVerdict(Verdict.OK, "btrfs check clean")
     return StepVerdict(Verdict.BAD, f"btrfs check exit {run.rc}: errors found")
-
-
-FSCK_VERDICTS = {"ext4": e2fsck_check, "xfs": xfs_repair_check, "btrfs": btrfs_check}
 
 
 def mount_verdict(run: ToolRun, what: str = "mount") -> StepVerdict:

@@ -4,7 +4,7 @@
     for record in check_batch(items):           # one guest boot per chunk of images
         ...
 
-Recovery follows a reboot: ext4 replays its journal in userspace (`e2fsck -E journal_only`, the
+Recovery follows a reboot: ext4 and ext3 replay their journal in userspace (`e2fsck -E journal_only`, the
 default, guarded so it never does more than a kernel mount would) or by mounting; XFS and btrfs only
 by mounting. fsck then runs read-only on the host. A batch goes in three phases so that the mounts
 of many images share one guest boot: host-side replay, all mounts, host-side fsck and oracle.
@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from crashlab import filesystems
 from crashlab.check import outcome as oc
 from crashlab.check.mounts import (
     MOUNT_TIMEOUT,
-    SUPPORTED,
     HostMounts,
     MountBackend,
     MountRequest,
     OracleSpec,
 )
 from crashlab.check.outcome import CheckRecord, StepVerdict, Verdict
-from crashlab.check.tools import DEFAULT_TIMEOUT, fsck_argv, journal_replay_argv, run_tool
+from crashlab.check.tools import DEFAULT_TIMEOUT, run_tool
 
 Oracle = Callable[[Path], Sequence[Any]]  # recovered tree -> violated promises (empty: all kept)
 Ext4Recovery = Literal["e2fsck", "mount"]
@@ -111,28 +111,28 @@ def _from_json(v: Any) -> Any:
     return v
 
 
-def _replay_ext4(st: _State, timeout: float) -> None:
+def _replay(st: _State, replay: filesystems.Replay, timeout: float) -> None:
     with open(st.item.image, "rb") as f:
-        pre = oc.ext4_precheck(oc.ext4_superblock(f.read(2048)))
+        pre = replay.precheck(f.read(2048))
     if pre is not None:
         st.recovery = pre
         st.record.notes.append(pre.reason)
         return
-    run = run_tool(journal_replay_argv(str(st.item.image)), timeout)
+    run = run_tool(replay.command(str(st.item.image)), timeout)
     st.record.recovery = run
     st.record.timings["recovery"] = run.seconds
-    st.recovery = oc.e2fsck_journal_replay(run)
+    st.recovery = replay.verdict(run)
 
 
 def _finish(st: _State, timeout: float) -> CheckRecord:
-    rec, fs = st.record, st.item.fs
+    rec, fs = st.record, filesystems.filesystem(st.item.fs)
     fsck: StepVerdict | None = None
     violations: list[Any] | None = None
     if st.recovery.verdict is Verdict.OK:
         # fsck even when the read-only mount failed: its output says why.
-        rec.fsck = run_tool(fsck_argv(fs, str(st.item.image)), timeout)
+        rec.fsck = run_tool(fs.fsck_argv(str(st.item.image)), timeout)
         rec.timings["fsck"] = rec.fsck.seconds
-        fsck = oc.FSCK_VERDICTS[fs](rec.fsck)
+        fsck = fs.fsck_verdict(rec.fsck)
     if st.item.has_oracle and st.recovery.verdict is Verdict.OK:
         if st.tree is None:
             st.tree = StepVerdict(Verdict.TOOL_ERROR, "the mount backend did not produce the tree")
@@ -160,16 +160,15 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
                  ext4_recovery: Ext4Recovery, timeout: float, mount_timeout: float) -> Iterator[CheckRecord]:
     states: list[_State] = []
     for n, item in enumerate(items):
-        if item.fs not in SUPPORTED:
-            raise ValueError(f"unsupported filesystem {item.fs!r}; expected one of {', '.join(SUPPORTED)}")
+        replay = filesystems.filesystem(item.fs).replay  # raises UnknownFilesystem, a ValueError
         rec = CheckRecord(state_id=item.state_id, image=str(item.image), fs=item.fs,
                           outcome=oc.Outcome.CHECKER_ERROR, reason="", backend=backend.name)
-        st = _State(item, rec, time.monotonic(), mount_recovery=item.fs != "ext4" or ext4_recovery == "mount")
+        st = _State(item, rec, time.monotonic(), mount_recovery=replay is None or ext4_recovery == "mount")
         if item.has_oracle:
             st.tree_dest = workdir / f"tree-{n}"
             st.tree_dest.mkdir()
-        if not st.mount_recovery:
-            _replay_ext4(st, timeout)
+        if replay is not None and not st.mount_recovery:
+            _replay(st, replay, timeout)
         states.append(st)
 
     todo = [st for st in states if st.recovery.verdict is Verdict.OK

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
+from crashlab import filesystems
 from crashlab.check.outcome import ToolRun
 
 DEFAULT_TIMEOUT = 120.0
@@ -59,28 +60,8 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
-def fsck_argv(fs: str, image: str) -> list[str]:
-    """The read-only check for `fs`, to run after recovery."""
-    match fs:
-        case "ext4":
-            return ["e2fsck", "-f", "-n", image]
-        case "xfs":
-            return ["xfs_repair", "-n", "-f", image]
-        case "btrfs":
-            return ["btrfs", "check", "--readonly", image]
-    raise ValueError(f"unsupported filesystem {fs!r}")
-
-
-def journal_replay_argv(image: str) -> list[str]:
-    """ext4 journal replay in userspace; writes the image, which is a disposable copy."""
-    return ["e2fsck", "-E", "journal_only", "-y", image]
-
-
 def tool_versions(fs: str, timeout: float = 10.0) -> dict[str, str]:
     """Versions of the tools whose verdicts go into the record (the first line each prints)."""
-    argvs = {"ext4": [["e2fsck", "-V"]], "xfs": [["xfs_repair", "-V"]], "btrfs": [["btrfs", "--version"]]}
-    out: dict[str, str] = {}
-    for argv in argvs.get(fs, []):
-        run = run_tool(argv, timeout)
-        out[argv[0]] = (run.output.strip().splitlines() or ["unknown"])[0]
-    return out
+    argv = filesystems.filesystem(fs).fsck_version
+    run = run_tool(argv, timeout)
+    return {argv[0]: (run.output.strip().splitlines() or ["unknown"])[0]}

@@ -13,6 +13,7 @@ import click
 from crashlab import campaign, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.cli import CrashlabError
+from crashlab.filesystems import FILESYSTEMS
 from crashlab.store import DEFAULT_PATH, Store
 
 
@@ -141,7 +142,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 @click.command("matrix")
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               help="TOML file with the matrix (keys as the options below); options override it.")
-@click.option("--fs", help="Filesystems, comma-separated [default: ext4].")
+@click.option("--fs", help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)} [default: ext4].")
 @click.option("--cache", help=f"Cache modes [default: all: {','.join(CACHE_MODES)}].")
 @click.option("--barrier", help="on, off or on,off [default: on,off].")
 @click.option("--recorder", help="qemu, dm [default: qemu].")

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from crashlab.check import CheckItem, CheckRecord, Oracle, Outcome, check_batch
-from crashlab.check.mounts import SUPPORTED
 from crashlab.check.tools import DEFAULT_TIMEOUT
 from crashlab.cli import CrashlabError
 from crashlab.crashstates import sparse_copy
+from crashlab.filesystems import FILESYSTEMS
 
 EXIT_CORRUPT, EXIT_CHECKER_ERROR = 1, 3
 
@@ -61,7 +61,8 @@ def _copy(image: Path, workdir: Path) -> Path:
 @click.command("check")
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--fs", "fs", type=click.Choice(SUPPORTED), required=True, help="Filesystem on the images.")
+@click.option("--fs", "fs", type=click.Choice(list(FILESYSTEMS)), required=True,
+              help="Filesystem on the images.")
 @click.option("--promises", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The workload's promises.jsonl: run its oracle on each recovered tree.")
 @click.option("--markers", multiple=True,
@@ -72,7 +73,7 @@ def _copy(image: Path, workdir: Path) -> Path:
               help="Mount on this host with loop devices instead of in a checker guest. A corrupted "
                    "image can crash the kernel that mounts it: disposable machines only.")
 @click.option("--ext4-recovery", type=click.Choice(["e2fsck", "mount"]), default="e2fsck", show_default=True,
-              help="ext4 journal replay: userspace `e2fsck -E journal_only`, or a kernel mount.")
+              help="ext4/ext3 journal replay: userspace `e2fsck -E journal_only`, or a kernel mount.")
 @click.option("--in-place", is_flag=True, help="Recover the images themselves (default: sparse copies).")
 @click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds each tool or mount may take before it counts as a checker-error.")

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from crashlab import gate
-from crashlab.campaign import CampaignError
+from crashlab.campaign import CampaignError, Cell
 from crashlab.cli import CrashlabError
+from crashlab.filesystems import FILESYSTEMS
 from crashlab.store import DEFAULT_PATH, Store
 
 
@@ -21,10 +22,11 @@ Exit status:
   {gate.EXIT_USAGE}  usage error
   {gate.EXIT_BLIND}  gate broken: the known-unsafe configuration showed no failure either
   {gate.EXIT_INCONCLUSIVE}  inconclusive: states missing or uncheckable; rerun to resume""")
-@click.option("--fs", default="ext4", show_default=True, help="Filesystems, comma-separated.")
+@click.option("--fs", default="ext4", show_default=True,
+              help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)}.")
 @click.option("--cache", default="none", show_default=True, help="The proposed cache mode.")
 @click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True)
-@click.option("--states", type=click.IntRange(1), default=32, show_default=True,
+@click.option("--states", type=click.IntRange(1), default=gate.DEFAULT_STATES, show_default=True,
               help="Crash states per cell (0 of 32 bounds the rate below 9 % at 95 %).")
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--recorder", default="qemu", show_default=True)
@@ -54,24 +56,25 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
     prints each cell's observed failure rate with its exact 95 % upper bound, and lists every
     failing state with its fsck output and the command that reproduces it.
     """
-    policy = gate.Policy(fs=tuple(f.strip() for f in fs.split(",") if f.strip()), cache=cache,
-                         barrier=barrier, workload=workload, recorder=recorder, window=window, seed=seed,
-                         scale=scale, strategy=strategy)
     try:
+        cell = Cell.parse(dict(cache=cache, barrier=barrier, workload=workload, recorder=recorder,
+                               window=window, seed=seed, scale=scale, strategy=strategy))
+        policy = gate.Policy(cell, fs=tuple(f.strip() for f in fs.split(",") if f.strip()), states=states,
+                             sensitivity=sensitivity)
         cells = policy.cells()
-        reference = policy.sensitivity_cell() if sensitivity else None
+        reference = policy.sensitivity_cell() if policy.sensitivity else None
     except CampaignError as e:
         raise CrashlabError(str(e)) from None
-    click.echo(f"crashlab gate: cache={cache} barrier={barrier} on {', '.join(policy.fs)}, "
-               f"workload {workload}, {states} crash states per cell, store {store_path}")
-    prog = gate.run_cells([*cells, *([reference] if reference else [])], states, store_path,
+    click.echo(f"crashlab gate: cache={cell.cache.name} barrier={barrier} on {', '.join(policy.fs)}, "
+               f"workload {workload}, {policy.states} crash states per cell, store {store_path}")
+    prog = gate.run_cells([*cells, *([reference] if reference else [])], policy.states, store_path,
                           command="crashlab " + shlex.join(sys.argv[1:]), workers=workers,
                           host_mount=host_mount, unit_states=unit_states)
     for problem in prog.failed_units:
         click.echo(f"error: {problem}", err=True)
     with Store(store_path) as store:
-        checks = [gate.check(store, c, states) for c in cells]
-        decision = gate.decide(checks, gate.check(store, reference, states) if reference else None)
+        checks = [gate.check(store, c, policy.states) for c in cells]
+        decision = gate.decide(checks, gate.check(store, reference, policy.states) if reference else None)
         bad = gate.worst_first([row for c in cells for row in gate.failures(store, c)])
     for line in decision.lines:
         click.echo(line)

@@ -86,6 +86,32 @@ class _Opened:
         self._cm.__exit__(*exc)  # type: ignore[arg-type]
 
 
+def stop_index(reader: logformat.LogReader, to: str) -> int:
+    """How many entries to replay for a `--to` target.
+
+    `all`; `entry:K` (the first K entries); `mark:NAME` (through the first native mark or in-band
+    marker of that name); `flush:N` (through the N-th flush entry, from 1).
+    """
+    entries = reader.index()
+    if to == "all":
+        return len(entries)
+    kind, _, arg = to.partition(":")
+    if kind == "entry" and arg.isdigit():
+        if int(arg) > len(entries):
+            raise CrashlabError(f"--to {to}: the log has only {len(entries)} entries")
+        return int(arg)
+    if kind == "mark" and arg:
+        if (end := logformat.mark_end(entries, arg)) is None:
+            raise CrashlabError(f"--to {to}: no mark or marker named {arg!r} in the log")
+        return end
+    if kind == "flush" and arg.isdigit() and int(arg) > 0:
+        if (end := logformat.flush_end(entries, int(arg))) is None:
+            flushes = sum(e.is_flush for e in entries)
+            raise CrashlabError(f"--to {to}: the log has only {flushes} flush entries")
+        return end
+    raise CrashlabError(f"--to {to!r}: expected all, entry:K, mark:NAME or flush:N")
+
+
 @command.command()
 @click.argument("log", type=click.Path(path_type=Path))
 @click.argument("image", type=click.Path(path_type=Path))
@@ -103,10 +129,7 @@ def replay(log: Path, image: Path, to: str, size: int | None, salvage: bool,
         if reader.damage and not salvage:
             raise CrashlabError(f"{log}: damaged log: {reader.damage} (use --salvage to replay "
                                 "what is complete)")
-        try:
-            stop = logformat.stop_index(reader, to)
-        except logformat.LogFormatError as e:
-            raise CrashlabError(str(e)) from None
+        stop = stop_index(reader, to)
         if size is not None and not image.exists():
             with image.open("wb") as f:
                 f.truncate(size)

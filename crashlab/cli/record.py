@@ -9,13 +9,12 @@ from types import FrameType
 
 import click
 
-from crashlab.cachemodes import CACHE_MODES
+from crashlab.cachemodes import CACHE_MODES, cache_mode
 from crashlab.cli import CrashlabError
+from crashlab.filesystems import DATA_MODES, FILESYSTEMS
 from crashlab.guest.machine import MachineError
 from crashlab.guest.provision import ProvisionError, provision
 from crashlab.record import (
-    EXT4_DATA_MODES,
-    FILESYSTEMS,
     TRANSPORTS,
     ConfigError,
     RecordConfig,
@@ -23,6 +22,7 @@ from crashlab.record import (
     record,
     timings,
 )
+from crashlab.recorders import LOGGING, Recorder, recorder
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -31,14 +31,15 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 @click.command("record")
-@click.option("--fs", type=click.Choice(FILESYSTEMS), default="ext4", show_default=True)
+@click.option("--fs", type=click.Choice(list(FILESYSTEMS)), default="ext4", show_default=True)
 @click.option("--cache", type=click.Choice(list(CACHE_MODES)), default="writeback", show_default=True,
               help="QEMU cache mode of the data disk.")
 @click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True,
-              help="ext4 barrier=0 / btrfs nobarrier when off (XFS has no such option).")
-@click.option("--data", "data_mode", type=click.Choice(EXT4_DATA_MODES), default="ordered",
-              show_default=True, help="ext4 data= mode.")
-@click.option("--recorder", type=click.Choice(["qemu", "dm"]), default="dm", show_default=True,
+              help="ext4/ext3 barrier=0 / btrfs nobarrier when off (XFS has no such option).")
+@click.option("--data", "data_mode", type=click.Choice(DATA_MODES), default="ordered",
+              show_default=True, help="ext4/ext3 data= mode (others have none: leave the default).")
+@click.option("--recorder", "recorder_name", type=click.Choice([r.value for r in LOGGING]), default="dm",
+              show_default=True,
               help="qemu: blklogwrites below the virtio disk; dm: dm-log-writes in the guest.")
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -63,15 +64,16 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
                    "only: the built-in sh-smallfiles workload, qemu recorder, ext4); auto = shell only "
                    "when there is no virtiofsd.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-def command(fs: str, cache: str, barrier: str, data_mode: str, recorder: str, workload: str, seed: int,
+def command(fs: str, cache: str, barrier: str, data_mode: str, recorder_name: str, workload: str, seed: int,
             scale: int, disk_mib: int | None, memory_mib: int, accel: str, timeout_s: float,
             fault: str | None, fault_after: float | None, kernel: Path | None, modules: Path | None,
             qemu: str | None, transport: str, out_dir: Path) -> None:
     """Record WORKLOAD in a disposable guest into --out: write.log, data.img, promises.jsonl,
     console.log and run.json (every option and version)."""
-    config = RecordConfig(fs=fs, cache=cache, barrier=barrier == "on", data_mode=data_mode,
-                          recorder="none" if fault else recorder, workload=workload, seed=seed,
-                          scale=scale, disk_mib=disk_mib, memory_mib=memory_mib, accel=accel,
+    # click checked every name against its table: these lookups cannot fail.
+    config = RecordConfig(fs=fs, cache=cache_mode(cache), barrier=barrier == "on", data_mode=data_mode,
+                          recorder=Recorder.NONE if fault else recorder(recorder_name), workload=workload,
+                          seed=seed, scale=scale, disk_mib=disk_mib, memory_mib=memory_mib, accel=accel,
                           timeout_s=timeout_s, transport=transport)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:

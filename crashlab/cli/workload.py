@@ -87,8 +87,8 @@ def shrink(fs: str, cache: str, barrier: str, recorder: str, window: str, states
     from crashlab.shrink import shrink as find
 
     try:
-        cell = campaign.Cell(fs=fs, cache=cache, barrier=barrier, recorder=recorder, workload="ops",
-                             window=window, seed=seed).validate()
+        cell = campaign.Cell.parse(dict(fs=fs, cache=cache, barrier=barrier, recorder=recorder,
+                                        workload="ops", window=window, seed=seed)).validate()
     except campaign.CampaignError as e:
         raise CrashlabError(str(e)) from None
     tried = [0]

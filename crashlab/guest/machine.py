@@ -30,7 +30,7 @@ from types import TracebackType
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from crashlab.cachemodes import CacheMode
+from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.guest.inguest.init import PROBE_OK
 from crashlab.guest.provision import ProvisionError, cache_root, file_identity, missing, which
 from crashlab.guest.shares import Share
@@ -68,8 +68,6 @@ class Drive:
     serial: str = ""
 
 
-def _onoff(flag: bool) -> str:
-    return "on" if flag else "off"
 
 
 def drive_args(index: int, drive: Drive) -> list[str]:
@@ -77,19 +75,20 @@ def drive_args(index: int, drive: Drive) -> list[str]:
     c = drive.cache
     top = f"disk{index}"
     file_node = f"disk{index}-file" if drive.log else top
+    cache = c.blockdev_cache
     args = ["-blockdev", ",".join([
         "driver=file", f"node-name={file_node}", f"filename={drive.path}",
-        f"cache.direct={_onoff(c.direct)}", f"cache.no-flush={_onoff(c.no_flush)}"])]
+        *(f"{k}={v}" for k, v in cache.items())])]
     if drive.log:
         # The log's own caching is not under test and must hold every entry when QEMU exits:
         # page cache, flushes kept. Only the top node's no-flush decides whether guest flushes
         # reach the log (DESIGN.md: "sector 0 stays zero" with unsafe).
         args += ["-blockdev", ",".join([
             "driver=file", f"node-name=disk{index}-log", f"filename={drive.log}",
-            "cache.direct=off", "cache.no-flush=off"])]
+            *(f"{k}={v}" for k, v in CACHE_MODES["writeback"].blockdev_cache.items())])]
         args += ["-blockdev", ",".join([
             "driver=blklogwrites", f"node-name={top}", f"file={file_node}", f"log=disk{index}-log",
-            f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={_onoff(c.no_flush)}"])]
+            f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={cache['cache.no-flush']}"])]
     dev = ["virtio-blk-pci", f"drive={top}", f"write-cache={c.device_write_cache}"]
     if drive.serial:
         dev.append(f"serial={drive.serial}")

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from crashlab.filesystems import FILESYSTEMS
 from crashlab.guest.inguest import init as guest_init
 
 FORMAT = 1  # bump when the initramfs layout changes in a way the inputs below do not capture
@@ -34,18 +35,16 @@ FLAVOUR = "cloud-amd64"
 GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_blk", "dm_mod", "dm_log_writes", "dm_flakey", "fuse", "virtiofs",
 )
-# Loaded by the guest only for that filesystem: under TCG xfs and btrfs (with raid6's boot-time
-# benchmark) cost 2 s of every boot otherwise. btrfs's softdeps (blake2b-256, xxhash64) are aliases
-# modules.dep does not resolve, so they are named here. ext4 is built in.
-FS_MODULES: dict[str, tuple[str, ...]] = {
-    "xfs": ("crc32c_intel", "libcrc32c", "xfs"),
-    "btrfs": ("crc32c_intel", "libcrc32c", "blake2b_generic", "xxhash_generic", "btrfs"),
-}
+# Loaded by the guest only for that filesystem (crashlab.filesystems): under TCG xfs and btrfs (with
+# raid6's boot-time benchmark) cost 2 s of every boot otherwise. Built-in filesystems have no entry.
+FS_MODULES: dict[str, tuple[str, ...]] = {fs.name: fs.modules for fs in FILESYSTEMS.values() if fs.modules}
 OPTIONAL_MODULES = ("crc32c_intel", "blake2b_generic", "xxhash_generic")  # others do the job if absent
 
-# Host binaries for the initramfs (the busybox-shell path); the virtiofs path uses the host's own.
-REQUIRED_BINARIES = ("dmsetup", "mke2fs", "e2fsck")
-OPTIONAL_BINARIES = ("mkfs.xfs", "xfs_repair", "mkfs.btrfs", "btrfs")
+# Host binaries for the initramfs (the busybox-shell path); the virtiofs path uses the host's.
+REQUIRED_BINARIES = tuple(dict.fromkeys(
+    ("dmsetup", *(b for fs in FILESYSTEMS.values() if fs.required for b in fs.binaries))))
+OPTIONAL_BINARIES = tuple(dict.fromkeys(
+    b for fs in FILESYSTEMS.values() if not fs.required for b in fs.binaries if b not in REQUIRED_BINARIES))
 
 # Which Debian package provides a missing piece, for the one-line error.
 PROVIDER = {
