@@ -24,6 +24,7 @@ from typing import Any
 
 from crashlab import report, stats
 from crashlab.campaign import CampaignError, Cell, Progress, run_matrix
+from crashlab.check.outcome import Outcome
 from crashlab.store import StateRow, Store
 
 EXIT_PASS = 0
@@ -32,7 +33,6 @@ EXIT_USAGE = 2  # a bad option (click and CrashlabError use 2)
 EXIT_BLIND = 3  # the known-unsafe configuration showed no failure: the gate cannot see failures
 EXIT_INCONCLUSIVE = 4  # states missing (a unit failed) or none checkable: no verdict either way
 
-FAILED = ("data-loss", *report.CORRUPT)
 SENSITIVITY = {"fs": "ext4", "cache": "unsafe", "barrier": "off"}
 FSCK_LINES = 25  # enough for e2fsck's pass summary and its first complaints
 VIOLATIONS_SHOWN = 5
@@ -80,7 +80,7 @@ class CellCheck:
     """One cell's stored outcomes against the number of states asked for."""
 
     cell: Cell
-    counts: Counter[str]
+    counts: Counter[Outcome]
     expected: int
 
     @property
@@ -97,7 +97,7 @@ class CellCheck:
 
     @property
     def errors(self) -> int:
-        return self.counts["checker-error"]
+        return self.counts[Outcome.CHECKER_ERROR]
 
     def describe(self) -> str:
         r = self.result
@@ -105,7 +105,7 @@ class CellCheck:
                 f"workload={self.cell.workload} window={self.cell.window_label}"
                 + ("" if self.cell.strategy == "random" else f" strategy={self.cell.strategy}")
                 + f": {rate_text(r.failed)} (corrupt {r.corrupt.k}, fsync data lost {r.lost.k})")
-        extra = [f"{self.errors} checker-error (not counted)"] if self.errors else []
+        extra = [f"{self.errors} {Outcome.CHECKER_ERROR} (not counted)"] if self.errors else []
         extra += [f"{self.missing} of {self.expected} states missing"] if self.missing else []
         return text + (f" [{'; '.join(extra)}]" if extra else "")
 
@@ -213,12 +213,12 @@ def _violation(v: Any) -> str:
 
 
 def failures(store: Store, cell: Cell) -> list[StateRow]:
-    return worst_first([r for r in store.states(cell.key) if r.outcome in FAILED])
+    return worst_first([r for r in store.states(cell.key) if Outcome(r.outcome).is_failure])
 
 
 def worst_first(rows: Sequence[StateRow]) -> list[StateRow]:
     """A corrupt filesystem before lost data: it is the one nobody can paper over."""
-    severity = {"unmountable": 0, "fs-inconsistent": 1, "data-loss": 2}
+    severity = {Outcome.UNMOUNTABLE: 0, Outcome.FS_INCONSISTENT: 1, Outcome.DATA_LOSS: 2}
     return sorted(rows, key=lambda r: (severity.get(r.outcome, 3), r.state_id))
 
 
