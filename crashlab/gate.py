@@ -24,6 +24,7 @@ from typing import Any
 
 from crashlab import report, stats
 from crashlab.campaign import CampaignError, Cell, Progress, run_matrix
+from crashlab.check.describe import describe_failure
 from crashlab.check.outcome import Outcome
 from crashlab.store import StateRow, Store
 
@@ -34,8 +35,6 @@ EXIT_BLIND = 3  # the known-unsafe configuration showed no failure: the gate can
 EXIT_INCONCLUSIVE = 4  # states missing (a unit failed) or none checkable: no verdict either way
 
 SENSITIVITY = {"fs": "ext4", "cache": "unsafe", "barrier": "off"}
-FSCK_LINES = 25  # enough for e2fsck's pass summary and its first complaints
-VIOLATIONS_SHOWN = 5
 STATES_DESCRIBED = 10  # in full; the rest by id, so a bad policy does not bury the verdict
 
 
@@ -186,34 +185,13 @@ def reproduce_command(state_id: str, store_path: Path, host_mount: bool = False)
 
 def describe_state(row: StateRow, store_path: Path, host_mount: bool = False) -> str:
     """One failing crash state: what a CI log must show for a human to act without the store."""
-    d = row.detail
-    out = [f"crash state {row.state_id}: {row.outcome} ({d.get('reason', 'no reason recorded')})"]
-    for v in d.get("violations", [])[:VIOLATIONS_SHOWN]:
-        out.append(f"  violation: {_violation(v)}")
-    if len(d.get("violations", [])) > VIOLATIONS_SHOWN:
-        out.append(f"  ... {len(d['violations']) - VIOLATIONS_SHOWN} more violation(s)")
-    fsck = d.get("fsck") or {}
-    if fsck:
-        rc = fsck.get("rc", fsck.get("returncode"))
-        out.append(f"  fsck: {shlex.join(map(str, fsck.get('argv', [])))} -> exit {rc}")
-        text = (str(fsck.get("stdout") or "") + str(fsck.get("stderr") or "")).rstrip().splitlines()
-        out += [f"    {line}" for line in text[:FSCK_LINES]]
-        if len(text) > FSCK_LINES:
-            out.append(f"    ... {len(text) - FSCK_LINES} more line(s)")
+    out = describe_failure(row.record)
     out.append(f"  reproduce: {reproduce_command(row.state_id, store_path, host_mount)}")
     return "\n".join(out)
 
 
-def _violation(v: Any) -> str:
-    if not isinstance(v, dict):
-        return str(v)
-    promise = v.get("promise") or {}
-    what = f"{promise.get('kind', '?')} promised at {promise.get('marker', '?')}" if promise else ""
-    return f"{v.get('path', '?')}: {v.get('found', v.get('message', '?'))}" + (f" ({what})" if what else "")
-
-
 def failures(store: Store, cell: Cell) -> list[StateRow]:
-    return worst_first([r for r in store.states(cell.key) if Outcome(r.outcome).is_failure])
+    return worst_first([r for r in store.states(cell.key) if r.outcome.is_failure])
 
 
 def worst_first(rows: Sequence[StateRow]) -> list[StateRow]:

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from crashlab import campaign, opgen
-from crashlab.check.outcome import Outcome
 from crashlab.opgen import Op
 
 
@@ -30,7 +29,7 @@ def still_fails(cell: campaign.Cell, ops: list[Op], states: int, *, host_mount: 
         rec = record(config, Path(tmp) / "rec")
         ids = campaign.generate_states(cell, rec.out_dir, states)
         unit = campaign.CheckUnit(cell, str(rec.out_dir), tuple(ids), host_mount)
-        return [r for r in campaign.run_check(unit) if Outcome(r.outcome).is_failure]
+        return [r for r in campaign.run_check(unit) if r.outcome.is_failure]
 
 
 def shrink(cell: campaign.Cell, *, states: int, max_ops: int, examples: int, seed: int,

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import lzma
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from crashlab import campaign, gate
 from crashlab.check import CheckRecord, Outcome, ToolRun
 from crashlab.check.describe import FSCK_LINES, VIOLATIONS_SHOWN, describe_failure, exit_text
+from crashlab.cli import cli
 from crashlab.oracle import Violation, file_state
+from crashlab.record import GuestOutputs
+from crashlab.store import Store
+
+FIXTURES = Path(__file__).parent / "data" / "logs"
 
 FSCK_ARGV = ["e2fsck", "-f", "-n", "/tmp/my x.img"]
 
@@ -102,3 +114,49 @@ def test_a_refused_read_only_mount_is_shown_but_a_successful_one_is_not() -> Non
 def test_a_record_without_reason_or_fsck_still_says_its_outcome() -> None:
     assert describe_failure(record(Outcome.CHECKER_ERROR, "")) == [
         "crash state abc-e12-r34: checker-error (no reason recorded)"]
+
+
+# --- on real crash states of a real log, through the store and `crashlab reproduce` ----------------
+
+FIXTURE_DISK = 256 << 20  # tests/data/README.md: every fixture log is of a 256 MiB data disk
+
+
+def fixture_recording(log: str, out: Path) -> GuestOutputs:
+    """A recording directory as a guest run leaves it, from a fixture log (no promises kept)."""
+    rec = GuestOutputs(out)
+    out.mkdir()
+    with lzma.open(FIXTURES / log) as src, rec.log.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with rec.image.open("wb") as f:
+        f.truncate(FIXTURE_DISK)
+    rec.promises.write_text("")
+    return rec
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="host loop mounts need root")
+def test_reproduce_and_the_gate_print_fscks_real_exit_code(tmp_path: Path) -> None:
+    # Barriers off, everything volatile may be lost: states that break in every way there is.
+    cell = campaign.Cell(fs="ext4", cache="unsafe", barrier="off", recorder="dm", window="inf")
+    rec = fixture_recording("ext4-dm-barrier-off.log.xz", tmp_path / "rec")
+    store_path = tmp_path / "store.sqlite"
+    ids = campaign.generate_states(cell, rec.out_dir, 6)
+    with Store(store_path) as store:
+        run = store.begin_run("test", {}, {})
+        store.put_cell(cell.key, cell.config(), run)
+        store.set_recording(cell.key, rec.out_dir, {})
+        for r in campaign.run_check(campaign.CheckUnit(cell, str(rec.out_dir), tuple(ids), host_mount=True)):
+            store.put_state(cell.key, r.state_id, r.outcome, r.detail, run)
+        rows = list(store.states(cell.key))
+    fscked = [r for r in rows if r.record.fsck is not None]
+    assert fscked, "no crash state of the fixture got as far as fsck"
+    for row in fscked:
+        assert row.record.fsck is not None
+        rc = row.record.fsck.rc
+        assert isinstance(rc, int)
+        fsck_line = re.compile(r"^  fsck: e2fsck .+ -> (.+)$", re.M)
+        described = fsck_line.findall(gate.describe_state(row, store_path))
+        assert described == [f"exit {rc}"]
+        out = CliRunner().invoke(cli, ["reproduce", row.state_id, "--store", str(store_path), "--host-mount"])
+        assert out.exit_code == 0, out.output
+        assert f"crash state {row.state_id}: {row.outcome} ({row.record.reason})" in out.output
+        assert fsck_line.findall(out.output) == [f"exit {rc}"]  # the state rebuilt gives what was stored
