@@ -28,6 +28,7 @@ from typing import Any
 import crashlab
 from crashlab import crashstates, logformat, model, recorders
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
+from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.recorders import Recorder
 from crashlab.store import Store
@@ -239,8 +240,12 @@ class CheckUnit:
 @dataclass
 class StateResult:
     state_id: str
-    outcome: str
-    detail: dict[str, Any]
+    outcome: Outcome
+    detail: dict[str, Any]  # the record's to_dict(), what the store keeps and a worker sends back
+
+    @property
+    def record(self) -> CheckRecord:
+        return CheckRecord.from_dict(self.detail)
 
 
 def run_record(unit: RecordUnit) -> dict[str, Any]:
@@ -304,7 +309,7 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
                 items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),
                                        promises=promises_path, present=present))
         for record in check_batch(items, host_mount=unit.host_mount):
-            results.append(StateResult(record.state_id, str(record.outcome), record.to_dict()))
+            results.append(StateResult(record.state_id, record.outcome, record.to_dict()))
             if keep_dir is None:
                 Path(record.image).unlink(missing_ok=True)
     return results

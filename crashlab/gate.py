@@ -25,6 +25,8 @@ from typing import Any
 from crashlab import report, stats
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import CampaignError, Cell, Progress, barrier_name, run_matrix
+from crashlab.check.describe import describe_failure
+from crashlab.check.outcome import Outcome
 from crashlab.store import StateRow, Store
 
 EXIT_PASS = 0
@@ -33,12 +35,9 @@ EXIT_USAGE = 2  # a bad option (click and CrashlabError use 2)
 EXIT_BLIND = 3  # the known-unsafe configuration showed no failure: the gate cannot see failures
 EXIT_INCONCLUSIVE = 4  # states missing (a unit failed) or none checkable: no verdict either way
 
-FAILED = ("data-loss", *report.CORRUPT)
 SENSITIVITY = {"fs": "ext4", "cache": CACHE_MODES["unsafe"], "barrier": False}
 DEFAULT_STATES = 32  # 0 of 32 bounds the failure rate below 9 % at 95 %
 DEFAULT_CELL = Cell(cache=CACHE_MODES["none"])
-FSCK_LINES = 25  # enough for e2fsck's pass summary and its first complaints
-VIOLATIONS_SHOWN = 5
 STATES_DESCRIBED = 10  # in full; the rest by id, so a bad policy does not bury the verdict
 
 
@@ -70,7 +69,7 @@ class CellCheck:
     """One cell's stored outcomes against the number of states asked for."""
 
     cell: Cell
-    counts: Counter[str]
+    counts: Counter[Outcome]
     expected: int
 
     @property
@@ -87,7 +86,7 @@ class CellCheck:
 
     @property
     def errors(self) -> int:
-        return self.counts["checker-error"]
+        return self.counts[Outcome.CHECKER_ERROR]
 
     def describe(self) -> str:
         r = self.result
@@ -95,7 +94,7 @@ class CellCheck:
                 f"workload={self.cell.workload} window={self.cell.window_label}"
                 + ("" if self.cell.strategy == "random" else f" strategy={self.cell.strategy}")
                 + f": {rate_text(r.failed)} (corrupt {r.corrupt.k}, fsync data lost {r.lost.k})")
-        extra = [f"{self.errors} checker-error (not counted)"] if self.errors else []
+        extra = [f"{self.errors} {Outcome.CHECKER_ERROR} (not counted)"] if self.errors else []
         extra += [f"{self.missing} of {self.expected} states missing"] if self.missing else []
         return text + (f" [{'; '.join(extra)}]" if extra else "")
 
@@ -181,39 +180,18 @@ def reproduce_command(state_id: str, store_path: Path, host_mount: bool = False)
 
 def describe_state(row: StateRow, store_path: Path, host_mount: bool = False) -> str:
     """One failing crash state: what a CI log must show for a human to act without the store."""
-    d = row.detail
-    out = [f"crash state {row.state_id}: {row.outcome} ({d.get('reason', 'no reason recorded')})"]
-    for v in d.get("violations", [])[:VIOLATIONS_SHOWN]:
-        out.append(f"  violation: {_violation(v)}")
-    if len(d.get("violations", [])) > VIOLATIONS_SHOWN:
-        out.append(f"  ... {len(d['violations']) - VIOLATIONS_SHOWN} more violation(s)")
-    fsck = d.get("fsck") or {}
-    if fsck:
-        rc = fsck.get("rc", fsck.get("returncode"))
-        out.append(f"  fsck: {shlex.join(map(str, fsck.get('argv', [])))} -> exit {rc}")
-        text = (str(fsck.get("stdout") or "") + str(fsck.get("stderr") or "")).rstrip().splitlines()
-        out += [f"    {line}" for line in text[:FSCK_LINES]]
-        if len(text) > FSCK_LINES:
-            out.append(f"    ... {len(text) - FSCK_LINES} more line(s)")
+    out = describe_failure(row.record)
     out.append(f"  reproduce: {reproduce_command(row.state_id, store_path, host_mount)}")
     return "\n".join(out)
 
 
-def _violation(v: Any) -> str:
-    if not isinstance(v, dict):
-        return str(v)
-    promise = v.get("promise") or {}
-    what = f"{promise.get('kind', '?')} promised at {promise.get('marker', '?')}" if promise else ""
-    return f"{v.get('path', '?')}: {v.get('found', v.get('message', '?'))}" + (f" ({what})" if what else "")
-
-
 def failures(store: Store, cell: Cell) -> list[StateRow]:
-    return worst_first([r for r in store.states(cell.key) if r.outcome in FAILED])
+    return worst_first([r for r in store.states(cell.key) if r.outcome.is_failure])
 
 
 def worst_first(rows: Sequence[StateRow]) -> list[StateRow]:
     """A corrupt filesystem before lost data: it is the one nobody can paper over."""
-    severity = {"unmountable": 0, "fs-inconsistent": 1, "data-loss": 2}
+    severity = {Outcome.UNMOUNTABLE: 0, Outcome.FS_INCONSISTENT: 1, Outcome.DATA_LOSS: 2}
     return sorted(rows, key=lambda r: (severity.get(r.outcome, 3), r.state_id))
 
 

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from crashlab import stats
+from crashlab.check.outcome import Outcome
 from crashlab.store import Store
 
-OUTCOMES = ("consistent", "data-loss", "fs-inconsistent", "unmountable", "checker-error")
-CORRUPT = ("fs-inconsistent", "unmountable")
+OUTCOMES = tuple(Outcome)  # the column order of every format
+# The terminal table's narrow column headings.
+SHORT = {Outcome.CONSISTENT: "ok", Outcome.DATA_LOSS: "loss", Outcome.FS_INCONSISTENT: "bad",
+         Outcome.UNMOUNTABLE: "unm", Outcome.CHECKER_ERROR: "err"}
 CELL_KEYS = ("fs", "cache", "barrier", "recorder", "workload", "window")
 MAIL_WIDTH = 72
 
@@ -30,25 +33,25 @@ MAIL_WIDTH = 72
 class CellResult:
     cell: str
     config: dict[str, Any]
-    counts: Counter[str]
+    counts: Counter[Outcome]
 
     @property
     def checked(self) -> int:
         """States that count: every state whose checkers worked."""
-        return sum(self.counts[o] for o in OUTCOMES if o != "checker-error")
+        return sum(self.counts[o] for o in OUTCOMES if o is not Outcome.CHECKER_ERROR)
 
     @property
     def corrupt(self) -> stats.Rate:
-        return stats.rate(sum(self.counts[o] for o in CORRUPT), self.checked)
+        return stats.rate(sum(self.counts[o] for o in OUTCOMES if o.is_fs_corruption), self.checked)
 
     @property
     def lost(self) -> stats.Rate:
-        return stats.rate(self.counts["data-loss"], self.checked)
+        return stats.rate(self.counts[Outcome.DATA_LOSS], self.checked)
 
     @property
     def failed(self) -> stats.Rate:
         """Corrupt or lost: what a gate refuses."""
-        return stats.rate(self.corrupt.k + self.lost.k, self.checked)
+        return stats.rate(sum(self.counts[o] for o in OUTCOMES if o.is_failure), self.checked)
 
     def label(self, keys: tuple[str, ...] = CELL_KEYS) -> str:
         return " ".join(f"{k}={self.config[k]}" for k in keys if k in self.config)
@@ -94,7 +97,7 @@ def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
     rows = []
     for c in cells:
         row: dict[str, Any] = {k: c.config.get(k, "") for k in CELL_KEYS}
-        row.update({"states": c.checked, **{o: c.counts[o] for o in OUTCOMES}})
+        row.update({"states": c.checked, **{str(o): c.counts[o] for o in OUTCOMES}})
         for name, r in (("corrupt", c.corrupt), ("lost", c.lost)):
             row[f"{name}_rate"] = round(r.value, 4) if r.n else None
             row[f"{name}_low"], row[f"{name}_high"] = round(r.low, 4), round(r.high, 4)
@@ -123,9 +126,9 @@ def terminal(cells: list[CellResult]) -> None:
 
     varying, fixed = split_keys(cells)
     table = Table(title="crash states: " + ", ".join(f"{k} {v}" for k, v in fixed.items()),
-                  caption="ok consistent · loss data-loss · bad fs-inconsistent · unm unmountable · "
-                  "err checker-error (not counted) · k rate [95 % Wilson interval], 0 (<=x%): 95 % bound")
-    for col in (*varying, "n", "ok", "loss", "bad", "unm", "err", "corrupt", "fsync data lost"):
+                  caption=" · ".join(f"{SHORT[o]} {o}" for o in OUTCOMES) + " (not counted) · "
+                  "k rate [95 % Wilson interval], 0 (<=x%): 95 % bound")
+    for col in (*varying, "n", *(SHORT[o] for o in OUTCOMES), "corrupt", "fsync data lost"):
         table.add_column(col, justify="left" if col in (*varying, "corrupt", "fsync data lost") else "right",
                          no_wrap=True)
     for c in cells:
@@ -178,9 +181,9 @@ def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str]) -> s
         vals = (c.config.get("fs", ""), c.config.get("cache", ""), c.config.get("barrier", ""),
                 c.config.get("workload", ""), c.checked, _short_rate(c.corrupt), _short_rate(c.lost))
         out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
-    errors = sum(c.counts["checker-error"] for c in cells)
+    errors = sum(c.counts[Outcome.CHECKER_ERROR] for c in cells)
     if errors:
-        out += ["", f"{errors} state(s) ended in checker-error (not counted above)."]
+        out += ["", f"{errors} state(s) ended in {Outcome.CHECKER_ERROR} (not counted above)."]
     windows = sorted({str(c.config.get("window", "")) for c in cells})
     recorders = sorted({str(c.config.get("recorder", "")) for c in cells})
     out += ["", f"Volatility window(s): {', '.join(windows)}; recorder(s): {', '.join(recorders)}."]

@@ -17,8 +17,6 @@ from pathlib import Path
 from crashlab import campaign, opgen
 from crashlab.opgen import Op
 
-FAILED = ("data-loss", "fs-inconsistent", "unmountable")
-
 
 def still_fails(cell: campaign.Cell, ops: list[Op], states: int, *, host_mount: bool = False,
                 workdir: Path | None = None) -> list[campaign.StateResult]:
@@ -31,7 +29,7 @@ def still_fails(cell: campaign.Cell, ops: list[Op], states: int, *, host_mount: 
         rec = record(config, Path(tmp) / "rec")
         ids = campaign.generate_states(cell, rec.out_dir, states)
         unit = campaign.CheckUnit(cell, str(rec.out_dir), tuple(ids), host_mount)
-        return [r for r in campaign.run_check(unit) if r.outcome in FAILED]
+        return [r for r in campaign.run_check(unit) if r.outcome.is_failure]
 
 
 def shrink(cell: campaign.Cell, *, states: int, max_ops: int, examples: int, seed: int,

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from crashlab.check.outcome import CheckRecord, Outcome
+
 DEFAULT_PATH = Path("results") / "crashlab.sqlite"
 
 SCHEMA = """
@@ -52,8 +54,8 @@ CREATE INDEX IF NOT EXISTS states_by_id ON states(state_id);
 class StateRow:
     cell: str
     state_id: str
-    outcome: str
-    detail: dict[str, Any]
+    outcome: Outcome
+    record: CheckRecord  # the check as stored: outputs clipped, violations as JSON
     run_id: int | None
 
 
@@ -121,42 +123,47 @@ class Store:
 
     # --- states -------------------------------------------------------------------------------
 
-    def put_state(self, cell: str, state_id: str, outcome: str, detail: dict[str, Any],
+    def put_state(self, cell: str, state_id: str, outcome: Outcome, detail: dict[str, Any],
                   run_id: int | None = None) -> bool:
-        """Record one outcome; False if this state of this cell was already recorded."""
+        """Record one outcome, `detail` being its `CheckRecord.to_dict()`; False if this state of
+        this cell was already recorded."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO states (cell, state_id, outcome, detail, run_id, checked) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (cell, state_id, outcome, _dump(detail), run_id, time.time()))
+            "VALUES (?, ?, ?, ?, ?, ?)", (cell, state_id, str(outcome), _dump(detail), run_id, time.time()))
         return cur.rowcount == 1
 
     def done(self, cell: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT state_id FROM states WHERE cell = ?", (cell,))}
 
-    def counts(self, cell: str) -> Counter[str]:
+    def counts(self, cell: str) -> Counter[Outcome]:
         rows = self.db.execute(
             "SELECT outcome, count(*) FROM states WHERE cell = ? GROUP BY outcome", (cell,))
-        return Counter(dict(rows.fetchall()))
+        return Counter({Outcome(o): n for o, n in rows.fetchall()})
 
-    def states(self, cell: str | None = None, outcome: str | None = None) -> Iterator[StateRow]:
+    def states(self, cell: str | None = None, outcome: Outcome | None = None) -> Iterator[StateRow]:
         sql = "SELECT cell, state_id, outcome, detail, run_id FROM states WHERE 1"
         args: list[str] = []
         if cell is not None:
             sql, args = sql + " AND cell = ?", [*args, cell]
         if outcome is not None:
-            sql, args = sql + " AND outcome = ?", [*args, outcome]
+            sql, args = sql + " AND outcome = ?", [*args, str(outcome)]
         for r in self.db.execute(sql + " ORDER BY cell, state_id", args):
-            yield StateRow(r[0], r[1], r[2], json.loads(r[3]), r[4])
+            yield _state(r)
 
     def find_state(self, state_id: str) -> list[StateRow]:
         """Every cell's row for a crash-state id (an id names one image of one recorded log, so
         more than one row means the same state was checked in cells sharing a recording)."""
         rows = self.db.execute("SELECT cell, state_id, outcome, detail, run_id FROM states "
                                "WHERE state_id = ?", (state_id,))
-        return [StateRow(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+        return [_state(r) for r in rows]
 
 
 def _dump(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _state(r: tuple[Any, ...]) -> StateRow:
+    return StateRow(r[0], r[1], Outcome(r[2]), CheckRecord.from_dict(json.loads(r[3])), r[4])
 
 
 def _cell(r: tuple[Any, ...]) -> CellRow:

@@ -105,9 +105,22 @@ def test_classify(recovery: StepVerdict, fsck: StepVerdict | None, tree: StepVer
     assert oc.classify(recovery, fsck, tree, violations)[0] is expected
 
 
-def test_checker_error_is_not_corruption() -> None:
-    assert not Outcome.CHECKER_ERROR.is_corruption and not Outcome.CONSISTENT.is_corruption
-    assert all(o.is_corruption for o in (Outcome.DATA_LOSS, Outcome.FS_INCONSISTENT, Outcome.UNMOUNTABLE))
+PREDICATES = [  # outcome, is_fs_corruption, is_failure
+    (Outcome.CONSISTENT, False, False),
+    (Outcome.DATA_LOSS, False, True),  # the filesystem is fine, a promise is not: a failure, not corrupt
+    (Outcome.FS_INCONSISTENT, True, True),
+    (Outcome.UNMOUNTABLE, True, True),
+    (Outcome.CHECKER_ERROR, False, False),  # our tooling failed: never counted against the filesystem
+]
+
+
+@pytest.mark.parametrize(("outcome", "fs_corruption", "failure"), PREDICATES)
+def test_outcome_predicates(outcome: Outcome, fs_corruption: bool, failure: bool) -> None:
+    assert outcome.is_fs_corruption is fs_corruption and outcome.is_failure is failure
+
+
+def test_every_outcome_has_its_predicates_tested() -> None:
+    assert [p[0] for p in PREDICATES] == list(Outcome)
 
 
 def test_record_round_trips_through_json() -> None:
@@ -362,7 +375,7 @@ def test_hung_fsck_is_checker_error(fs: str, clean_images: dict[str, Path], tmp_
             image = copy(image, tmp_path / "dirty.img")
     rec = check_image(image, fs, "hang", host_mount=True, timeout=1.0)
     assert rec.outcome is Outcome.CHECKER_ERROR, rec.to_dict()
-    assert "hung" in rec.reason and not rec.outcome.is_corruption
+    assert "hung" in rec.reason and not rec.outcome.is_failure
     run_ = rec.recovery if fs in ("ext4", "ext3") else rec.fsck
     assert run_ and run_.timed_out and run_.seconds < 10
     no_leaks()
@@ -487,7 +500,7 @@ def test_crashing_oracle_on_the_mount_is_checker_error_as_on_a_copy(clean_images
     on_mount, on_copy, nofile = check_batch(items, host_mount=True)
     for rec in (on_mount, on_copy):
         assert rec.outcome is Outcome.CHECKER_ERROR and rec.reason == CRASHED_ORACLE, rec.to_dict()
-        assert not rec.oracle_ran and not rec.outcome.is_corruption
+        assert not rec.oracle_ran and not rec.outcome.is_failure
     assert nofile.outcome is Outcome.CHECKER_ERROR and "FileNotFoundError" in nofile.reason, nofile.to_dict()
     no_leaks()
 

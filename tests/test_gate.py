@@ -13,6 +13,7 @@ import pytest
 from crashlab import gate
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import CampaignError, Cell
+from crashlab.check import CheckRecord, Outcome, ToolRun
 from crashlab.store import StateRow, Store
 
 # --- decision logic (pure) ------------------------------------------------------------------------
@@ -103,14 +104,14 @@ def test_policy_refuses_what_cannot_be_tested_rather_than_dropping_it() -> None:
         Cell.parse({"cache": "writebak"})
 
 
-def row(state_id: str, outcome: str, **detail: object) -> StateRow:
-    return StateRow("cell", state_id, outcome, dict(detail), 1)
+def row(state_id: str, outcome: str, reason: str = "", **detail: object) -> StateRow:
+    rec = CheckRecord(state_id, "/tmp/x.img", "ext4", Outcome(outcome), reason, "host", **detail)  # type: ignore[arg-type]
+    return StateRow("cell", state_id, Outcome(outcome), CheckRecord.from_dict(rec.to_dict()), 1)
 
 
 def test_a_failing_state_description_has_id_outcome_fsck_and_a_runnable_reproduce_command() -> None:
-    fsck = {"argv": ["e2fsck", "-f", "-n", "/tmp/x.img"], "rc": 4,
-            "stdout": "Pass 1: Checking inodes\n" + "".join(f"line {i}\n" for i in range(40)),
-            "stderr": "e2fsck 1.47.0\n"}
+    fsck = ToolRun(["e2fsck", "-f", "-n", "/tmp/x.img"], 4,
+                   "Pass 1: Checking inodes\n" + "".join(f"line {i}\n" for i in range(40)), "e2fsck 1.47.0\n")
     violations = [{"path": f"inbox/msg{i}", "found": "no entry",
                    "promise": {"kind": "file", "marker": f"deliver-{i}"}} for i in range(7)]
     text = gate.describe_state(row("abc-e12-r34", "fs-inconsistent", reason="e2fsck exit 4: errors found",

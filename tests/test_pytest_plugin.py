@@ -7,6 +7,7 @@ is handed that store, so each cell is recorded and checked once per session.
 
 from __future__ import annotations
 
+import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -149,8 +150,9 @@ def test_gate_suite_fails_an_unsafe_policy_naming_each_crash_state(pytester: pyt
         for where in (out, reported):
             assert f"crash state {r.state_id}: {r.outcome}" in where
             assert f"crashlab reproduce {r.state_id} --store {gate_store} --host-mount" in where
-    fsck = bad[0].detail["fsck"]
-    assert f"fsck: {' '.join(fsck['argv'])} -> exit {fsck['rc']}" in out
+    fsck = bad[0].record.fsck
+    assert fsck is not None and fsck.rc is not None
+    assert f"fsck: {shlex.join(fsck.argv)} -> exit {fsck.rc}" in out
     assert "Captured crashlab call" in out  # the cell's rates as a report section
 
 

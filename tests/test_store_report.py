@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from crashlab import report
+from crashlab.check import CheckRecord, Outcome, ToolRun
 from crashlab.store import Store
 
 CELLS = {
@@ -23,6 +24,13 @@ CELLS = {
 }
 
 
+def checked(state_id: str, outcome: str) -> dict[str, object]:
+    """What the campaign stores for a state: its check record."""
+    fsck = ToolRun(["e2fsck", "-fn", f"{state_id}.img"], 4 if outcome == Outcome.FS_INCONSISTENT else 0)
+    rec = CheckRecord(state_id, f"{state_id}.img", "ext4", Outcome(outcome), "why", "host", fsck=fsck)
+    return rec.to_dict()
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     s = Store(tmp_path / "r.sqlite")
@@ -32,14 +40,15 @@ def store(tmp_path: Path) -> Store:
         n = 0
         for outcome, count in outcomes.items():
             for _ in range(count):
-                assert s.put_state(cell, f"s{n}", outcome, {"fsck": "..."}, run)
+                assert s.put_state(cell, f"s{n}", Outcome(outcome), checked(f"s{n}", outcome), run)
                 n += 1
     return s
 
 
 def test_store_is_wal_and_never_counts_a_state_twice(store: Store) -> None:
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert not store.put_state("ext4/writeback/on", "s0", "fs-inconsistent", {})
+    assert not store.put_state("ext4/writeback/on", "s0", Outcome.FS_INCONSISTENT,
+                               checked("s0", "fs-inconsistent"))
     assert store.counts("ext4/writeback/on") == {"consistent": 30}
     assert len(store.done("ext4/unsafe/off")) == 30
 
@@ -52,6 +61,15 @@ def test_store_survives_reopen(store: Store) -> None:
         assert [r["command"] for r in again.runs()] == ["crashlab matrix"]
         rows = again.find_state("s3")
         assert {r.cell for r in rows} == set(CELLS)
+
+
+def test_stored_rows_read_back_as_typed_check_records(store: Store) -> None:
+    rows = list(store.states("ext4/unsafe/off", Outcome.FS_INCONSISTENT))
+    assert len(rows) == 6
+    for r in rows:
+        assert r.outcome is Outcome.FS_INCONSISTENT and r.record.outcome is Outcome.FS_INCONSISTENT
+        assert r.record.state_id == r.state_id and r.record.fsck and r.record.fsck.rc == 4
+    assert set(store.counts("ext4/unsafe/off")) <= set(Outcome)
 
 
 def test_rates_add_up(store: Store) -> None:

@@ -21,8 +21,14 @@ class Outcome(enum.StrEnum):
     CHECKER_ERROR = "checker-error"  # our tooling failed: never counted as corruption
 
     @property
-    def is_corruption(self) -> bool:
-        return self in (Outcome.DATA_LOSS, Outcome.FS_INCONSISTENT, Outcome.UNMOUNTABLE)
+    def is_fs_corruption(self) -> bool:
+        """The filesystem itself is broken after recovery: what a report counts as `corrupt`."""
+        return self in (Outcome.FS_INCONSISTENT, Outcome.UNMOUNTABLE)
+
+    @property
+    def is_failure(self) -> bool:
+        """Corrupt or lost fsynced data: what a gate refuses and a shrink keeps."""
+        return self.is_fs_corruption or self is Outcome.DATA_LOSS
 
 
 class Verdict(enum.StrEnum):

@@ -12,6 +12,7 @@ import click
 
 from crashlab import campaign, report
 from crashlab.cachemodes import CACHE_MODES
+from crashlab.check.describe import describe_failure
 from crashlab.cli import CrashlabError
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.store import DEFAULT_PATH, Store
@@ -260,17 +261,14 @@ def reproduce_command(state_id: str, store_path: Path, keep: Path | None, host_m
     if as_json:
         click.echo(json.dumps(result.detail, indent=2))
     else:
-        d = result.detail
         click.echo(f"state     {state_id}\ncell      {cell.key}\nrecording {recording}")
-        click.echo(f"outcome   {result.outcome} ({d.get('reason', '')})")
+        # All of it, not the gate's first lines: this is where a human comes to read everything.
+        first, *rest = describe_failure(result.record, output_lines=None, violations=None)
+        click.echo(first)
         if rows and rows[0].outcome != result.outcome:
             click.echo(f"stored    {rows[0].outcome} (differs: see the notes below)")
-        for v in d.get("violations", []):
-            click.echo(f"violation {v.get('message', v) if isinstance(v, dict) else v}")
-        fsck = (d.get("fsck") or {})
-        if fsck:
-            click.echo(f"fsck      {' '.join(fsck.get('argv', []))} -> exit {fsck.get('returncode')}")
-            click.echo((fsck.get("stdout", "") + fsck.get("stderr", "")).rstrip())
+        for line in rest:
+            click.echo(line)
     if keep:
         click.echo(f"\nimage kept at {keep}; inspect it with, e.g.:\n"
                    f"  e2fsck -fn {keep}        (ext4; xfs_repair -n / btrfs check --readonly)\n"

@@ -19,7 +19,7 @@ from crashlab.cli import CrashlabError
 from crashlab.crashstates import sparse_copy
 from crashlab.filesystems import FILESYSTEMS
 
-EXIT_CORRUPT, EXIT_CHECKER_ERROR = 1, 3
+EXIT_FAILURE, EXIT_CHECKER_ERROR = 1, 3
 
 
 def present_seqs(points: Sequence[tuple[int, str]], markers: Sequence[str]) -> set[int] | None:
@@ -83,8 +83,8 @@ def command(images: tuple[Path, ...], fs: str, promises: Path | None, markers: t
             as_json: bool) -> None:
     """Recover crash IMAGES (journal/log replay) and check them: fsck, then the workload's oracle.
 
-    Exit status: 0 all consistent, 1 some corruption (data-loss, fs-inconsistent, unmountable),
-    3 some checker-error and no corruption.
+    Exit status: 0 all consistent, 1 some failure (data-loss, fs-inconsistent or unmountable),
+    3 some checker-error and no failure.
     """
     if state_ids and len(state_ids) != len(images):
         raise CrashlabError(f"--state-id given {len(state_ids)} times for {len(images)} images")
@@ -110,8 +110,8 @@ def command(images: tuple[Path, ...], fs: str, promises: Path | None, markers: t
     if not as_json:
         _table(records)
     outcomes = {r.outcome for r in records}
-    if any(o.is_corruption for o in outcomes):
-        raise SystemExit(EXIT_CORRUPT)
+    if any(o.is_failure for o in outcomes):
+        raise SystemExit(EXIT_FAILURE)
     if Outcome.CHECKER_ERROR in outcomes:
         raise SystemExit(EXIT_CHECKER_ERROR)
 
