@@ -511,7 +511,8 @@ def state_rows(store: Store, state_id: str) -> Iterator[tuple[Cell, Path]]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
     except (OSError, ValueError):
         return {}
 

@@ -35,7 +35,8 @@ EXIT_USAGE = 2  # a bad option (click and CrashlabError use 2)
 EXIT_BLIND = 3  # the known-unsafe configuration showed no failure: the gate cannot see failures
 EXIT_INCONCLUSIVE = 4  # states missing (a unit failed) or none checkable: no verdict either way
 
-SENSITIVITY = {"fs": "ext4", "cache": CACHE_MODES["unsafe"], "barrier": False}
+# The known-unsafe reference: only its fs, cache mode and barrier; the rest comes from the policy.
+SENSITIVITY = Cell(fs="ext4", cache=CACHE_MODES["unsafe"], barrier=False)
 DEFAULT_STATES = 32  # 0 of 32 bounds the failure rate below 9 % at 95 %
 DEFAULT_CELL = Cell(cache=CACHE_MODES["none"])
 STATES_DESCRIBED = 10  # in full; the rest by id, so a bad policy does not bury the verdict
@@ -61,7 +62,8 @@ class Policy:
     def sensitivity_cell(self) -> Cell:
         """The known-unsafe reference: its own window (the host's dirty expiry), everything that
         shapes what the gate can see (workload, recorder, seed, crash model) from the policy."""
-        return replace(self.cell, **SENSITIVITY, window="default").validate()
+        return replace(self.cell, fs=SENSITIVITY.fs, cache=SENSITIVITY.cache, barrier=SENSITIVITY.barrier,
+                       window="default").validate()
 
 
 @dataclass(frozen=True)

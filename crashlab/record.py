@@ -303,7 +303,8 @@ def summarize_log(log: Path, truncate: bool) -> dict[str, Any] | None:
 
 def _read_json(p: Path) -> dict[str, Any]:
     try:
-        return json.loads(p.read_text())
+        value = json.loads(p.read_text())
+        return value if isinstance(value, dict) else {}
     except (OSError, ValueError):
         return {}
 

@@ -13,6 +13,7 @@ import io
 import json
 import textwrap
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,9 @@ def plot(cells: list[CellResult], path: Path, title: str = "") -> None:
         labels = [f"{c.config.get('cache')} barrier={c.config.get('barrier')} {c.config.get('workload')}"
                   for c in mine]
         xs = range(len(mine))
-        for offset, (name, get, colour) in enumerate((("corrupt", lambda c: c.corrupt, "tab:red"),
-                                                      ("fsync data lost", lambda c: c.lost, "tab:blue"))):
+        series: tuple[tuple[str, Callable[[CellResult], stats.Rate], str], ...] = (
+            ("corrupt", lambda c: c.corrupt, "tab:red"), ("fsync data lost", lambda c: c.lost, "tab:blue"))
+        for offset, (name, get, colour) in enumerate(series):
             rates = [get(c) for c in mine]
             ys = [100 * r.value if r.n else 0 for r in rates]
             err = [[max(0.0, y - 100 * r.low) for y, r in zip(ys, rates, strict=True)],

@@ -28,7 +28,7 @@ def _store_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed([
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--states", type=int, default=None, help="Crash states per cell [default: 12]."),
         click.option("--seed", type=int, default=None, help="Workload and crash-state seed [default: 1]."),
         click.option("--scale", type=int, default=None, help="Workload size (1 = small) [default: 1]."),
@@ -45,7 +45,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Mount crash images on this host, not in a checker guest (disposable hosts only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress display (CI)."),
         _store_option,
-    ]):
+    ]
+    for opt in reversed(options):
         f = opt(f)
     return f
 
@@ -104,16 +105,16 @@ def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: S
 def _progress_lines(cells: int, states: int, every_s: float = 15.0) -> Callable[[campaign.Progress], None]:
     """Progress for a log file or a CI console: a plain line when something changed, at most every
     `every_s` seconds, and always when the work is done."""
-    last = [0.0, ()]
+    last_at, last_state = [0.0], [(-1, -1)]
 
     def show(p: campaign.Progress) -> None:
         now = time.monotonic()
         state = (p.recorded, p.states_done)
         total = max(p.states_total, cells * states)
         done = p.recorded == cells and p.states_done >= total
-        if state == last[1] or (now - last[0] < every_s and not done):
+        if state == last_state[0] or (now - last_at[0] < every_s and not done):
             return
-        last[:] = [now, state]
+        last_at[0], last_state[0] = now, state
         left = total - p.states_done
         eta = f", about {left / p.rate / 60:.0f} min left" if p.rate > 0 and left else ""
         click.echo(f"progress: cells recorded {p.recorded}/{cells}, states checked {p.states_done}/{total} "
