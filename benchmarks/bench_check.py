@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crashlab import crashstates
-from crashlab.check import CheckItem, check_batch
+from crashlab.check.runner import CheckItem, check_batch
 from crashlab.filesystems import FILESYSTEMS, filesystem
 from crashlab.oracle import load_promises
 from crashlab.workload import WorkloadContext, load

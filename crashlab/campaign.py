@@ -29,9 +29,14 @@ import crashlab
 from crashlab import crashstates, logformat, model, recorders
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
 from crashlab.check.outcome import CheckRecord, Outcome
+from crashlab.check.runner import CheckItem, check_batch
+from crashlab.check.tools import tool_versions
 from crashlab.filesystems import FILESYSTEMS
+from crashlab.oracle import load_promises
+from crashlab.record import GuestOutputs, RecordConfig, record, tool_version
 from crashlab.recorders import Recorder
 from crashlab.store import Store
+from crashlab.workload import available
 
 STATES_PER_UNIT = 8  # states per checker-guest boot: bounds what an interrupt can lose
 DEFAULT_WORKLOADS = ("smallfiles", "nofsync")
@@ -136,7 +141,6 @@ class Cell:
                             torn=self.torn or None)
 
     def record_config(self) -> Any:
-        from crashlab.record import RecordConfig
 
         return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier,
                             data_mode=self.data_mode, recorder=self.recorder, workload=self.workload,
@@ -151,7 +155,6 @@ class Cell:
         if self.strategy not in crashstates.STRATEGIES:
             raise CampaignError(f"unknown strategy {self.strategy!r}; "
                                 f"valid: {', '.join(crashstates.STRATEGIES)}")
-        from crashlab.workload import available
 
         if self.workload not in available():
             raise CampaignError(f"unknown workload {self.workload!r}; available: {', '.join(available())}")
@@ -251,7 +254,6 @@ class StateResult:
 def run_record(unit: RecordUnit) -> dict[str, Any]:
     """Record one cell; returns its run.json. Records into a temporary sibling and renames, so a
     half-written recording is never mistaken for a finished one."""
-    from crashlab.record import record
 
     final = Path(unit.out_dir)
     tmp = final.with_name(final.name + ".partial")
@@ -276,9 +278,6 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
     """Build each state's image and check it: one checker-guest boot for the whole unit. Images
     are thrown away as they are checked, unless `keep_dir` is given; `before_check` sees each
     image as built, before recovery writes to it."""
-    from crashlab.check.runner import CheckItem, check_batch
-    from crashlab.oracle import load_promises
-    from crashlab.record import GuestOutputs
 
     rec = GuestOutputs(Path(unit.recording))
     promises_path = rec.promises
@@ -344,7 +343,6 @@ def cell_model(cell: Cell, recording: Path, entries: list[logformat.Entry]) -> m
 
 def generate_states(cell: Cell, recording: Path, count: int) -> list[str]:
     """The cell's first `count` crash-state ids, deterministic from its seed."""
-    from crashlab.record import GuestOutputs
 
     with logformat.open_log(GuestOutputs(recording).log) as reader:
         m = cell_model(cell, recording, reader.index())
@@ -375,8 +373,6 @@ Executor = Callable[[int], cf.Executor]
 
 
 def versions(fs: Iterable[str]) -> dict[str, str]:
-    from crashlab.check.tools import tool_versions
-    from crashlab.record import tool_version
 
     v = {"crashlab": crashlab.__version__,
          "qemu": tool_version("qemu-system-x86_64", "--version")}

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from crashlab import campaign, opgen
 from crashlab.opgen import Op
+from crashlab.record import record
 
 
 def still_fails(cell: campaign.Cell, ops: list[Op], states: int, *, host_mount: bool = False,
                 workdir: Path | None = None) -> list[campaign.StateResult]:
     """The failing crash states of `ops` run as `cell`'s workload (empty: it survived)."""
-    from crashlab.record import record
 
     cell = replace(cell, workload="ops")
     config = replace(cell.record_config(), params=(("ops", opgen.dumps(ops)),))

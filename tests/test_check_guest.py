@@ -29,8 +29,9 @@ from test_checkers import (
     zero,
 )
 
-from crashlab.check import CheckItem, CheckRecord, Outcome, check_batch
 from crashlab.check.guest import MAX_DISKS, GuestMounts
+from crashlab.check.outcome import CheckRecord, Outcome
+from crashlab.check.runner import CheckItem, check_batch
 from crashlab.oracle import Violation
 
 pytestmark = [pytest.mark.guest,

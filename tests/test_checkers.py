@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from crashlab.check import CheckItem, CheckRecord, HostMounts, Outcome, ToolRun, check_batch, check_image
 from crashlab.check import outcome as oc
-from crashlab.check.outcome import StepVerdict, Verdict
+from crashlab.check.mounts import HostMounts
+from crashlab.check.outcome import CheckRecord, Outcome, StepVerdict, ToolRun, Verdict
+from crashlab.check.runner import CheckItem, check_batch, check_image
 from crashlab.check.tools import run_tool
 
 FIXTURES = Path(__file__).parent / "data" / "logs"

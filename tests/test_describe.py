@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from crashlab import campaign, gate
-from crashlab.check import CheckRecord, Outcome, ToolRun
 from crashlab.check.describe import FSCK_LINES, VIOLATIONS_SHOWN, describe_failure, exit_text
+from crashlab.check.outcome import CheckRecord, Outcome, ToolRun
 from crashlab.cli import cli
 from crashlab.oracle import Violation, file_state
 from crashlab.record import GuestOutputs

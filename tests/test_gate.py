@@ -13,7 +13,7 @@ import pytest
 from crashlab import gate
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import CampaignError, Cell
-from crashlab.check import CheckRecord, Outcome, ToolRun
+from crashlab.check.outcome import CheckRecord, Outcome, ToolRun
 from crashlab.store import StateRow, Store
 
 # --- decision logic (pure) ------------------------------------------------------------------------

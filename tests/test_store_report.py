@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from crashlab import report
-from crashlab.check import CheckRecord, Outcome, ToolRun
+from crashlab.check.outcome import CheckRecord, Outcome, ToolRun
 from crashlab.store import Store
 
 CELLS = {

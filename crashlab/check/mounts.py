@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from crashlab import filesystems
 from crashlab.check.outcome import ToolRun, violation_to_json
 from crashlab.check.tools import run_tool
+from crashlab.oracle import load_promises
 
 MOUNT_TIMEOUT = 120.0
 MNT_EX_FAIL = 32  # what mount(8) and umount(8) exit with when the call fails
@@ -90,7 +91,6 @@ _PROMISES: dict[tuple[str, int, int], Any] = {}  # (path, mtime, size) -> Promis
 def run_oracle(tree: Path, spec: OracleSpec) -> tuple[list[Any], str]:
     """Violations (as the record keeps them, JSON) and an error: a promises file that cannot be
     loaded or an oracle that raises is workload code failing, the checker's fault, not the image's."""
-    from crashlab.oracle import load_promises
 
     try:
         st = os.stat(spec.promises)

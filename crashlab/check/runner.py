@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from crashlab import filesystems
 from crashlab.check import outcome as oc
+from crashlab.check.guest import GuestMounts
 from crashlab.check.mounts import (
     MOUNT_TIMEOUT,
     HostMounts,
@@ -38,6 +39,7 @@ from crashlab.check.mounts import (
 )
 from crashlab.check.outcome import CheckRecord, StepVerdict, Verdict
 from crashlab.check.tools import DEFAULT_TIMEOUT, run_tool
+from crashlab.oracle import Violation, load_promises
 
 Oracle = Callable[[Path], Sequence[Any]]  # recovered tree -> violated promises (empty: all kept)
 Ext4Recovery = Literal["e2fsck", "mount"]
@@ -95,7 +97,6 @@ def _copy_oracle(item: CheckItem) -> Oracle:
     spec = item.oracle_spec
 
     def oracle(tree: Path) -> list[Any]:
-        from crashlab.oracle import load_promises
 
         assert spec is not None
         return load_promises(spec.promises).check(tree, spec.present)
@@ -104,7 +105,6 @@ def _copy_oracle(item: CheckItem) -> Oracle:
 
 def _from_json(v: Any) -> Any:
     """A violation as the oracle made it, where it is crashlab.oracle's: the same record either way."""
-    from crashlab.oracle import Violation
 
     if isinstance(v, dict) and v.keys() - {"message"} == {"path", "promise", "found"}:
         return Violation(v["path"], v["promise"], v["found"])
@@ -207,12 +207,7 @@ def check_batch(items: Iterable[CheckItem], *, host_mount: bool = False, backend
     """
     with contextlib.ExitStack() as stack:
         if backend is None:
-            if host_mount:
-                backend = HostMounts()
-            else:
-                from crashlab.check.guest import GuestMounts
-
-                backend = stack.enter_context(GuestMounts(**guest_options))
+            backend = HostMounts() if host_mount else stack.enter_context(GuestMounts(**guest_options))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crashlab-check-")))
         it = iter(items)
         while batch := list(itertools.islice(it, chunk)):

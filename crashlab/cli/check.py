@@ -13,7 +13,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from crashlab.check import CheckItem, CheckRecord, Oracle, Outcome, check_batch
+from crashlab.check.outcome import CheckRecord, Outcome
+from crashlab.check.runner import CheckItem, Oracle, check_batch
 from crashlab.check.tools import DEFAULT_TIMEOUT
 from crashlab.cli import CrashlabError
 from crashlab.crashstates import sparse_copy
