@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from test_checkers import (
     CRASHED_ORACLE,
-    FSES,
     SUPERBLOCK,
     A,
     a_promised,
@@ -33,6 +32,10 @@ from crashlab.check.guest import MAX_DISKS, GuestMounts
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.oracle import Violation
+
+# One boot holds MAX_DISKS images: ext3 (mounted by the ext4 driver, checked by e2fsprogs like ext4)
+# is covered on the host path in test_checkers.py.
+FSES = ("ext4", "xfs", "btrfs")
 
 pytestmark = [pytest.mark.guest,
               pytest.mark.skipif(os.geteuid() != 0, reason="image preparation uses loop mounts (root)"),
