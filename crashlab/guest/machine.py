@@ -274,7 +274,7 @@ class Machine:
             if self.qmp is not None:
                 try:
                     self.qmp.close()
-                except OSError as e:
+                except (OSError, EOFError) as e:  # QEMU may be gone mid-handshake
                     log.debug("%s: closing QMP: %s", self.name, e)
                 self.qmp = None
             for d in self.daemons:
