@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import crashlab
-from crashlab import logformat
+from crashlab import logformat, proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.guest import transport as transports
@@ -190,10 +189,12 @@ OUTPUTS = ("write.log", "data.img", "promises.jsonl", "console.log", "workload.o
 @functools.cache
 def tool_version(*argv: str) -> str:
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        r = proc.run(argv, 10)
+    except OSError as e:
         return f"unavailable ({e})"
-    out = (r.stdout + r.stderr).strip().splitlines()
+    if r.timed_out:
+        return "unavailable (no answer in 10 s)"
+    out = r.text.strip().splitlines()
     return out[0].strip() if out else "unknown"
 
 

@@ -7,15 +7,12 @@ and they run at native speed instead of under TCG.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Sequence
 
-from crashlab import filesystems
+from crashlab import filesystems, proc
 from crashlab.check.outcome import ToolRun
 
 DEFAULT_TIMEOUT = 120.0
@@ -24,9 +21,9 @@ DEFAULT_TIMEOUT = 120.0
 def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> ToolRun:
     """Run `argv`, never raising for the tool's own failures: those are data for the record.
 
-    The tool gets its own session so that a timeout kills the whole group: a hung fsck wrapper's
-    children would otherwise keep the output pipes open. Plain `subprocess` rather than `sh`: under
-    TCG in the checker guest every spawn costs tenths of a second, and sh's threads add half again.
+    crashlab.proc runs it: its own process group (a timeout kills the wrapper's children too), death
+    with crashlab, a bounded wait for the pipes. Plain `subprocess` rather than `sh`: under TCG in
+    the checker guest every spawn costs tenths of a second, and sh's threads add half again.
     """
     argv = [str(a) for a in argv]
     run = ToolRun(argv=argv)
@@ -38,19 +35,12 @@ def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> ToolRun:
         run.error = f"{argv[0]} not found"
         return run
     # Pipes, not ptys: a guest has none.
-    proc = subprocess.Popen([path, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        run.timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()  # keeps what was read before the timeout
+    done = proc.run([path, *argv[1:]], timeout)
+    run.timed_out = done.timed_out
+    run.rc = done.returncode  # None: killed at the deadline; negative: killed from elsewhere
+    run.stdout = _text(done.stdout)
+    run.stderr = _text(done.stderr)
     run.seconds = time.monotonic() - t0
-    run.rc = None if run.timed_out else proc.returncode  # negative: killed by a signal from elsewhere
-    run.stdout = _text(out)
-    run.stderr = _text(err)
     return run
 
 

@@ -14,7 +14,6 @@ with `unsafe` a flush never reaches the log, and `write-cache=` on the virtio-bl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from types import TracebackType
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from crashlab import proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.guest.inguest.init import PROBE_OK
 from crashlab.guest.provision import ProvisionError, cache_root, file_identity, missing, which
@@ -96,10 +96,10 @@ def drive_args(index: int, drive: Drive) -> list[str]:
 
 
 def _pdeathsig() -> None:
-    # Runs in the child between fork and exec: die with the host process, and ignore the
-    # terminal's SIGINT (the host shuts the guest down in order).
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # Runs in the child between fork and exec: die with the host process. The child also gets a
+    # session of its own (start_new_session), so the terminal's Ctrl-C reaches only crashlab,
+    # which shuts the guest down in order; QEMU would otherwise quit on it by itself, mid-cleanup.
+    proc.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -197,7 +197,8 @@ class Machine:
             assert self.virtiofsd
             self.daemons.append(subprocess.Popen(
                 s.daemon_argv(self.virtiofsd, sock, tmp),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_pdeathsig))
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_pdeathsig,
+                start_new_session=True))
             log.close()
             vfs_socks.append(sock)
         for sock, d in zip(vfs_socks, self.daemons, strict=True):
@@ -206,7 +207,8 @@ class Machine:
         self.qmp = QEMUMonitorProtocol(str(qmp_sock), server=True)
         qlog = open(tmp / "qemu.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(self.argv(qmp_sock, vfs_socks, console), stdin=subprocess.DEVNULL,
-                                        stdout=qlog, stderr=qlog, preexec_fn=_pdeathsig)
+                                        stdout=qlog, stderr=qlog, preexec_fn=_pdeathsig,
+                                        start_new_session=True)
         qlog.close()
         try:
             self.qmp.accept(timeout=min(30.0, self.timeout))
@@ -363,7 +365,10 @@ def _stop(p: subprocess.Popen[bytes], grace: float) -> str:
 # --- versions and acceleration -----------------------------------------------------------------
 
 def qemu_version(qemu: str | None = None) -> str:
-    out = subprocess.run([find_qemu(qemu), "--version"], capture_output=True, text=True, check=True).stdout
+    try:
+        out = proc.check([find_qemu(qemu), "--version"], 30)
+    except proc.ToolError as e:
+        raise MachineError(str(e)) from None
     return out.splitlines()[0].strip()
 
 

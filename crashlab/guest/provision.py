@@ -18,15 +18,16 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from crashlab import proc
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.guest.inguest import init as guest_init
 
+TOOL_TIMEOUT_S = 600.0  # apt-get download of a kernel on a slow mirror; everything else is quicker
 FORMAT = 1  # bump when the initramfs layout changes in a way the inputs below do not capture
 SERIES = "6.1"
 FLAVOUR = "cloud-amd64"
@@ -187,15 +188,12 @@ class Guest:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
-def _run(*argv: str, cwd: str | Path | None = None) -> str:
-    """A short host command; its stderr's last line becomes the error."""
-    import sh
-
+def _run(*argv: str, cwd: str | Path | None = None, timeout: float = TOOL_TIMEOUT_S) -> str:
+    """A host command under a deadline; its stderr's last line becomes the error."""
     try:
-        return str(sh.Command(argv[0])(*argv[1:], _cwd=str(cwd) if cwd else None, _tty_out=False))
-    except sh.ErrorReturnCode as e:
-        last = (e.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
-        raise ProvisionError(f"{' '.join(argv[:3])}: {last}") from None
+        return proc.check(argv, timeout, cwd=cwd)
+    except proc.ToolError as e:
+        raise ProvisionError(str(e)) from None
 
 
 def fetch_kernel(package: str | None = None, cache: Path | None = None) -> tuple[Path, str, str, str]:
@@ -248,9 +246,9 @@ def _libraries(binaries: Iterable[str]) -> list[str]:
     ldd = which("ldd")
     libs: list[str] = []
     for b in binaries:
-        r = subprocess.run([ldd, b], capture_output=True, text=True, check=False)
+        r = proc.run([ldd, b], TOOL_TIMEOUT_S)
         if r.returncode == 0:  # non-zero: a static binary
-            libs += [lib for lib in parse_ldd(r.stdout) if lib not in libs]
+            libs += [lib for lib in parse_ldd(r.stdout.decode(errors="replace")) if lib not in libs]
     return libs
 
 
@@ -337,10 +335,12 @@ def provision(kernel: str | Path | None = None, modules: str | Path | None = Non
         (stage / "init").write_text(init_text)
         (stage / "init").chmod(0o755)
         # Uncompressed: under TCG the kernel unpacks a plain cpio faster than it inflates a gzip one.
-        files = subprocess.run(["find", "."], cwd=stage, capture_output=True, check=True).stdout
-        with open(tmp / "initrd.img", "wb") as out:
-            subprocess.run([cpio, "--quiet", "-o", "-H", "newc"], cwd=stage, input=files,
-                           stdout=out, check=True)
+        files = _run("find", ".", cwd=stage)
+        archive = proc.run([cpio, "--quiet", "-o", "-H", "newc"], TOOL_TIMEOUT_S, cwd=stage,
+                           input=files.encode())
+        if archive.returncode != 0:
+            raise ProvisionError(f"cpio: {archive.text.strip() or 'failed'}")
+        (tmp / "initrd.img").write_bytes(archive.stdout)
         shutil.rmtree(stage)
         shutil.copy2(kernel_path, tmp / "vmlinuz")
         guest = Guest(kernel=guest_dir / "vmlinuz", initrd=guest_dir / "initrd.img",

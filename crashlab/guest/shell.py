@@ -32,14 +32,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crashlab import markers, oracle
+from crashlab import markers, oracle, proc
 from crashlab.guest.job import GuestJob, GuestRun, JobError, boot, read_guest_file
 from crashlab.guest.machine import Machine
 from crashlab.guest.provision import Guest, _libraries, which
@@ -189,10 +188,12 @@ def build_initrd(base: Path, job: dict[str, Any], p: Plan, dest: Path) -> Path:
             copy = stage / lib.lstrip("/")
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(os.path.realpath(lib), copy)
-        names = subprocess.run(["find", ".", "-mindepth", "1"], cwd=stage, capture_output=True,
-                               check=True).stdout
-        extra = subprocess.run([which("cpio"), "--quiet", "-o", "-H", "newc"], cwd=stage, input=names,
-                               capture_output=True, check=True).stdout
+        names = proc.check(["find", ".", "-mindepth", "1"], 60, cwd=stage)
+        archive = proc.run([which("cpio"), "--quiet", "-o", "-H", "newc"], 120, cwd=stage,
+                           input=names.encode())
+        if archive.returncode != 0:
+            raise JobError(f"cpio for the shell transport's initramfs: {archive.text.strip() or 'failed'}")
+        extra = archive.stdout
     with open(dest, "wb") as out:
         out.write(base.read_bytes())
         out.write(b"\0" * (-out.tell() % 4))  # each archive starts 4-byte aligned

@@ -54,6 +54,7 @@ mount --bind /out $R/run/crashlab/out || fail "cannot bind the out share"
 mkdir -p $R/run/crashlab/modules && mount --bind /lib/modules $R/run/crashlab/modules
 say "userspace at $(cut -d' ' -f1 /proc/uptime) s"
 chroot $R /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root DM_DISABLE_UDEV=1 \
+    CRASHLAB_IN_GUEST=1 \
     TMPDIR=/run/crashlab/tmp SQLITE_TMPDIR=/run/crashlab/tmp \
     PYTHONPATH="$CRASHLAB_PROJECT" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     "$CRASHLAB_PYTHON" -m crashlab.guest.inguest /run/crashlab/out/job.json

@@ -1,0 +1,63 @@
+"""External tools: a deadline that always returns, and no tool that outlives crashlab."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crashlab import proc
+from crashlab.check.tools import run_tool
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_hung_tool_whose_child_holds_stdout_still_times_out(tmp_path: Path) -> None:
+    # The grandchild leaves the tool's process group (setsid) and keeps the pipes open: killing the
+    # group does not end it, and a plain communicate() would wait for it for ever.
+    pidfile = tmp_path / "grandchild"
+    script = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 600' & echo started; sleep 600"
+    t0 = time.monotonic()
+    r = run_tool(["sh", "-c", script], timeout=1.0)
+    took = time.monotonic() - t0
+    assert r.timed_out and r.rc is None
+    assert took < 1.0 + proc.DRAIN_S + 2, took
+    grandchild = int(pidfile.read_text())
+    os.kill(grandchild, signal.SIGKILL)
+
+
+def test_a_tool_dies_with_a_killed_crashlab(tmp_path: Path) -> None:
+    pidfile = tmp_path / "tool"
+    code = ("import sys; from crashlab import proc; "
+            f"proc.run(['sh', '-c', 'echo $$ > {pidfile}; exec sleep 600'], 600)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    end = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    tool = int(pidfile.read_text())
+    assert _alive(tool)
+    parent.kill()  # SIGKILL: no cleanup code runs in the parent
+    parent.wait()
+    end = time.monotonic() + 5
+    while _alive(tool) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not _alive(tool), "the tool outlived its crashlab"
+
+
+def test_check_raises_one_line_for_failure_and_hang() -> None:
+    with pytest.raises(proc.ToolError, match=r"^sh -c echo no >&2; exit 3: no$"):
+        proc.check(["sh", "-c", "echo no >&2; exit 3"], 10)
+    with pytest.raises(proc.ToolError, match="no answer after 1 s"):
+        proc.check(["sleep", "30"], 1)
+    assert proc.check(["sh", "-c", "echo yes"], 10) == "yes\n"
