@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import crashlab
-from crashlab import crashstates, logformat, model, recorders
+from crashlab import crashstates, logformat, model, recorders, rundir, signals
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
@@ -252,19 +251,29 @@ class StateResult:
 
 
 def run_record(unit: RecordUnit) -> dict[str, Any]:
-    """Record one cell; returns its run.json. Records into a temporary sibling and renames, so a
-    half-written recording is never mistaken for a finished one."""
-
+    """Record one cell; returns its run.json. Records into a temporary sibling named for this
+    process and renames, so a half-written recording is never mistaken for a finished one and two
+    campaigns recording the same cell do not share a directory (the first to finish wins)."""
     final = Path(unit.out_dir)
-    tmp = final.with_name(final.name + ".partial")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f"{final.name}.partial-*"):  # left by a killed campaign
+        if not rundir.owner_alive(rundir.PREFIX + stale.name.rpartition(".partial-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f"{final.name}.partial-{rundir.owner_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         rec = record(unit.cell.record_config(), tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "run.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another campaign recorded it first: use theirs
+        return _read_json(final / "run.json")
     return rec.run
 
 
@@ -407,57 +416,49 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
             pending[pool.submit(_unit, run_check, unit)] = ("check", cell, unit)
 
     # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored, leave nothing running.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
-    try:
-        waiting: dict[Path, list[Cell]] = {}  # recordings under way -> the other cells that need them
-        for cell in cells:
-            store.put_cell(cell.key, cell.config(), run_id)
-            rec_dir = recordings / cell.recording_slug
-            if (rec_dir / "run.json").exists():
-                prog.recorded += 1
-                store.set_recording(cell.key, rec_dir, _read_json(rec_dir / "run.json"))
-                schedule_checks(cell, rec_dir)
-            elif rec_dir in waiting:
-                waiting[rec_dir].append(cell)
-            else:
-                waiting[rec_dir] = []
-                unit = RecordUnit(cell, str(rec_dir))
-                pending[pool.submit(_unit, run_record, unit)] = ("record", cell, rec_dir)
-        on_progress(prog)
-        while pending:
-            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for fut in finished:
-                kind, cell, what = pending.pop(fut)
-                try:
-                    result = fut.result()
-                except Exception as e:  # one broken cell must not sink the matrix
-                    sharers = waiting.pop(what, []) if kind == "record" else []
-                    prog.failed_units += [f"{kind} {c.key}: {e}" for c in (cell, *sharers)]
-                    continue
-                if kind == "record":
-                    for c in (cell, *waiting.pop(what, [])):
-                        store.set_recording(c.key, what, result)
-                        prog.recorded += 1
-                        schedule_checks(c, what)
+    with signals.sigterm_raises():
+        try:
+            waiting: dict[Path, list[Cell]] = {}  # recordings under way -> the other cells that need them
+            for cell in cells:
+                store.put_cell(cell.key, cell.config(), run_id)
+                rec_dir = recordings / cell.recording_slug
+                if (rec_dir / "run.json").exists():
+                    prog.recorded += 1
+                    store.set_recording(cell.key, rec_dir, _read_json(rec_dir / "run.json"))
+                    schedule_checks(cell, rec_dir)
+                elif rec_dir in waiting:
+                    waiting[rec_dir].append(cell)
                 else:
-                    for r in result:
-                        if store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
-                            prog.states_done += 1
-                on_progress(prog)
-    except BaseException:
-        _abandon(pool)
-        raise
-    else:
-        pool.shutdown(wait=True)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+                    waiting[rec_dir] = []
+                    unit = RecordUnit(cell, str(rec_dir))
+                    pending[pool.submit(_unit, run_record, unit)] = ("record", cell, rec_dir)
+            on_progress(prog)
+            while pending:
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    kind, cell, what = pending.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as e:  # one broken cell must not sink the matrix
+                        sharers = waiting.pop(what, []) if kind == "record" else []
+                        prog.failed_units += [f"{kind} {c.key}: {e}" for c in (cell, *sharers)]
+                        continue
+                    if kind == "record":
+                        for c in (cell, *waiting.pop(what, [])):
+                            store.set_recording(c.key, what, result)
+                            prog.recorded += 1
+                            schedule_checks(c, what)
+                    else:
+                        for r in result:
+                            if store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
+                                prog.states_done += 1
+                    on_progress(prog)
+        except BaseException:
+            _abandon(pool)
+            raise
+        else:
+            pool.shutdown(wait=True)
     return prog
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _abandon(pool: cf.Executor) -> None:

@@ -320,11 +320,21 @@ def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Gues
     g = run.get("guest", {})
     if run.get("error") or g.get("status") != "done":
         why = run.get("error") or g.get("error") or f"guest status {g.get('status', 'unknown')}"
-        raise RecordError(f"recording {config.describe()} failed: {why} (see {rec.console})")
+        raise RecordError(f"recording {config.describe()} failed: {why}{full_disk_hint(rec.out_dir)} "
+                          f"(see {rec.console})")
     if g.get("workload_status"):
         raise RecordError(f"workload {config.workload} exited {g['workload_status']}: "
                           f"{g.get('workload_error', '')} (see {rec.out_dir / 'workload.out'})")
     return rec
+
+
+def full_disk_hint(path: Path, low: int = 64 << 20) -> str:
+    """A full host disk reaches the guest as EIO (werror=report): say so beside the guest's error."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f"; the host filesystem under {path} has only {free >> 20} MiB free" if free < low else ""
 
 
 def timings(run: dict[str, Any]) -> dict[str, float]:

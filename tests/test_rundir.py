@@ -34,3 +34,27 @@ def test_owner_tags_tell_a_reused_pid_apart() -> None:
     pid = os.getpid()
     assert not rundir.owner_alive(f"{rundir.PREFIX}{pid}-1")  # same pid, another start time
     assert not rundir.owner_alive(f"{rundir.PREFIX}x-1") and not rundir.owner_alive(rundir.PREFIX)
+
+
+def test_signals_unwind_and_exit_130_and_143(tmp_path: Path) -> None:
+    # A CLI command blocked in a tool: SIGTERM and SIGINT both unwind (the tool is killed, the run
+    # directory removed) and give their documented exit statuses.
+    import signal
+    import time
+
+    code = ("import sys; from crashlab import proc, cli, rundir; import click\n"
+            "@cli.cli.command('block-for-test')\n"
+            "def block() -> None:\n"
+            "    print(rundir.scratch(), flush=True); proc.run(['sleep', '600'], 600)\n"
+            "sys.argv = ['crashlab', 'block-for-test']; cli.main()\n")
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+        assert p.stdout is not None
+        scratch = Path(p.stdout.readline().strip())
+        assert scratch.is_dir()
+        time.sleep(0.3)
+        p.send_signal(sig)
+        assert p.wait(20) == status, p.stderr.read() if p.stderr else ""
+        assert not scratch.exists()
+        assert subprocess.run(["pgrep", "-f", "sleep 600", "-P", str(p.pid)], capture_output=True).returncode

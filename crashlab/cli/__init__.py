@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from crashlab import __version__, rundir
+from crashlab import __version__, rundir, signals
 
 
 class CrashlabError(click.ClickException):
@@ -41,9 +41,19 @@ _load_commands()
 
 
 def main() -> None:
+    """Exit statuses: 0 done, 1 a finding (damage, failures: per command), 2 bad input, 130 Ctrl-C,
+    143 SIGTERM; after an interrupt everything this run started is stopped and removed first."""
     rundir.enter()
     try:
-        cli.main(prog_name="crashlab")
-    except KeyboardInterrupt:
+        with signals.sigterm_raises():
+            status = cli.main(prog_name="crashlab", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(signals.EXIT_INTERRUPTED)
+    except signals.Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(signals.EXIT_TERMINATED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)

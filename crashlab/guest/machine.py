@@ -89,7 +89,10 @@ def drive_args(index: int, drive: Drive) -> list[str]:
         args += ["-blockdev", ",".join([
             "driver=blklogwrites", f"node-name={top}", f"file={file_node}", f"log=disk{index}-log",
             f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={cache['cache.no-flush']}"])]
-    dev = ["virtio-blk-pci", f"drive={top}", f"write-cache={c.device_write_cache}"]
+    # werror/rerror=report: a host error (a full disk above all) reaches the guest as EIO. QEMU's
+    # default stops the VM on ENOSPC, and the run would wait out its whole deadline for nothing.
+    dev = ["virtio-blk-pci", f"drive={top}", f"write-cache={c.device_write_cache}", "werror=report",
+           "rerror=report"]
     if drive.serial:
         dev.append(f"serial={drive.serial}")
     return [*args, "-device", ",".join(dev)]

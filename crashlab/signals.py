@@ -1,0 +1,42 @@
+"""SIGTERM as an exception, so that a killed run unwinds like an interrupted one.
+
+Ctrl-C raises KeyboardInterrupt where the process is, and every context manager on the way out
+removes its guest, its mounts and its files. A plain `kill` would end the process with none of
+that; raising `Terminated` from the handler gives it the same unwinding, then exit status 143.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM. A BaseException, like KeyboardInterrupt: no `except Exception`
+    may swallow it."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated (only the main thread can install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
