@@ -9,7 +9,7 @@ import click
 
 from crashlab import crashstates, logformat, model
 from crashlab.cachemodes import CACHE_MODES, UnknownCacheMode
-from crashlab.cli import CrashlabError
+from crashlab.cli import CrashlabError, input_error, salvaged
 
 
 @click.group("crash")
@@ -33,9 +33,14 @@ def command() -> None:
 @click.option("--strategy", type=click.Choice(crashstates.STRATEGIES), default="random", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also build every state's image as OUT/ID.img.")
+@click.option("--salvage", is_flag=True,
+              help="Use a damaged log's complete entries instead of refusing it (exit status 3).")
 def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window: str | None,
-             baseline: str, torn: str | None, strategy: str, out: Path | None) -> None:
-    """Print COUNT crash-state ids for LOG, then a summary."""
+             baseline: str, torn: str | None, strategy: str, out: Path | None, salvage: bool) -> None:
+    """Print COUNT crash-state ids for LOG, then a summary.
+
+    Exits 1 refusing a damaged log, 2 on bad input (nothing written), 3 after --salvage used one.
+    """
     try:
         cfg = model.config(recorder, cache, window, None if baseline == "none" else baseline,
                            int(torn) if torn else None)
@@ -43,6 +48,8 @@ def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window
         raise CrashlabError(str(e)) from None
     try:
         with logformat.open_log(log) as reader:
+            if not salvage:
+                reader.require_intact()
             digest = crashstates.log_digest(reader)
             m = model.LogModel(reader.index(), cfg)
             camp = crashstates.generate(m, digest, count, seed, strategy)
@@ -50,17 +57,18 @@ def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window
                 click.echo(st.id)
             built = ""
             if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise CrashlabError(f"{out}: cannot make the directory: {e.strerror}") from None
                 t0 = time.monotonic()
                 with crashstates.Materializer(reader, m, digest) as mat:
                     for st in camp.states:
                         mat.build(st, out / f"{st.id}.img")
                 dt = time.monotonic() - t0
                 built = f"built {len(camp.states)} images in {out} in {dt:.2f} s"
-    except logformat.LogFormatError as e:
-        raise CrashlabError(str(e)) from None
-    except crashstates.CrashStateError as e:
-        raise CrashlabError(str(e)) from None
+    except logformat.InputError as e:
+        raise input_error(e) from None
     summary = camp.summary(m)
     click.echo(f"# {log.name} sha256 {digest[:crashstates.DIGEST_CHARS]} recorder {cfg.recorder} "
                f"cache {cfg.cache.name} strategy {strategy} seed {seed}"
@@ -69,20 +77,29 @@ def generate(log: Path, cache: str, recorder: str, count: int, seed: int, window
         click.echo(f"#   {k}: {v}", err=True)
     if built:
         click.echo(f"# {built}", err=True)
+    if reader.damage is not None:
+        salvaged(log, reader.damage)
 
 
 @command.command("build")
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("state_id", metavar="ID")
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--size", type=click.IntRange(min=1), default=None,
+@click.option("--size", type=click.IntRange(1, logformat.MAX_OFFSET), default=None,
               help="Image size in bytes (default: the furthest offset the log touches).")
-def build(log: Path, state_id: str, image: Path, size: int | None) -> None:
-    """Rebuild the image of crash state ID from LOG into IMAGE."""
+@click.option("--salvage", is_flag=True,
+              help="Use a damaged log's complete entries instead of refusing it (exit status 3).")
+def build(log: Path, state_id: str, image: Path, size: int | None, salvage: bool) -> None:
+    """Rebuild the image of crash state ID from LOG into IMAGE.
+
+    Exits 1 refusing a damaged log, 2 on bad input (IMAGE untouched), 3 after --salvage used one.
+    """
     try:
-        r = crashstates.build_one(log, state_id, image, size)
-    except (logformat.LogFormatError, crashstates.CrashStateError) as e:
-        raise CrashlabError(str(e)) from None
+        r, damage = crashstates.build_one(log, state_id, image, size, salvage)
+    except logformat.InputError as e:
+        raise input_error(e) from None
     click.echo(f"{image}: crash after {r.cp.end} entries, base at op {r.cp.stable}, "
                f"{len(r.chosen)}/{len(r.cp.volatile)} volatile ops persisted"
                + (f", {len(r.tears)} torn" if r.tears else ""))
+    if damage is not None:
+        salvaged(log, damage)
