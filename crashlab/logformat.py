@@ -208,7 +208,7 @@ class Summary:
     markers: int = 0
     ticks: int = 0
     recovered_beyond_superblock: int = 0
-    log_bytes: int = 0
+    log_bytes: int = 0  # of an .xz: what was inflated, through the header that ends the log
     damage: str | None = None
 
     def as_dict(self) -> dict[str, object]:
