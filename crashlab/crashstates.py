@@ -47,7 +47,7 @@ _TORN_SALT = 0x746F726E  # keeps the tear draws independent of the subset draw
 TEAR_PROBABILITY = 0.25
 
 
-class CrashStateError(ValueError):
+class CrashStateError(logformat.InputError, ValueError):
     """A bad or foreign crash-state id, or a state the log cannot have."""
 
 
@@ -99,6 +99,8 @@ class CrashState:
 
 
 _SEL = re.compile(r"a|n|x[0-9a-f]+|r[0-9a-f]{1,16}")
+# ASCII digits only (str.isdigit takes "²", int() then fails) and few enough for int() to take.
+_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
 def parse_id(text: str) -> CrashState:
@@ -122,11 +124,12 @@ def parse_id(text: str) -> CrashState:
                 baseline = base64.b32decode(b32 + "=" * (-len(b32) % 8)).decode() if b32 else None
             except (ValueError, UnicodeDecodeError):
                 raise CrashStateError(f"{bad}: bad baseline field {f!r}") from None
-        elif f.startswith("t") and f[1:].isdigit():
+        elif f.startswith("t") and _NUMBER.fullmatch(f[1:]):
             torn = int(f[1:])
         else:
             raise CrashStateError(f"{bad}: unknown field {f!r}")
-    if window is None or not end_s.startswith("e") or not end_s[1:].isdigit() or not _SEL.fullmatch(sel):
+    if window is None or not end_s.startswith("e") or not _NUMBER.fullmatch(end_s[1:]) \
+            or not _SEL.fullmatch(sel):
         raise CrashStateError(f"{bad}: expected DIGEST-RECORDER-CACHE-wWINDOW[-bBASE][-tUNIT]-eEND-SEL")
     try:
         cfg = model.config(rec, cache, window, baseline, torn)
@@ -377,10 +380,17 @@ class Materializer:
                  size: int | None = None) -> None:
         self.reader, self.model, self.digest = reader, m, digest
         self.size = image_size(reader.index()) if size is None else size
-        self._dir = tempfile.TemporaryDirectory(prefix="crashlab-base-", dir=workdir or default_workdir())
-        self.base = Path(self._dir.name) / "base.img"
-        self._fd = os.open(self.base, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.size)
+        where = workdir or default_workdir() or tempfile.gettempdir()
+        with _writing(f"a {self.size}-byte base image in {where}"):
+            self._dir = tempfile.TemporaryDirectory(prefix="crashlab-base-", dir=where)
+            self.base = Path(self._dir.name) / "base.img"
+            self._fd = -1
+            try:
+                self._fd = os.open(self.base, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(self._fd, self.size)
+            except OSError:
+                self.close()
+                raise
         self._at = 0  # ops [0, _at) are applied to the base
         self.rebuilds = 0
 
@@ -393,6 +403,10 @@ class Materializer:
         return resolve(self.model, state)
 
     def _advance(self, stable: int) -> None:
+        with _writing(f"the base image {self.base}"):
+            self._advance_base(stable)
+
+    def _advance_base(self, stable: int) -> None:
         if stable < self._at:
             os.ftruncate(self._fd, 0)
             os.ftruncate(self._fd, self.size)
@@ -423,15 +437,25 @@ class Materializer:
                     os.pwrite(fd, data[off - e.offset:off - e.offset + length], off)
 
     def build(self, state: CrashState, dest: str | os.PathLike[str]) -> Resolved:
-        """Write the state's image to `dest` (a sparse copy of the base plus the state's ops)."""
+        """Write the state's image to `dest` (a sparse copy of the base plus the state's ops).
+
+        Built beside `dest` and renamed onto it, so a failed build leaves no half image there."""
         r = self.resolve(state)
         self._advance(r.cp.stable)
-        sparse_copy(self.base, dest)
-        fd = os.open(dest, os.O_RDWR)
-        try:
-            self._apply(fd, r.ops(), None)
-        finally:
-            os.close(fd)
+        dest = Path(dest)
+        with _writing(dest):
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            try:
+                os.fchmod(fd, 0o644)
+                sparse_copy(self.base, tmp)
+                self._apply(fd, r.ops(), None)
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            finally:
+                os.close(fd)
         return r
 
     @contextlib.contextmanager
@@ -442,7 +466,8 @@ class Materializer:
         self._advance(r.cp.stable)
         undo: list[tuple[int, bytes]] = []
         try:
-            self._apply(self._fd, r.ops(), undo)
+            with _writing(f"the base image {self.base}"):
+                self._apply(self._fd, r.ops(), undo)
             yield self.base
         finally:
             for off, old in reversed(undo):
@@ -452,7 +477,9 @@ class Materializer:
                     os.pwrite(self._fd, old, off)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._dir.cleanup()
 
     def __enter__(self) -> Materializer:
@@ -462,11 +489,25 @@ class Materializer:
         self.close()
 
 
+@contextlib.contextmanager
+def _writing(what: object) -> Iterator[None]:
+    """OSError while writing an image as ImageError naming it: a full disk, a missing directory or
+    a file too large for its filesystem is the user's to fix, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise logformat.ImageError(f"{what}: cannot write: {e.strerror or e}") from None
+
+
 def build_one(log: str | os.PathLike[str], state_id: str, dest: str | os.PathLike[str],
-              size: int | None = None) -> Resolved:
-    """Rebuild one state's image from its id (`crashlab crash build`)."""
+              size: int | None = None, salvage: bool = False) -> tuple[Resolved, logformat.Damage | None]:
+    """Rebuild one state's image from its id (`crashlab crash build`), and the damage salvaged
+    past, if any. A damaged log is refused (LogDamagedError) unless `salvage`: its complete entries
+    are then the log. Nothing is written to `dest` before the id, the log and the state check out."""
     state = parse_id(state_id)
     with logformat.open_log(log) as reader:
+        if not salvage:
+            reader.require_intact()
         digest = log_digest(reader)
         try:
             m = LogModel(reader.index(), state.cfg)
@@ -474,4 +515,4 @@ def build_one(log: str | os.PathLike[str], state_id: str, dest: str | os.PathLik
             raise CrashStateError(f"crash state {state.id}: {e}") from None
         with Materializer(reader, m, digest, size=size) as mat:
             r = mat.build(state, dest)
-    return r
+        return r, reader.damage

@@ -13,6 +13,9 @@ QEMU only on a flush or every 4096 entries, and never at all with cache.no-flush
 scans on past it and stops at the first header that cannot be valid, reporting how many entries it
 recovered beyond the count. Data stays in the file: entries carry offsets and data is read through
 an mmap on demand, so a log of any size costs memory only for its headers.
+
+Nothing but `InputError` leaves this module for bad input: a log is untrusted bytes, and the reader
+is fuzzed (tests/test_fuzz.py) to hold to that.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import errno
 import lzma
 import mmap
 import os
-import shutil
+import stat
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO, BinaryIO
 
-from crashlab import markers
+from crashlab import markers, rundir
 
 MAGIC = 0x6A736677736872
 VERSION = 1
@@ -49,10 +53,25 @@ _SUPER = struct.Struct("<QQQI")
 _ENTRY = struct.Struct("<QQQQ")
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 _ZEROS = bytes(max(SECTOR_SIZES))
+# File offsets are signed 64-bit (loff_t): no device, image or log can reach past this byte.
+MAX_OFFSET = (1 << 63) - 1
+_INFLATE_CHUNK = 1 << 20
 
 
-class LogFormatError(Exception):
+class InputError(Exception):
+    """Bad input named in one line: the only error type the reader and the builder let escape."""
+
+
+class LogFormatError(InputError):
     """The file is not a dm-log-writes log, or is damaged where it cannot be scanned past."""
+
+
+class LogDamagedError(LogFormatError):
+    """A log damaged inside the entries its superblock promises, used where that was not allowed."""
+
+
+class ImageError(InputError):
+    """An image or output path that cannot be written (a missing directory, a full disk, EFBIG)."""
 
 
 def flag_names(flags: int) -> str:
@@ -189,68 +208,121 @@ class Summary:
     markers: int = 0
     ticks: int = 0
     recovered_beyond_superblock: int = 0
-    log_bytes: int = 0
+    log_bytes: int = 0  # of an .xz: what was inflated, through the header that ends the log
     damage: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+def parse_header(head: bytes, ss: int) -> tuple[int, int, int, int] | str:
+    """(sector, nr_sectors, flags, data_len) of the `ss`-byte entry header `head`, or why it cannot
+    be one. Only what the header itself shows: whether its data fits the log is the caller's."""
+    sector, nr_sectors, flags, data_len = _ENTRY.unpack_from(head, 0)
+    if flags & ~KNOWN_FLAGS:
+        return f"unknown flags {flags:#x}"
+    if flags & MARK:
+        if nr_sectors or not 0 < data_len <= ss - _ENTRY.size:
+            return f"mark with {nr_sectors} sectors and name length {data_len}"
+        pad_from = _ENTRY.size + data_len
+    else:
+        if data_len:
+            return f"data_len {data_len} on a non-mark entry"
+        if not nr_sectors and not flags & FLUSH:
+            return "empty entry without FLUSH (end of log)"
+        pad_from = _ENTRY.size
+    if head[pad_from:ss] != _ZEROS[:ss - pad_from]:
+        return "non-zero padding after the header"
+    if nr_sectors and (sector + nr_sectors) * ss > MAX_OFFSET:
+        # Not a device but an overflow: no file offset reaches it, so no recorder can have logged it.
+        return f"{flag_names(flags)} of {nr_sectors} sectors at sector {sector} ends past byte 2^63"
+    return sector, nr_sectors, flags, data_len
+
+
+def data_bytes(nr_sectors: int, flags: int, ss: int) -> int:
+    """Bytes of data that follow an entry's header in the log (none for discards and marks)."""
+    return nr_sectors * ss if nr_sectors and not flags & (DISCARD | MARK) else 0
+
+
+def choose_sector_size(sb: Superblock, requested: int | None, name: str,
+                       header_fits: Callable[[int], bool]) -> int:
+    """The log's sector size: the one asked for, the superblock's, or for a blank superblock the
+    first whose first header parses and whose data fits (`header_fits(size)`)."""
+    if requested is not None:
+        if requested not in SECTOR_SIZES:
+            raise LogFormatError(f"sector size {requested} is not one of {SECTOR_SIZES}")
+        return requested
+    if sb.valid:
+        return sb.sector_size
+    if not sb.blank:
+        raise LogFormatError(
+            f"{name}: not a dm-log-writes log: bad superblock at byte offset 0 "
+            f"(magic {sb.magic:#x}, version {sb.version}, sector size {sb.sector_size})")
+    # A blank superblock (QEMU, cache.no-flush): the first header that parses decides.
+    for size in SECTOR_SIZES:
+        if header_fits(size):
+            return size
+    raise LogFormatError(f"{name}: blank superblock and no valid entry at any sector size")
+
+
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device"}
+
+
+def open_input(path: Path, name: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file or a block device, else LogFormatError.
+
+    O_NONBLOCK so that a FIFO is refused instead of blocking the open until a writer comes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise LogFormatError(f"{name}: cannot open: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        what = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise LogFormatError(f"{name}: is {what}, not a log file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 class LogReader:
     """A dm-log-writes log opened for reading, scanned lazily through an mmap."""
 
-    def __init__(self, path: str | os.PathLike[str], sector_size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], sector_size: int | None = None,
+                 name: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
-        self._file = self.path.open("rb")
-        self.size = os.fstat(self._file.fileno()).st_size
-        if self.path.is_block_device():
-            self.size = self._file.seek(0, os.SEEK_END)
+        self.name = str(path if name is None else name)  # what messages call it: the user's file
+        self._file = open_input(self.path, self.name)
+        st = os.fstat(self._file.fileno())
+        self.size = self._file.seek(0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         if self.size < 512:
-            self.close()
-            raise LogFormatError(f"{self.path}: {self.size} bytes is too short for a log superblock")
-        self._map = mmap.mmap(self._file.fileno(), self.size, prot=mmap.PROT_READ)
+            self._file.close()
+            raise LogFormatError(f"{self.name}: {self.size} bytes is too short for a log superblock")
+        try:
+            self._map = mmap.mmap(self._file.fileno(), self.size, prot=mmap.PROT_READ)
+        except OSError as e:
+            self._file.close()
+            raise LogFormatError(f"{self.name}: cannot map: {e.strerror}") from None
         self.superblock = Superblock(*_SUPER.unpack_from(self._map, 0))
-        self.sector_size = self._pick_sector_size(sector_size)
         self.damage: Damage | None = None
         self._entries: list[Entry] | None = None
-
-    def _pick_sector_size(self, requested: int | None) -> int:
-        sb = self.superblock
-        if requested is not None:
-            if requested not in SECTOR_SIZES:
-                raise LogFormatError(f"sector size {requested} is not one of {SECTOR_SIZES}")
-            return requested
-        if sb.valid:
-            return sb.sector_size
-        if not sb.blank:
-            raise LogFormatError(
-                f"{self.path}: not a dm-log-writes log: bad superblock at byte offset 0 "
-                f"(magic {sb.magic:#x}, version {sb.version}, sector size {sb.sector_size})")
-        # A blank superblock (QEMU, cache.no-flush): the first header that parses decides.
-        for size in SECTOR_SIZES:
-            if size < self.size and self._header(0, size, size)[0] is not None:
-                return size
-        raise LogFormatError(f"{self.path}: blank superblock and no valid entry at any sector size")
+        try:
+            self.sector_size = choose_sector_size(
+                self.superblock, sector_size, self.name,
+                lambda size: size < self.size and self._header(0, size, size)[0] is not None)
+        except LogFormatError:
+            self.close()
+            raise
 
     def _header(self, index: int, offset: int, ss: int) -> tuple[Entry | None, str]:
         """The entry whose header starts at `offset`, or None with the reason it cannot be one."""
         if offset + ss > self.size:
             return None, f"header needs {ss} bytes, {self.size - offset} left"
-        sector, nr_sectors, flags, data_len = _ENTRY.unpack_from(self._map, offset)
-        if flags & ~KNOWN_FLAGS:
-            return None, f"unknown flags {flags:#x}"
-        if flags & MARK:
-            if nr_sectors or not 0 < data_len <= ss - _ENTRY.size:
-                return None, f"mark with {nr_sectors} sectors and name length {data_len}"
-            pad_from = _ENTRY.size + data_len
-        else:
-            if data_len:
-                return None, f"data_len {data_len} on a non-mark entry"
-            if not nr_sectors and not flags & FLUSH:
-                return None, "empty entry without FLUSH (end of log)"
-            pad_from = _ENTRY.size
-        if self._map[offset + pad_from:offset + ss] != _ZEROS[:ss - pad_from]:
-            return None, "non-zero padding after the header"
+        fields = parse_header(self._map[offset:offset + ss], ss)
+        if isinstance(fields, str):
+            return None, fields
+        sector, nr_sectors, flags, data_len = fields
         entry = Entry(index, sector, nr_sectors, flags, data_len, offset, ss)
         if entry.end_offset > self.size:
             return None, (f"{flag_names(flags)} of {nr_sectors} sectors runs "
@@ -333,6 +405,12 @@ class LogReader:
         s.damage = str(self.damage) if self.damage else None
         return s
 
+    def require_intact(self) -> None:
+        """Refuse a log damaged inside the entries its superblock promises (LogDamagedError)."""
+        self.index()
+        if self.damage is not None:
+            raise LogDamagedError(f"{self.name}: damaged log: {self.damage}")
+
     def close(self) -> None:
         with contextlib.suppress(AttributeError, BufferError):
             self._map.close()
@@ -348,7 +426,8 @@ class LogReader:
 
 @contextlib.contextmanager
 def open_log(path: str | os.PathLike[str], sector_size: int | None = None) -> Iterator[LogReader]:
-    """Open a log; `.xz` logs are decompressed to a temporary file first (mmap needs a real file)."""
+    """Open a log; `.xz` logs are decompressed to a temporary file first (mmap needs a real file),
+    only as far as their entries reach and never past the free space there."""
     path = Path(path)
     if not path.exists():
         raise LogFormatError(f"{path}: no such log")
@@ -356,16 +435,85 @@ def open_log(path: str | os.PathLike[str], sector_size: int | None = None) -> It
         with LogReader(path, sector_size) as reader:
             yield reader
         return
-    tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.NamedTemporaryFile(prefix="crashlab-log-", dir=tmpdir) as tmp:
-        try:
-            with lzma.open(path) as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-        except lzma.LZMAError as e:
-            raise LogFormatError(f"{path}: cannot decompress: {e}") from None
-        tmp.flush()
-        with LogReader(tmp.name, sector_size) as reader:
+    # In this process's run directory, so a killed run's inflated log is reclaimed by the next.
+    shm = rundir.tmpfs()
+    tmpdir = str(shm) if shm else tempfile.gettempdir()
+    with open_input(path, str(path)) as raw, lzma.open(raw) as src, \
+            tempfile.NamedTemporaryFile(prefix="crashlab-log-", dir=tmpdir) as tmp:
+        free = os.statvfs(tmpdir)
+        _Inflater(src, tmp.fileno(), str(path), tmpdir, free.f_bavail * free.f_frsize).run(sector_size)
+        with LogReader(tmp.name, sector_size, name=path) as reader:
             yield reader
+
+
+class _Inflater:
+    """Decompresses an .xz log into `fd` as far as a `LogReader` will look and no further.
+
+    Junk or zeroes past a log's end (a preallocated log file, an xz bomb) are never inflated: the
+    walk below follows the entry chain exactly as `LogReader` does and stops at the header that ends
+    it. Bytes past `room` are counted but not stored, so a header declaring more data than fits is
+    refused only if the log really holds that much; otherwise it reads as the same cut log the
+    uncompressed file is. All-zero chunks become holes.
+    """
+
+    def __init__(self, src: IO[bytes], fd: int, name: str, where: str, room: int) -> None:
+        self.src = src
+        self.fd, self.name, self.where, self.room = fd, name, where, room
+        self.have = 0  # bytes of the log decompressed so far
+        self.eof = False
+
+    def ensure(self, n: int) -> bool:
+        """Whether the log holds at least `n` bytes, decompressing exactly up to them."""
+        while self.have < n and not self.eof:
+            try:
+                chunk = self.src.read(min(_INFLATE_CHUNK, n - self.have))
+            except (lzma.LZMAError, EOFError) as e:
+                why = "truncated .xz (the compressed data ends early)" if isinstance(e, EOFError) else e
+                raise LogFormatError(f"{self.name}: cannot decompress: {why}") from None
+            if not chunk:
+                self.eof = True
+                break
+            keep = chunk[:max(0, self.room - self.have)]
+            if keep.count(0) != len(keep):
+                try:
+                    os.pwrite(self.fd, keep, self.have)
+                except OSError as e:
+                    raise LogFormatError(f"{self.name}: cannot decompress into {self.where}: "
+                                         f"{e.strerror}") from None
+            self.have += len(chunk)
+        return self.have >= n
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Decompressed bytes: holes (zero chunks, bytes past `room`) read as zeroes, as they will
+        once the file is extended to its full length."""
+        return os.pread(self.fd, n, offset).ljust(n, b"\0")
+
+    def next_entry(self, offset: int, ss: int) -> int | None:
+        """Where the entry starting at `offset` ends, if it is whole (as `LogReader._header` sees
+        it), else None."""
+        if not self.ensure(offset + ss):
+            return None
+        fields = parse_header(self.read(offset, ss), ss)
+        if isinstance(fields, str):
+            return None
+        end = offset + ss + data_bytes(fields[1], fields[2], ss)
+        return end if self.ensure(end) else None
+
+    def run(self, sector_size: int | None) -> None:
+        self.ensure(2 * max(SECTOR_SIZES))  # the superblock and the first header at every size
+        used = self.have
+        if self.have >= 512:  # else LogReader calls it too short
+            sb = Superblock(*_SUPER.unpack(self.read(0, _SUPER.size)))
+            ss = choose_sector_size(sb, sector_size, self.name,
+                                    lambda size: self.next_entry(size, size) is not None)
+            offset = ss
+            while (end := self.next_entry(offset, ss)) is not None:
+                offset = end
+            used = max(used, min(offset + ss, self.have))  # through the header that ends the log
+        if used > self.room:
+            raise LogFormatError(f"{self.name}: its entries reach byte {used}, past the {self.room} "
+                                 f"bytes free in {self.where} to decompress it into")
+        os.ftruncate(self.fd, self.have)
 
 
 class LogWriter:
@@ -474,10 +622,13 @@ def replay(reader: LogReader, image: str | os.PathLike[str], stop: int | None = 
     """Apply entries [start, stop) to `image` (created if missing); returns the number applied."""
     entries = reader.index()
     stop = len(entries) if stop is None else stop
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        for entry in entries[start:stop]:
-            apply(reader, entry, fd)
-    finally:
-        os.close(fd)
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for entry in entries[start:stop]:
+                apply(reader, entry, fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ImageError(f"{image}: cannot write: {e.strerror or e}") from None
     return max(0, stop - start)

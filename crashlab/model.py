@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from crashlab import markers, recorders
 from crashlab.cachemodes import CacheMode, cache_mode
-from crashlab.logformat import Entry
+from crashlab.logformat import Entry, InputError
 from crashlab.recorders import LOGGING, Recorder, UnknownRecorder
 
 RECORDERS = tuple(r.value for r in LOGGING)  # the recorders whose logs the model reads
@@ -26,7 +26,7 @@ DEFAULT_BASELINE = markers.WORKLOAD_START
 TORN_UNITS = (512, 4096)
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """A model parameter the user got wrong; the message lists what is valid."""
 
 

@@ -237,9 +237,11 @@ def test_garbage_header_is_damage_naming_entry_and_offset(tmp_path: Path) -> Non
     assert result.exit_code == 1
     assert f"entry 2 at byte offset {third}: unknown flags 0x400" in result.output
     result = CliRunner().invoke(cli, ["log", "replay", str(log), str(tmp_path / "img")])
-    assert result.exit_code == 2 and "--salvage" in result.output
+    assert result.exit_code == 1 and "--salvage" in result.output
+    assert not (tmp_path / "img").exists()
     result = CliRunner().invoke(cli, ["log", "replay", "--salvage", str(log), str(tmp_path / "img")])
-    assert result.exit_code == 0 and "replayed 2 entries" in result.output
+    assert result.exit_code == 3 and "replayed 2 entries" in result.stdout
+    assert f"salvaged: {log}: damaged log: entry 2 at byte offset {third}" in result.stderr
 
 
 def test_not_a_log_is_a_clear_error(tmp_path: Path) -> None:

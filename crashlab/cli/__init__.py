@@ -11,16 +11,46 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from crashlab import __version__, rundir, signals
+from crashlab import __version__, logformat, rundir, signals
+
+# Exit statuses of the log and crash commands (README.md, "Exit status"); gate and check keep theirs.
+EXIT_OK = 0
+EXIT_DAMAGED = 1  # the log is damaged inside the entries its superblock promises
+EXIT_USAGE = 2  # bad input or option (click uses 2 too): one line on stderr, nothing written
+EXIT_SALVAGED = 3  # --salvage used the complete entries of a damaged log; stderr says what was lost
+EXIT_INTERRUPTED = signals.EXIT_INTERRUPTED
+EXIT_TERMINATED = signals.EXIT_TERMINATED
 
 
 class CrashlabError(click.ClickException):
     """An error for the user: printed as one line, exit status 2, no traceback."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
+
+
+class DamagedLogError(CrashlabError):
+    """A damaged log refused: exit status 1, as `log inspect` gives for it."""
+
+    exit_code = EXIT_DAMAGED
+
+
+def input_error(e: logformat.InputError) -> CrashlabError:
+    """The user error for a library's input error: damage refused without --salvage is exit 1."""
+    if isinstance(e, logformat.LogDamagedError):
+        return DamagedLogError(f"{e} (--salvage uses the complete entries before it)")
+    return CrashlabError(str(e))
+
+
+def salvaged(log: Path, damage: logformat.Damage) -> NoReturn:
+    """Say what a --salvage run kept and lost, then exit 3: salvage is never silent."""
+    click.echo(f"salvaged: {log}: damaged log: {damage}; read only the {damage.entry} complete "
+               "entries before it", err=True)
+    sys.exit(EXIT_SALVAGED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,10 +79,10 @@ def main() -> None:
             status = cli.main(prog_name="crashlab", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
-        sys.exit(signals.EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)
     except signals.Terminated:
         click.echo("terminated", err=True)
-        sys.exit(signals.EXIT_TERMINATED)
+        sys.exit(EXIT_TERMINATED)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -10,7 +10,7 @@ import click
 
 from crashlab import crashstates, logformat, model
 from crashlab.cachemodes import CACHE_MODES, UnknownCacheMode
-from crashlab.cli import CrashlabError
+from crashlab.cli import CrashlabError, input_error, salvaged
 
 
 def _recorded(log: Path) -> tuple[str, str] | None:
@@ -50,10 +50,16 @@ def command() -> None:
 @click.option("--strategy", type=click.Choice(crashstates.STRATEGIES), default="random", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also build every state's image as OUT/ID.img.")
+@click.option("--salvage", is_flag=True,
+              help="Use a damaged log's complete entries instead of refusing it (exit status 3).")
 def generate(log: Path, cache: str | None, what_if: str | None, recorder: str | None, count: int, seed: int,
-             window: str | None, baseline: str, torn: str | None, strategy: str, out: Path | None) -> None:
+             window: str | None, baseline: str, torn: str | None, strategy: str, out: Path | None,
+             salvage: bool) -> None:
     """Print COUNT crash-state ids for LOG, then a summary. Recorder and cache mode come from
-    the run.json beside LOG when there is one."""
+    the run.json beside LOG when there is one.
+
+    Exits 1 refusing a damaged log, 2 on bad input (nothing written), 3 after --salvage used one.
+    """
     try:
         how = model.reading(_recorded(log), recorder, cache, what_if)
         cfg = model.config(how.recorder, how.cache, window, None if baseline == "none" else baseline,
@@ -62,6 +68,8 @@ def generate(log: Path, cache: str | None, what_if: str | None, recorder: str | 
         raise CrashlabError(f"{log}: {e}") from None
     try:
         with logformat.open_log(log) as reader:
+            if not salvage:
+                reader.require_intact()
             digest = crashstates.log_digest(reader)
             m = model.LogModel(reader.index(), cfg)
             camp = crashstates.generate(m, digest, count, seed, strategy)
@@ -69,7 +77,10 @@ def generate(log: Path, cache: str | None, what_if: str | None, recorder: str | 
                 click.echo(st.id)
             built = ""
             if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise CrashlabError(f"{out}: cannot make the directory: {e.strerror}") from None
                 t0 = time.monotonic()
                 with crashstates.Materializer(reader, m, digest) as mat:
                     for st in camp.states:
@@ -78,8 +89,8 @@ def generate(log: Path, cache: str | None, what_if: str | None, recorder: str | 
                 built = f"built {len(camp.states)} images in {out} in {dt:.2f} s"
     except model.ModelError as e:
         raise CrashlabError(f"{log}: {e}") from None
-    except (logformat.LogFormatError, crashstates.CrashStateError) as e:
-        raise CrashlabError(str(e)) from None
+    except logformat.InputError as e:
+        raise input_error(e) from None
     summary = {"reading": how.describe(), **camp.summary(m)}
     click.echo(f"# {log.name} sha256 {digest[:crashstates.DIGEST_CHARS]} recorder {cfg.recorder} "
                f"cache {cfg.cache.name} strategy {strategy} seed {seed}"
@@ -88,23 +99,34 @@ def generate(log: Path, cache: str | None, what_if: str | None, recorder: str | 
         click.echo(f"#   {k}: {v}", err=True)
     if built:
         click.echo(f"# {built}", err=True)
+    if reader.damage is not None:
+        salvaged(log, reader.damage)
 
 
 @command.command("build")
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("state_id", metavar="ID")
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--size", type=click.IntRange(min=1), default=None,
+@click.option("--size", type=click.IntRange(1, logformat.MAX_OFFSET), default=None,
               help="Image size in bytes (default: the furthest offset the log touches).")
-def build(log: Path, state_id: str, image: Path, size: int | None) -> None:
-    """Rebuild the image of crash state ID from LOG into IMAGE."""
+@click.option("--salvage", is_flag=True,
+              help="Use a damaged log's complete entries instead of refusing it (exit status 3).")
+def build(log: Path, state_id: str, image: Path, size: int | None, salvage: bool) -> None:
+    """Rebuild the image of crash state ID from LOG into IMAGE.
+
+    Exits 1 refusing a damaged log, 2 on bad input (IMAGE untouched), 3 after --salvage used one.
+    """
     try:
         cfg = crashstates.parse_id(state_id).cfg
         # The id names its mode outright, so a qemu log may be read under another: say which.
         how = model.reading(_recorded(log), cfg.recorder, what_if=cfg.cache.name)
-        r = crashstates.build_one(log, state_id, image, size)
-    except (logformat.LogFormatError, crashstates.CrashStateError, model.ModelError) as e:
+        r, damage = crashstates.build_one(log, state_id, image, size, salvage)
+    except model.ModelError as e:
         raise CrashlabError(str(e)) from None
+    except logformat.InputError as e:
+        raise input_error(e) from None
     click.echo(f"{image}: crash after {r.cp.end} entries, base at op {r.cp.stable}, "
                f"{len(r.chosen)}/{len(r.cp.volatile)} volatile ops persisted"
                + (f", {len(r.tears)} torn" if r.tears else "") + f"; reading {how.describe()}")
+    if damage is not None:
+        salvaged(log, damage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crashlab import logformat
-from crashlab.cli import CrashlabError
+from crashlab.cli import EXIT_DAMAGED, CrashlabError, input_error, salvaged
 
 sector_size_option = click.option(
     "--sector-size", type=click.Choice([str(s) for s in logformat.SECTOR_SIZES]), default=None,
@@ -30,7 +31,7 @@ def command() -> None:
 def inspect(log: Path, as_json: bool, entries: bool, sector_size: str | None) -> None:
     """Count a log's entries, writes, bytes, flushes, FUA, discards and marks.
 
-    Exits 1 if the log is damaged inside the entries its superblock promises.
+    Exits 1 if the log is damaged inside the entries its superblock promises, 2 if it is not a log.
     """
     with _Opened(log, sector_size) as reader:
         if entries and not as_json:
@@ -49,7 +50,7 @@ def inspect(log: Path, as_json: bool, entries: bool, sector_size: str | None) ->
             _print_summary(log, s)
     if s.damage:
         click.echo(f"error: {log}: damaged log: {s.damage}", err=True)
-        raise SystemExit(1)
+        raise SystemExit(EXIT_DAMAGED)
 
 
 def _print_summary(log: Path, s: logformat.Summary) -> None:
@@ -79,8 +80,8 @@ class _Opened:
     def __enter__(self) -> logformat.LogReader:
         try:
             return self._cm.__enter__()
-        except logformat.LogFormatError as e:
-            raise CrashlabError(str(e)) from None
+        except logformat.InputError as e:
+            raise input_error(e) from None
 
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(*exc)  # type: ignore[arg-type]
@@ -96,16 +97,18 @@ def stop_index(reader: logformat.LogReader, to: str) -> int:
     if to == "all":
         return len(entries)
     kind, _, arg = to.partition(":")
-    if kind == "entry" and arg.isdigit():
-        if int(arg) > len(entries):
+    # ASCII digits only, and few of them: str.isdigit() takes '²', int() then raises.
+    number = int(arg) if re.fullmatch(r"[0-9]{1,18}", arg) else None
+    if kind == "entry" and number is not None:
+        if number > len(entries):
             raise CrashlabError(f"--to {to}: the log has only {len(entries)} entries")
-        return int(arg)
+        return number
     if kind == "mark" and arg:
         if (end := logformat.mark_end(entries, arg)) is None:
             raise CrashlabError(f"--to {to}: no mark or marker named {arg!r} in the log")
         return end
-    if kind == "flush" and arg.isdigit() and int(arg) > 0:
-        if (end := logformat.flush_end(entries, int(arg))) is None:
+    if kind == "flush" and number is not None and number > 0:
+        if (end := logformat.flush_end(entries, number)) is None:
             flushes = sum(e.is_flush for e in entries)
             raise CrashlabError(f"--to {to}: the log has only {flushes} flush entries")
         return end
@@ -117,21 +120,33 @@ def stop_index(reader: logformat.LogReader, to: str) -> int:
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--to", "to", default="all", show_default=True,
               help="Where to stop: all, entry:K (first K entries), mark:NAME, flush:N.")
-@click.option("--size", type=int, default=None,
+@click.option("--size", type=click.IntRange(0, logformat.MAX_OFFSET), default=None,
               help="Create IMAGE with this many bytes if it does not exist.")
-@click.option("--salvage", is_flag=True, help="Replay a damaged log up to its last complete entry.")
+@click.option("--salvage", is_flag=True,
+              help="Replay a damaged log up to its last complete entry (exit status 3).")
 @sector_size_option
 def replay(log: Path, image: Path, to: str, size: int | None, salvage: bool,
            sector_size: str | None) -> None:
-    """Apply a log onto IMAGE: writes written, discards punched as holes, marks skipped."""
+    """Apply a log onto IMAGE: writes written, discards punched as holes, marks skipped.
+
+    Exits 1 refusing a damaged log, 2 on bad input (IMAGE untouched), 3 after --salvage used one.
+    """
     with _Opened(log, sector_size) as reader:
-        reader.index()
-        if reader.damage and not salvage:
-            raise CrashlabError(f"{log}: damaged log: {reader.damage} (use --salvage to replay "
-                                "what is complete)")
-        stop = stop_index(reader, to)
-        if size is not None and not image.exists():
-            with image.open("wb") as f:
-                f.truncate(size)
-        applied = logformat.replay(reader, image, stop)
+        try:
+            if not salvage:
+                reader.require_intact()
+            stop = stop_index(reader, to)
+        except logformat.InputError as e:
+            raise input_error(e) from None
+        try:
+            if size is not None and not image.exists():
+                with image.open("wb") as f:
+                    f.truncate(size)
+            applied = logformat.replay(reader, image, stop)
+        except OSError as e:
+            raise CrashlabError(f"{image}: cannot write: {e.strerror or e}") from None
+        except logformat.InputError as e:
+            raise input_error(e) from None
     click.echo(f"replayed {applied} entries of {log} onto {image}")
+    if reader.damage is not None:
+        salvaged(log, reader.damage)
