@@ -54,6 +54,22 @@ def upper_bound_zero(n: int, confidence: float = 0.95) -> float:
     return 1.0 if n == 0 else 1 - (1 - confidence) ** (1 / n)
 
 
+def states_needed(max_rate: float, confidence: float = 0.95) -> int:
+    """The fewest states that, all passing, bound the rate below `max_rate`: the smallest n with
+    upper_bound_zero(n) < max_rate. The closed form, n > ln(1 - confidence) / ln(1 - max_rate), is
+    only nudged where floating point lands on the boundary."""
+    if not 0 < max_rate <= 1:
+        raise ValueError(f"max_rate must be in (0, 1], got {max_rate}")
+    if max_rate == 1:
+        return 1
+    n = max(1, math.floor(math.log(1 - confidence) / math.log1p(-max_rate)))
+    while upper_bound_zero(n, confidence) >= max_rate:
+        n += 1
+    while n > 1 and upper_bound_zero(n - 1, confidence) < max_rate:
+        n -= 1
+    return n
+
+
 def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     """Exact one-sided upper bound for k of n, by bisection on the binomial CDF."""
     if k >= n:

@@ -30,6 +30,15 @@ def test_upper_bound_when_nothing_failed() -> None:
     assert str(stats.rate(0, 30)) == "0/30 (<= 9.5 % at 95 %)"
 
 
+@pytest.mark.parametrize("max_rate", [0.001, 0.01, 0.02, 0.05, 0.09, 0.1, 0.5, 1 - 0.05 ** (1 / 4), 1.0])
+def test_states_needed_is_the_smallest_n_whose_bound_is_below_the_rate(max_rate: float) -> None:
+    n = stats.states_needed(max_rate)
+    assert stats.rate(0, n).upper95 < max_rate
+    assert n == 1 or stats.rate(0, n - 1).upper95 >= max_rate
+    with pytest.raises(ValueError, match="max_rate"):
+        stats.states_needed(0)
+
+
 def test_clopper_pearson_upper_matches_binomial_tail() -> None:
     u = stats.clopper_pearson_upper(8, 30)
     assert stats.binom_cdf(8, 30, u) == pytest.approx(0.05, abs=1e-6)
