@@ -7,7 +7,10 @@ oracle on each read-only mount, reporting the violations as JSON; only a request
 promises file (a callable oracle) or a tree that cannot be read in full has its tree copied into
 the results share.
 If an image kills the guest kernel, that image is recorded as what a reboot would have met (a
-crashed mount: `unmountable`, console kept) and the images after it get a fresh guest.
+crashed mount: `unmountable`, console kept) and the images after it get a fresh guest. When the
+checker itself fails (the guest does not boot, QEMU is killed without a kernel crash, a disk is not
+found), the images it failed get a fresh guest too, `ATTEMPTS` boots in all; one that never gets
+checked is a checker-error carrying its `checker_fault`, which campaigns count apart and retry.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from crashlab.guest.transport import VirtiofsTransport, guest_path
 MAX_DISKS = 16  # virtio-blk-pci devices per boot (one PCI slot each)
 BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded host
 PANIC_SIGNS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "Call Trace:")
+ATTEMPTS = 2  # boots an image gets when the checker guest, not the image, fails
+# Why the checker, not the image, failed (CheckRecord.checker_fault): the image gets another boot.
+FAULT_BOOT = "checker guest failed before any image"  # no boot, no Python, hung or died at start
+FAULT_STOPPED = "checker guest stopped mid-image"  # QEMU killed or exited, no kernel crash, no hang
+FAULT_MISSING = "disk not found in the checker guest"
 
 
 class GuestMounts:
@@ -42,8 +50,9 @@ class GuestMounts:
     name = "guest"
 
     def __init__(self, guest: Guest | None = None, *, memory_mib: int = 512, accel: str = "tcg",
-                 max_disks: int = MAX_DISKS) -> None:
+                 max_disks: int = MAX_DISKS, attempts: int = ATTEMPTS) -> None:
         self.guest, self.memory_mib, self.accel, self.max_disks = guest, memory_mib, accel, max_disks
+        self.attempts = max(1, attempts)
         self.boots: list[dict[str, float]] = []  # per boot: images, seconds (for reports and tests)
 
     def __enter__(self) -> GuestMounts:
@@ -60,18 +69,27 @@ class GuestMounts:
         if self.guest is None:
             self.__enter__()
         results: list[MountSteps | None] = [None] * len(requests)
+        tries = [0] * len(requests)  # boots that said something about each image
         pending = list(range(len(requests)))
         while pending:
-            boot = pending[:self.max_disks]
-            done = self._boot(requests, boot, timeout, results)
-            if not done:  # nothing could be attributed: do not loop on a guest that never starts
-                for i in boot:
-                    results[i] = _failed(requests[i], "checker guest produced no result", tool=True)
-            pending = [i for i in pending if results[i] is None]
+            before = list(results)
+            for i in self._boot(requests, pending[:self.max_disks], timeout, results):
+                tries[i] += 1
+                earlier = before[i]
+                if earlier is not None and earlier.checker_fault:
+                    steps = results[i]
+                    assert steps is not None
+                    steps.retries[:0] = [*earlier.retries, _why(earlier)]
+            # Every boot attributes at least one image, so this ends: an image the guest never
+            # reached waits for the next boot, one the checker failed gets `attempts` boots in all.
+            pending = [i for i, r in enumerate(results)
+                       if r is None or (r.checker_fault and tries[i] < self.attempts)]
         return [r for r in results if r is not None]
 
     def _boot(self, requests: Sequence[MountRequest], indices: list[int], timeout: float,
-              results: list[MountSteps | None]) -> int:
+              results: list[MountSteps | None]) -> list[int]:
+        """One boot for `indices`; fills in `results` for the images it can say something about
+        and returns those (all of them when the guest reported nothing at all)."""
         assert self.guest is not None
         with tempfile.TemporaryDirectory(prefix="crashlab-checkguest-") as tmp:
             out = Path(tmp)
@@ -89,37 +107,42 @@ class GuestMounts:
                            name="crashlab-check")
             run = VirtiofsTransport().run(job, self.guest)
             crash = ("timeout: " if run.timed_out else "") + (run.error or "")
+            if not crash and run.qemu_exit:
+                crash = f"QEMU exit status {run.qemu_exit}"
             console = run.console_text()
             events = _events(out / RESULTS)
-            n = 0
+            seen = []
             for i in indices:
                 ev = events.get(i, {})
                 if ev.get("event") == "done":
                     results[i] = _steps_from(ev, requests[i], out)
-                    n += 1
                 elif ev.get("event") == "start":
                     # This image was being mounted when the guest stopped: a kernel that crashed is
-                    # what a reboot would meet; a hang or our own process dying is not the image's.
+                    # what a reboot would meet, and a hang is charged to the image too; a guest
+                    # that just stopped (QEMU killed, our process dying) says nothing about it.
                     hung = crash.startswith("timeout")
                     panicked = not hung and any(s in console for s in PANIC_SIGNS)
                     why = ("guest kernel crashed mounting this image" if panicked else
-                           "guest hung mounting this image" if hung else "checker stopped in the guest")
+                           "guest hung mounting this image" if hung else
+                           f"checker guest stopped ({crash or 'no reason given'})")
                     steps = _failed(requests[i], f"{why}: {_console_tail(console)}", tool=not panicked,
-                                    timed_out=hung)
+                                    timed_out=hung, fault="" if panicked or hung else FAULT_STOPPED)
                     steps.kernel_log = clip(console)
                     results[i] = steps
-                    n += 1
                 elif ev.get("event") == "missing":
-                    results[i] = _failed(requests[i], "disk not found in the guest", tool=True)
-                    n += 1
-            self.boots.append({"images": float(n), "seconds": run.host_seconds})
-            if n == 0 and console:
-                said = str(run.result.get("error") or "")
+                    results[i] = _failed(requests[i], "disk not found in the guest", tool=True,
+                                         fault=FAULT_MISSING)
+                else:
+                    continue
+                seen.append(i)
+            self.boots.append({"images": float(len(seen)), "seconds": run.host_seconds})
+            if not seen:
+                said = str(run.result.get("error") or "") or _console_tail(console) or "no console output"
+                why = f"checker guest failed ({crash or 'no results'}): {said}"
                 for i in indices:
-                    results[i] = _failed(requests[i], f"checker guest failed ({crash or 'no results'}): "
-                                         + (said or _console_tail(console)), tool=True)
-                n = len(indices)
-            return n
+                    results[i] = _failed(requests[i], why, tool=True, fault=FAULT_BOOT)
+                seen = list(indices)
+            return seen
 
 
 def _oracle_job(spec: OracleSpec | None, out: Path, view: HostView, copied: dict[Path, str]
@@ -159,16 +182,23 @@ def _events(path: Path) -> dict[int, dict[str, Any]]:
     return last
 
 
+def _why(steps: MountSteps) -> str:
+    run = steps.recovery or steps.tree
+    return run.stderr.strip() if run is not None else steps.checker_fault
+
+
 def _console_tail(console: str, lines: int = 8) -> str:
     tail = console.strip().splitlines()[-lines:]
     return " | ".join(tail)
 
 
-def _failed(req: MountRequest, why: str, *, tool: bool, timed_out: bool = False) -> MountSteps:
-    """A step that did not complete: the tool's fault (`tool`) or the filesystem's (a crashed kernel)."""
+def _failed(req: MountRequest, why: str, *, tool: bool, timed_out: bool = False, fault: str = ""
+            ) -> MountSteps:
+    """A step that did not complete: the tool's fault (`tool`) or the filesystem's (a crashed kernel);
+    `fault` when the checker guest, not the image, was at fault."""
     run = ToolRun(argv=["guest-mount", req.fs, str(req.image)], rc=None if tool else 255,
                   stderr=why + "\n", timed_out=timed_out, error=why if tool and not timed_out else "")
-    steps = MountSteps()
+    steps = MountSteps(checker_fault=fault)
     if req.recover:
         steps.recovery = run
     elif req.tree_dest is not None or req.oracle is not None:

@@ -42,6 +42,8 @@ class MountSteps:
     # The oracle run on the mount (violations as JSON); None: not run there, the tree was copied.
     violations: list[Any] | None = None
     oracle_error: str = ""  # the oracle raised (then `violations` is []): a checker-error
+    checker_fault: str = ""  # the checker itself failed, not this image (CheckRecord.checker_fault)
+    retries: list[str] = field(default_factory=list)  # why earlier attempts at this image failed
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,10 @@ class CheckRecord:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase and "total"
     kernel_log: str = ""  # guest kernel messages during this image's mounts
     notes: list[str] = field(default_factory=list)  # decisions taken without running a tool
+    # Set on a checker-error whose cause is the checker, not the image (its guest did not boot, was
+    # killed, found no disk): a few words saying which. Such a state was not checked at all, so
+    # campaigns count it apart and check it again.
+    checker_fault: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -282,6 +286,7 @@ class CheckRecord:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "kernel_log": clip(self.kernel_log),
             "notes": list(self.notes),
+            "checker_fault": self.checker_fault,
         }
 
     @classmethod
@@ -290,4 +295,4 @@ class CheckRecord:
         return cls(state_id=d["state_id"], image=d["image"], fs=d["fs"], outcome=Outcome(d["outcome"]),
                    reason=d["reason"], backend=d["backend"], oracle_ran=d["oracle_ran"],
                    violations=d["violations"], timings=d["timings"], kernel_log=d.get("kernel_log", ""),
-                   notes=d.get("notes", []), **runs)
+                   notes=d.get("notes", []), checker_fault=d.get("checker_fault", ""), **runs)

@@ -152,6 +152,8 @@ def _finish(st: _State, timeout: float) -> CheckRecord:
             rec.violations = violations
             st.tree = failure or st.tree
     rec.outcome, rec.reason = oc.classify(st.recovery, fsck, st.tree, violations)
+    if rec.outcome is not oc.Outcome.CHECKER_ERROR:
+        rec.checker_fault = ""  # host-side fsck judged the image anyway: a result, not a gap
     rec.timings["total"] = time.monotonic() - st.t0
     return rec
 
@@ -178,6 +180,8 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
     for st, steps in zip(todo, backend.mount_batch(requests, mount_timeout), strict=True):
         st.record.timings.update(steps.timings)
         st.record.kernel_log = steps.kernel_log
+        st.record.checker_fault = steps.checker_fault
+        st.record.notes += [f"checker retried after: {why}" for why in steps.retries]
         if st.mount_recovery:
             st.record.recovery = steps.recovery
             st.recovery = (oc.mount_verdict(steps.recovery, "recovery mount") if steps.recovery
