@@ -19,6 +19,7 @@ import signal
 import tempfile
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -134,6 +135,16 @@ class Cell:
         if self.window != "default":
             return self.window if self.window == "inf" else f"{float(self.window):g}s"
         return f"{self.cache.default_window_s:g}s"
+
+    @property
+    def label(self) -> str:
+        """Short, for a progress line: what differs between the cells of a typical matrix."""
+        extra = [f"window={self.window_label}" if self.window != "default" else "",
+                 f"torn={self.torn}" if self.torn else "",
+                 f"recorder={self.recorder.value}" if self.recorder is not Recorder.QEMU else "",
+                 f"strategy={self.strategy}" if self.strategy != "random" else ""]
+        return " ".join([self.fs, f"cache={self.cache.name}", f"barrier={barrier_name(self.barrier)}",
+                         self.workload, *filter(None, extra)])
 
     def model_config(self) -> model.Config:
         return model.config(self.recorder, self.cache, None if self.window == "default" else self.window,
@@ -361,21 +372,61 @@ def generate_states(cell: Cell, recording: Path, count: int) -> list[str]:
 
 # --- the driver ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Finding:
+    """A state that did not come out consistent, as the display shows it when it arrives."""
+
+    cell: Cell
+    state_id: str
+    outcome: Outcome
+    reason: str
+    checker_fault: str = ""
+
+
 @dataclass
 class Progress:
-    """What the display shows; the driver calls `update` after every unit."""
+    """What the display shows; the driver calls `on_progress` after every unit."""
 
     cells: int = 0
+    states: int = 0  # asked per cell
+    workers: int = 1
     recorded: int = 0
-    states_total: int = 0
+    states_total: int = 0  # ids generated so far, for the cells whose recording is done
     states_done: int = 0
     resumed: int = 0  # states found already stored
+    retried: int = 0  # stored checker-errors checked again
+    unscheduled: int = 0  # cells whose states are not generated yet (recording under way)
     started: float = field(default_factory=time.monotonic)
+    check_seconds: float = 0.0  # worker seconds in finished check units
+    checked: int = 0  # states those units stored
+    current: str = ""  # what the oldest unit in flight is doing
+    arrived: list[Finding] = field(default_factory=list)  # not consistent, from the latest unit
+    unchecked: Counter[str] = field(default_factory=Counter)  # checker-errors this run, by cause
     failed_units: list[str] = field(default_factory=list)
 
     @property
+    def total(self) -> int:
+        """States this run will have stored when done: generated ones, `states` per cell to come."""
+        return self.states_total + self.unscheduled * self.states
+
+    @property
     def rate(self) -> float:
-        return (self.states_done - self.resumed) / max(1e-9, time.monotonic() - self.started)
+        """States per second with every worker checking. Measured in the workers' own time in check
+        units, so time spent recording, or waiting behind recordings, does not dilute it."""
+        return self.workers * self.checked / self.check_seconds if self.check_seconds > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds of checking left; None until a check unit has finished."""
+        rate = self.rate
+        return (self.total - self.states_done) / rate if rate > 0 else None
+
+
+def unchecked_cause(record: CheckRecord) -> str:
+    """Why a checker-error state could not be checked, in a few words to count by: the checker's
+    fault if it was one, else the step and its first words (`recovery: guest hung mounting this
+    image`), without the console tail or a tool's output."""
+    return record.checker_fault or ": ".join(record.reason.split(": ")[:2])
 
 
 Executor = Callable[[int], cf.Executor]
@@ -394,11 +445,12 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
                workers: int | None = None, host_mount: bool = False, unit_states: int = STATES_PER_UNIT,
                on_progress: Callable[[Progress], None] = lambda p: None,
                executor: Executor | None = None) -> Progress:
-    """Run (or resume) every cell to `states` crash states each, storing outcomes as they arrive."""
+    """Run (or resume) every cell to `states` crash states each, storing outcomes as they arrive.
+    A stored checker-error is checked again: it is a gap, not a result."""
     workers = workers or max(1, os.cpu_count() or 1)
     run_id = store.begin_run(command, {"cells": [c.key for c in cells], "states": states},
                              versions(c.fs for c in cells))
-    prog = Progress(cells=len(cells))
+    prog = Progress(cells=len(cells), states=states, workers=workers, unscheduled=len(cells))
     recordings = results_dir / "recordings"
     pending: dict[cf.Future[Any], tuple[str, Cell, Any]] = {}
     make = executor or (lambda n: cf.ProcessPoolExecutor(n, initializer=_worker_init))
@@ -406,14 +458,24 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
 
     def schedule_checks(cell: Cell, rec_dir: Path) -> None:
         ids = generate_states(cell, rec_dir, states)
-        done = store.done(cell.key)
+        gaps = {r.state_id for r in store.states(cell.key, Outcome.CHECKER_ERROR)}
+        done = store.done(cell.key) - gaps
         todo = [i for i in ids if i not in done]
+        prog.unscheduled -= 1
         prog.states_total += len(ids)
         prog.states_done += len(ids) - len(todo)
         prog.resumed += len(ids) - len(todo)
+        prog.retried += sum(i in gaps for i in todo)
         for k in range(0, len(todo), unit_states):
             unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + unit_states]), host_mount)
             pending[pool.submit(_unit, run_check, unit)] = ("check", cell, unit)
+
+    def show() -> None:
+        # The pool runs units in submission order: the oldest one unfinished is under way.
+        kind, cell, _ = next(iter(pending.values()), ("", None, None))
+        prog.current = f"{'checking' if kind == 'check' else 'recording'} {cell.label}" if cell else ""
+        on_progress(prog)
+        prog.arrived = []
 
     # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored, leave nothing running.
     with signals.sigterm_raises():
@@ -432,27 +494,38 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
                     waiting[rec_dir] = []
                     unit = RecordUnit(cell, str(rec_dir))
                     pending[pool.submit(_unit, run_record, unit)] = ("record", cell, rec_dir)
-            on_progress(prog)
+            show()
             while pending:
                 finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
                     kind, cell, what = pending.pop(fut)
                     try:
-                        result = fut.result()
+                        seconds, result = fut.result()
                     except Exception as e:  # one broken cell must not sink the matrix
                         sharers = waiting.pop(what, []) if kind == "record" else []
                         prog.failed_units += [f"{kind} {c.key}: {e}" for c in (cell, *sharers)]
+                        if kind == "record":
+                            prog.unscheduled -= 1 + len(sharers)
                         continue
                     if kind == "record":
                         for c in (cell, *waiting.pop(what, [])):
                             store.set_recording(c.key, what, result)
                             prog.recorded += 1
                             schedule_checks(c, what)
-                    else:
-                        for r in result:
-                            if store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
-                                prog.states_done += 1
-                    on_progress(prog)
+                        continue
+                    prog.check_seconds += seconds
+                    for r in result:
+                        if not store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
+                            continue  # another campaign stored it first
+                        prog.states_done += 1
+                        prog.checked += 1
+                        rec = r.record
+                        if r.outcome is Outcome.CHECKER_ERROR:
+                            prog.unchecked[unchecked_cause(rec)] += 1
+                        if r.outcome is not Outcome.CONSISTENT:
+                            prog.arrived.append(Finding(cell, r.state_id, r.outcome, rec.reason,
+                                                        rec.checker_fault))
+                show()
         except BaseException:
             _abandon(pool)
             raise
@@ -487,12 +560,15 @@ def _exit_on_term(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _unit(run: Callable[[Any], Any], unit: Any) -> Any:
-    """Run one unit in a worker. The pool would catch the SystemExit of a SIGTERM as the unit's
-    failure and hand the worker the next unit: once the unit has unwound (guests shut down, files
-    removed), the worker leaves for good."""
+def _unit(run: Callable[[Any], Any], unit: Any) -> tuple[float, Any]:
+    """Run one unit in a worker: its seconds there (what the progress rate is made of) and its
+    result. The pool would catch the SystemExit of a SIGTERM as the unit's failure and hand the
+    worker the next unit: once the unit has unwound (guests shut down, files removed), the worker
+    leaves for good."""
+    t0 = time.monotonic()
     try:
-        return run(unit)
+        result = run(unit)
+        return time.monotonic() - t0, result
     finally:
         if _terminating:
             os._exit(143)

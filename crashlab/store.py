@@ -126,10 +126,14 @@ class Store:
     def put_state(self, cell: str, state_id: str, outcome: Outcome, detail: dict[str, Any],
                   run_id: int | None = None) -> bool:
         """Record one outcome, `detail` being its `CheckRecord.to_dict()`; False if this state of
-        this cell was already recorded."""
+        this cell was already recorded. A stored checker-error is replaced: it said nothing about
+        the image, so a later check of it is the state's first result."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO states (cell, state_id, outcome, detail, run_id, checked) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (cell, state_id, str(outcome), _dump(detail), run_id, time.time()))
+            "INSERT INTO states (cell, state_id, outcome, detail, run_id, checked) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (cell, state_id) DO UPDATE SET outcome = excluded.outcome, "
+            "detail = excluded.detail, run_id = excluded.run_id, checked = excluded.checked "
+            "WHERE states.outcome = ?",
+            (cell, state_id, str(outcome), _dump(detail), run_id, time.time(), str(Outcome.CHECKER_ERROR)))
         return cur.rowcount == 1
 
     def done(self, cell: str) -> set[str]:

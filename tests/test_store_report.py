@@ -53,6 +53,17 @@ def test_store_is_wal_and_never_counts_a_state_twice(store: Store) -> None:
     assert len(store.done("ext4/unsafe/off")) == 30
 
 
+def test_a_stored_checker_error_is_replaced_by_the_next_result_and_nothing_else_is(store: Store) -> None:
+    cell = "ext4/unsafe/off"
+    [gap] = [r.state_id for r in store.states(cell, Outcome.CHECKER_ERROR)]
+    assert store.put_state(cell, gap, Outcome.CHECKER_ERROR, checked(gap, "checker-error"), 7)
+    assert store.put_state(cell, gap, Outcome.DATA_LOSS, checked(gap, "data-loss"), 8)
+    [row] = [r for r in store.find_state(gap) if r.cell == cell]
+    assert (row.outcome, row.record.outcome, row.run_id) == (Outcome.DATA_LOSS, Outcome.DATA_LOSS, 8)
+    assert not store.put_state(cell, gap, Outcome.CONSISTENT, checked(gap, "consistent"), 9)
+    assert store.counts(cell)["checker-error"] == 0 and store.counts(cell)["data-loss"] == 4
+
+
 def test_store_survives_reopen(store: Store) -> None:
     path = store.path
     store.close()

@@ -51,6 +51,19 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+# Exit statuses of `matrix` and `run`, beside the shared ones (crashlab.cli): the table is printed
+# in every case; a failed unit leaves states missing, a checker-error leaves them unchecked.
+EXIT_FAILED_UNITS = 1  # a recording or check unit failed: its states are missing
+EXIT_UNCHECKED = 4  # states ended checker-error (like the gate's EXIT_INCONCLUSIVE): rerun to retry
+EXIT_EPILOG = f"""\b
+Exit status:
+  0  every state was checked (the table says how each ended)
+  {EXIT_FAILED_UNITS}  a recording or check unit failed: its states are missing (stderr says why)
+  2  usage error
+  {EXIT_UNCHECKED}  some states could not be checked (checker-error: its guest did not boot, was
+     killed, or the check itself failed); stderr counts them by cause; rerunning retries them"""
+
+
 def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_states: int,
          host_mount: bool, quiet: bool) -> None:
     try:
@@ -72,15 +85,24 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
         report.terminal(mine) if not quiet else click.echo(report.markdown(mine))
     for failure in prog.failed_units:
         click.echo(f"error: {failure}", err=True)
+    if prog.unchecked:
+        click.echo(f"error: {unchecked_text(prog)}; rerun the same command to retry them", err=True)
     if prog.failed_units:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_FAILED_UNITS)
+    if prog.unchecked:
+        raise SystemExit(EXIT_UNCHECKED)
+
+
+def unchecked_text(prog: campaign.Progress) -> str:
+    causes = ", ".join(f"{n} {why}" for why, n in prog.unchecked.most_common())
+    return f"{sum(prog.unchecked.values())} state(s) could not be checked: {causes}"
 
 
 def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: Store, store_path: Path,
                    command: str, workers: int | None, unit_states: int,
                    host_mount: bool) -> campaign.Progress:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     def run(show: Callable[[campaign.Progress], None]) -> campaign.Progress:
         return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
@@ -88,37 +110,61 @@ def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: S
                                    on_progress=show)
 
     if not Console(stderr=True).is_terminal:
-        return run(_progress_lines(len(cells), matrix.states))
+        return run(_progress_lines(len(cells)))
+    # rich's own remaining-time column averages over everything, recording included: ours is
+    # the checking rate (campaign.Progress.rate).
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn()) as bar:
+                  TextColumn("{task.fields[rate]}")) as bar:
         rec_task = bar.add_task("cells recorded", total=len(cells), rate="")
         st_task = bar.add_task("states checked", total=len(cells) * matrix.states, rate="")
 
         def show(p: campaign.Progress) -> None:
-            bar.update(rec_task, completed=p.recorded)
-            bar.update(st_task, completed=p.states_done,
-                       total=max(p.states_total, len(cells) * matrix.states), rate=f"{p.rate:.2f}/s")
+            for f in p.arrived:
+                bar.console.print(finding_line(f), markup=False, highlight=False)
+            bar.update(rec_task, completed=p.recorded, rate=f"now: {p.current}" if p.current else "")
+            bar.update(st_task, completed=p.states_done, total=p.total, rate=rate_text(p))
 
         return run(show)
 
 
-def _progress_lines(cells: int, states: int, every_s: float = 15.0) -> Callable[[campaign.Progress], None]:
-    """Progress for a log file or a CI console: a plain line when something changed, at most every
-    `every_s` seconds, and always when the work is done."""
+def rate_text(p: campaign.Progress) -> str:
+    """Checking rate and time left, or '' before the first check unit has finished."""
+    if p.eta is None:
+        return ""
+    left = f", about {_duration(p.eta)} of checking left" if p.eta else ""
+    return f"{p.rate:.2f} states/s{left}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def finding_line(f: campaign.Finding) -> str:
+    """One state that did not come out consistent, as it arrives."""
+    reason = " ".join(f.reason.split())
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    return f"{f.outcome}: {f.cell.label}: state {f.state_id}: {reason}"
+
+
+def _progress_lines(cells: int, every_s: float = 15.0) -> Callable[[campaign.Progress], None]:
+    """Progress for a log file or a CI console: every state that did not come out consistent as
+    it arrives; a plain progress line when something changed, at most every `every_s` seconds, and
+    always when the work is done."""
     last_at, last_state = [0.0], [(-1, -1)]
 
     def show(p: campaign.Progress) -> None:
+        for f in p.arrived:
+            click.echo(finding_line(f), err=True)
         now = time.monotonic()
         state = (p.recorded, p.states_done)
-        total = max(p.states_total, cells * states)
-        done = p.recorded == cells and p.states_done >= total
+        done = p.recorded == cells and p.states_done >= p.total
         if state == last_state[0] or (now - last_at[0] < every_s and not done):
             return
         last_at[0], last_state[0] = now, state
-        left = total - p.states_done
-        eta = f", about {left / p.rate / 60:.0f} min left" if p.rate > 0 and left else ""
-        click.echo(f"progress: cells recorded {p.recorded}/{cells}, states checked {p.states_done}/{total} "
-                   f"({p.rate:.2f}/s{eta})", err=True)
+        rate = rate_text(p)
+        current = f"; {p.current}" if p.current and not done else ""
+        click.echo(f"progress: cells recorded {p.recorded}/{cells}, states checked {p.states_done}/{p.total}"
+                   + (f" ({rate})" if rate else "") + current, err=True)
 
     return show
 
@@ -141,7 +187,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
     return replace(base, **overrides)
 
 
-@click.command("matrix")
+@click.command("matrix", epilog=EXIT_EPILOG)
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               help="TOML file with the matrix (keys as the options below); options override it.")
 @click.option("--fs", help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)} [default: ext4].")
@@ -160,7 +206,7 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
     _run(_matrix_from(options, base), store_path, workers, unit_states, host_mount, quiet)
 
 
-@click.command("run")
+@click.command("run", epilog=EXIT_EPILOG)
 @click.option("--fs", default="ext4", show_default=True)
 @click.option("--cache", default="writeback", show_default=True)
 @click.option("--barrier", default="on", show_default=True)
