@@ -1,8 +1,11 @@
 """The CI gate: may a proposed cache policy become the default?
 
 A policy (cache mode + barrier setting, on one or more filesystems, under one workload) passes only
-if no checked crash state of any of its cells was corrupt or lost fsynced data. Zero observed
-failures is not zero risk, so the verdict always carries the exact 95 % upper bound on the rate.
+if no checked crash state of any of its cells was corrupt or lost fsynced data, and that is enough
+evidence: zero observed failures is not zero risk, so each cell's exact 95 % upper bound on its
+failure rate must be below `max_rate` (1 %: 299 states without a failure), or the gate is
+inconclusive and says how many states would do. States the checker could not check (its guest did
+not boot or was killed) are never evidence either way: they make the verdict inconclusive.
 
 A gate that cannot see failures passes everything, so by default it also runs a configuration
 known to be unsafe (ext4, `cache=unsafe`, `barrier=off`, same workload, recorder, seed and crash
@@ -22,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crashlab import report, stats
+from crashlab import logformat, report, stats
 from crashlab.cachemodes import CACHE_MODES
-from crashlab.campaign import CampaignError, Cell, Progress, barrier_name, run_matrix
+from crashlab.campaign import CampaignError, Cell, Progress, barrier_name, generate_states, run_matrix
 from crashlab.check.describe import describe_failure
 from crashlab.check.outcome import Outcome
 from crashlab.store import StateRow, Store
@@ -33,11 +36,12 @@ EXIT_PASS = 0
 EXIT_REFUSED = 1  # a state of the proposed policy was corrupt or lost fsynced data
 EXIT_USAGE = 2  # a bad option (click and CrashlabError use 2)
 EXIT_BLIND = 3  # the known-unsafe configuration showed no failure: the gate cannot see failures
-EXIT_INCONCLUSIVE = 4  # states missing (a unit failed) or none checkable: no verdict either way
+EXIT_INCONCLUSIVE = 4  # states missing, not checked, or too few to bound the rate: no verdict either way
 
 # The known-unsafe reference: only its fs, cache mode and barrier; the rest comes from the policy.
 SENSITIVITY = Cell(fs="ext4", cache=CACHE_MODES["unsafe"], barrier=False)
 DEFAULT_STATES = 32  # 0 of 32 bounds the failure rate below 9 % at 95 %
+DEFAULT_MAX_RATE = 0.01  # a pass bounds the failure rate below this at 95 %: 299 clean states
 DEFAULT_CELL = Cell(cache=CACHE_MODES["none"])
 STATES_DESCRIBED = 10  # in full; the rest by id, so a bad policy does not bury the verdict
 
@@ -51,6 +55,7 @@ class Policy:
     fs: tuple[str, ...] = ("ext4",)
     states: int = DEFAULT_STATES  # crash states per cell
     sensitivity: bool = True  # also run the known-unsafe reference, which must fail
+    max_rate: float = DEFAULT_MAX_RATE  # the 95 % upper bound of each cell's failure rate must be below
 
     def cells(self) -> list[Cell]:
         if not self.fs:
@@ -68,11 +73,13 @@ class Policy:
 
 @dataclass(frozen=True)
 class CellCheck:
-    """One cell's stored outcomes against the number of states asked for."""
+    """One cell's stored outcomes over the states asked for (its first `expected` ids)."""
 
     cell: Cell
     counts: Counter[Outcome]
     expected: int
+    unchecked: Counter[str] = field(default_factory=Counter)  # checker-errors the checker caused, by why
+    rows: tuple[StateRow, ...] = ()  # the stored states counted, when read from a store
 
     @property
     def result(self) -> report.CellResult:
@@ -88,7 +95,12 @@ class CellCheck:
 
     @property
     def errors(self) -> int:
-        return self.counts[Outcome.CHECKER_ERROR]
+        """Checker-errors charged to the image (a hang mounting it, its oracle raising)."""
+        return self.counts[Outcome.CHECKER_ERROR] - sum(self.unchecked.values())
+
+    @property
+    def failures(self) -> list[StateRow]:
+        return worst_first([r for r in self.rows if r.outcome.is_failure])
 
     def describe(self) -> str:
         r = self.result
@@ -96,7 +108,8 @@ class CellCheck:
                 f"workload={self.cell.workload} window={self.cell.window_label}"
                 + ("" if self.cell.strategy == "random" else f" strategy={self.cell.strategy}")
                 + f": {rate_text(r.failed)} (corrupt {r.corrupt.k}, fsync data lost {r.lost.k})")
-        extra = [f"{self.errors} {Outcome.CHECKER_ERROR} (not counted)"] if self.errors else []
+        extra = [f"{n} not checked: {why}" for why, n in sorted(self.unchecked.items())]
+        extra += [f"{self.errors} {Outcome.CHECKER_ERROR} (not counted)"] if self.errors else []
         extra += [f"{self.missing} of {self.expected} states missing"] if self.missing else []
         return text + (f" [{'; '.join(extra)}]" if extra else "")
 
@@ -130,12 +143,16 @@ class Decision:
         return self.code == EXIT_PASS
 
 
-def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None) -> Decision:
+def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None,
+           max_rate: float = DEFAULT_MAX_RATE) -> Decision:
     """The verdict, in order of what the reader must act on first.
 
     A failure of the policy is definitive whatever else happened: a real crash state was corrupt
     or lost data, and the gate evidently can see failures. Otherwise a blind sensitivity check
-    beats missing states, because rerunning cannot fix a blind gate but can fill in states.
+    beats missing states, because rerunning cannot fix a blind gate but can fill in states. A pass
+    then needs every asked state checked and each cell's 95 % upper bound below `max_rate`; per
+    cell, because `--states` is per cell and a pooled bound would let one filesystem ride on
+    another's states.
     """
     lines = [f"policy   {c.describe()}" for c in policy]
     if len(policy) > 1:
@@ -148,14 +165,32 @@ def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None) -> Decisi
                         "or lost fsynced data", lines)
     if sensitivity is not None and (blind := decide_sensitivity(sensitivity)).code == EXIT_BLIND:
         return Decision(EXIT_BLIND, blind.verdict, lines)
-    unsure = [c for c in (*policy, *([sensitivity] if sensitivity else [])) if c.missing or not c.failed.n]
-    if unsure:
-        return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: states missing or uncheckable in "
-                        + ", ".join(names(c.cell) for c in unsure) + "; rerun the same command to resume",
-                        lines)
+    gaps = [why for c in (*policy, *([sensitivity] if sensitivity else [])) if (why := gap(c))]
+    if gaps:
+        return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: " + "; ".join(gaps)
+                        + "; rerun the same command to resume and retry them", lines)
+    weak = [c for c in policy if c.failed.upper95 >= max_rate]
+    if weak:
+        need = stats.states_needed(max_rate)
+        return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: no failure, but too few states: "
+                        + ", ".join(f"{names(c.cell)} {rate_text(c.failed)}" for c in weak)
+                        + f", not below the max rate {percent(max_rate)}; {need} states per cell without "
+                        "a failure would bound it below", lines)
     note = "" if sensitivity is not None else " (sensitivity check skipped)"
     return Decision(EXIT_PASS, f"PASS: no crash state of the proposed policy was corrupt or lost fsynced "
-                    f"data; {rate_text(pooled(policy))}{note}", lines)
+                    f"data; {rate_text(pooled(policy))}, below the max rate {percent(max_rate)}{note}", lines)
+
+
+def gap(c: CellCheck) -> str:
+    """Why a cell's states are not all evidence, or '' if they are."""
+    why = [f"{n} state(s) not checked ({cause})" for cause, n in sorted(c.unchecked.items())]
+    why += [f"{c.missing} of {c.expected} states missing"] if c.missing else []
+    why += ["no state checkable"] if not c.failed.n and not why else []
+    return f"{names(c.cell)}: {', '.join(why)}" if why else ""
+
+
+def percent(rate: float) -> str:
+    return f"{100 * rate:g} %"
 
 
 def decide_sensitivity(reference: CellCheck) -> Decision:
@@ -165,12 +200,12 @@ def decide_sensitivity(reference: CellCheck) -> Decision:
     if r.k:
         return Decision(EXIT_PASS, f"SENSITIVE: the known-unsafe configuration failed in {r.k} of {r.n} "
                         "states, so this gate can see failures", lines)
-    if r.n and not reference.missing:
+    if r.n and not reference.missing and not reference.unchecked:
         return Decision(EXIT_BLIND, f"GATE BROKEN: the known-unsafe configuration showed no failure in "
                         f"{r.n} states, so this gate cannot see failures (blind crash model, a workload "
                         "without fsync promises, or too few states); its pass means nothing", lines)
     return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: the known-unsafe configuration has states missing or "
-                    "uncheckable; rerun to resume", lines)
+                    f"not checked ({gap(reference) or 'none checkable'}); rerun to resume", lines)
 
 
 # --- what a failing state looks like in a report -------------------------------------------------
@@ -187,10 +222,6 @@ def describe_state(row: StateRow, store_path: Path, host_mount: bool = False) ->
     return "\n".join(out)
 
 
-def failures(store: Store, cell: Cell) -> list[StateRow]:
-    return worst_first([r for r in store.states(cell.key) if r.outcome.is_failure])
-
-
 def worst_first(rows: Sequence[StateRow]) -> list[StateRow]:
     """A corrupt filesystem before lost data: it is the one nobody can paper over."""
     severity = {Outcome.UNMOUNTABLE: 0, Outcome.FS_INCONSISTENT: 1, Outcome.DATA_LOSS: 2}
@@ -198,7 +229,19 @@ def worst_first(rows: Sequence[StateRow]) -> list[StateRow]:
 
 
 def check(store: Store, cell: Cell, states: int) -> CellCheck:
-    return CellCheck(cell, store.counts(cell.key), states)
+    """The cell's first `states` ids, as the matrix asked for them, and what is stored for each;
+    rows of other ids (a bigger earlier run in the same store) are not counted. Without a readable
+    recording the ids cannot be known: every state counts as missing."""
+    row = store.cell(cell.key)
+    try:
+        ids = generate_states(cell, Path(row.recording), states) if row and row.recording else []
+    except (OSError, logformat.InputError, CampaignError):
+        ids = []
+    asked = set(ids)
+    rows = tuple(r for r in store.states(cell.key) if r.state_id in asked)
+    unchecked = Counter(r.record.checker_fault for r in rows
+                        if r.outcome is Outcome.CHECKER_ERROR and r.record.checker_fault)
+    return CellCheck(cell, Counter(r.outcome for r in rows), len(ids) or states, unchecked, rows)
 
 
 # --- running -------------------------------------------------------------------------------------

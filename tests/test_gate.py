@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from crashlab import gate
+from crashlab import gate, logformat, stats
 from crashlab.cachemodes import CACHE_MODES
-from crashlab.campaign import CampaignError, Cell
+from crashlab.campaign import CampaignError, Cell, generate_states
+from crashlab.check.guest import FAULT_BOOT, FAULT_STOPPED
 from crashlab.check.outcome import CheckRecord, Outcome, ToolRun
 from crashlab.store import StateRow, Store
 
@@ -20,14 +23,17 @@ from crashlab.store import StateRow, Store
 
 POLICY = Cell(cache=CACHE_MODES["none"], barrier=True)
 REFERENCE = gate.Policy().sensitivity_cell()
+LOOSE = 0.7  # a max rate that 3 clean states (95 % upper bound 63.2 %) satisfy
 
 
-def cc(expected: int = 4, cell: Cell = POLICY, **counts: int) -> gate.CellCheck:
-    return gate.CellCheck(cell, Counter({k.replace("_", "-"): v for k, v in counts.items()}), expected)
+def cc(expected: int = 4, cell: Cell = POLICY, unchecked: dict[str, int] | None = None,
+       **counts: int) -> gate.CellCheck:
+    outcomes = Counter({Outcome(k.replace("_", "-")): v for k, v in counts.items()})
+    return gate.CellCheck(cell, outcomes, expected, Counter(unchecked or {}))
 
 
 def test_clean_policy_with_a_failing_reference_passes_and_quotes_the_upper_bound() -> None:
-    d = gate.decide([cc(consistent=4)], cc(cell=REFERENCE, consistent=1, data_loss=3))
+    d = gate.decide([cc(consistent=4)], cc(cell=REFERENCE, consistent=1, data_loss=3), LOOSE)
     assert d.code == gate.EXIT_PASS and d.passed
     assert "0/4 failed" in d.verdict and "95 % upper bound 52.7 %" in d.verdict  # 1 - 0.05 ** (1/4)
     assert any(line.startswith("sensitivity") and "3/4 failed" in line for line in d.lines)
@@ -42,7 +48,7 @@ def test_any_corrupt_or_lossy_state_refuses(bad: str) -> None:
 
 
 def test_checker_errors_are_not_failures_but_are_shown() -> None:
-    d = gate.decide([cc(consistent=3, checker_error=1)], cc(cell=REFERENCE, data_loss=4))
+    d = gate.decide([cc(consistent=3, checker_error=1)], cc(cell=REFERENCE, data_loss=4), LOOSE)
     assert d.code == gate.EXIT_PASS
     assert "0/3 failed" in d.lines[0] and "1 checker-error" in d.lines[0]
 
@@ -67,18 +73,81 @@ def test_a_real_policy_failure_outranks_a_blind_reference() -> None:
 ])
 def test_missing_or_uncheckable_states_are_inconclusive_never_a_pass(policy: gate.CellCheck,
                                                                     reference: gate.CellCheck) -> None:
-    assert gate.decide([policy], reference).code == gate.EXIT_INCONCLUSIVE
+    assert gate.decide([policy], reference, LOOSE).code == gate.EXIT_INCONCLUSIVE
 
 
 def test_no_sensitivity_passes_on_policy_alone_and_says_so() -> None:
-    d = gate.decide([cc(consistent=4)], None)
+    d = gate.decide([cc(consistent=4)], None, LOOSE)
     assert d.code == gate.EXIT_PASS and "sensitivity check skipped" in d.verdict
 
 
-def test_more_stored_states_than_asked_all_count() -> None:
-    # A store shared with a bigger earlier run: every stored state of the cell is evidence.
-    d = gate.decide([cc(expected=4, consistent=8)], None)
-    assert d.code == gate.EXIT_PASS and "0/8" in d.verdict
+@pytest.mark.parametrize("max_rate", [0.01, 0.05, 0.2])
+def test_a_pass_needs_the_bound_below_max_rate_and_says_how_many_states_would_do(max_rate: float) -> None:
+    need = stats.states_needed(max_rate)
+    ref = cc(cell=REFERENCE, data_loss=4)
+    short = gate.decide([cc(expected=need - 1, consistent=need - 1)], ref, max_rate)
+    assert short.code == gate.EXIT_INCONCLUSIVE
+    assert f"{need} states per cell" in short.verdict and f"0/{need - 1} failed" in short.verdict
+    enough = gate.decide([cc(expected=need, consistent=need)], ref, max_rate)
+    assert enough.code == gate.EXIT_PASS, enough.verdict
+    assert f"below the max rate {100 * max_rate:g} %" in enough.verdict
+
+
+def test_the_default_max_rate_does_not_pass_a_handful_of_clean_states() -> None:
+    d = gate.decide([cc(consistent=4)], cc(cell=REFERENCE, data_loss=4))
+    assert d.code == gate.EXIT_INCONCLUSIVE and "95 % upper bound 52.7 %" in d.verdict
+
+
+def test_max_rate_holds_per_cell_not_pooled() -> None:
+    # 0/299 and 0/60 pool to 0/359, bound below 1 %; the 60-state cell alone is not.
+    big = cc(expected=299, consistent=299)
+    small = cc(expected=60, cell=replace(POLICY, fs="xfs"), consistent=60)
+    assert stats.rate(0, 359).upper95 < 0.01 <= stats.rate(0, 60).upper95
+    d = gate.decide([big, small], None, 0.01)
+    assert d.code == gate.EXIT_INCONCLUSIVE
+    assert "xfs cache=none barrier=on 0/60" in d.verdict and "ext4 cache=none" not in d.verdict
+
+
+def test_states_the_checker_could_not_check_are_inconclusive_with_the_cause() -> None:
+    policy = cc(expected=4, consistent=3, checker_error=1, unchecked={FAULT_BOOT: 1})
+    d = gate.decide([policy], cc(cell=REFERENCE, data_loss=4), LOOSE)
+    assert d.code == gate.EXIT_INCONCLUSIVE
+    assert f"1 state(s) not checked ({FAULT_BOOT})" in d.verdict and "retry" in d.verdict
+    assert f"1 not checked: {FAULT_BOOT}" in d.lines[0] and "(not counted)" not in d.lines[0]
+    # A reference that could not check its states is not shown blind: it may yet fail.
+    ref = cc(cell=REFERENCE, consistent=3, checker_error=1, unchecked={FAULT_STOPPED: 1})
+    assert gate.decide([cc(consistent=4)], ref, LOOSE).code == gate.EXIT_INCONCLUSIVE
+    assert FAULT_STOPPED in gate.decide_sensitivity(ref).verdict
+
+
+def test_a_cell_counts_exactly_its_first_n_states(tmp_path: Path) -> None:
+    # A store shared with a bigger earlier run: only the states asked for are evidence.
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    with logformat.LogWriter(rec / "write.log") as w:
+        for i in range(40):
+            w.write(8 * i, bytes(4096))
+            if i % 4 == 3:
+                w.flush()
+    (rec / "run.json").write_text(json.dumps({"config": {"recorder": "qemu", "cache": "none"}}))
+    ids, first = generate_states(POLICY, rec, 12), generate_states(POLICY, rec, 4)
+    assert len(ids) == 12 and set(first) < set(ids)
+    with Store(tmp_path / "s.sqlite") as store:
+        store.put_cell(POLICY.key, POLICY.config())
+        store.set_recording(POLICY.key, rec, {})
+        for i in ids:  # the states a 4-state gate asks for are clean, the bigger run's others are not
+            outcome = Outcome.CONSISTENT if i in first else Outcome.DATA_LOSS
+            store.put_state(POLICY.key, i, outcome, row(i, str(outcome)).record.to_dict())
+        c = gate.check(store, POLICY, 4)
+        assert (c.expected, c.counts, c.failures) == (4, Counter({Outcome.CONSISTENT: 4}), [])
+        assert {r.state_id for r in c.rows} == set(first)
+        c = gate.check(store, POLICY, 12)
+        assert c.counts[Outcome.DATA_LOSS] == 8 and len(c.failures) == 8
+        assert gate.check(store, POLICY, 20).missing == len(generate_states(POLICY, rec, 20)) - 12
+        # Without its recording the ids cannot be known: nothing counts, everything is missing.
+        (rec / "write.log").unlink()
+        c = gate.check(store, POLICY, 4)
+        assert (c.missing, c.rows) == (4, ())
 
 
 def test_exit_codes_are_distinct() -> None:
@@ -137,7 +206,8 @@ def test_worst_first_puts_corruption_before_data_loss() -> None:
 
 CRASHLAB = [sys.executable, "-m", "crashlab"]
 # Few states, ext4 only, host mounts: the checker-guest path is tested in test_campaign.py.
-CHEAP = ["--fs", "ext4", "--states", "4", "-j", "1", "--host-mount"]
+# A max rate of 60 %: 4 clean states bound the rate below 52.7 %, enough to pass here.
+CHEAP = ["--fs", "ext4", "--states", "4", "--max-rate", "60", "-j", "1", "--host-mount"]
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +240,7 @@ def test_gate_refuses_unsafe_without_barriers_naming_each_state(gate_store: Path
     assert out.returncode == gate.EXIT_REFUSED, out.stdout + out.stderr
     cell = gate.Policy(Cell(cache=CACHE_MODES["unsafe"], barrier=False)).cells()[0]
     with Store(gate_store) as store:
-        bad = gate.failures(store, cell)
+        bad = gate.check(store, cell, 4).failures
     assert bad, "the unsafe cell failed no state, yet the gate refused it"
     for r in bad:
         assert f"crash state {r.state_id}: {r.outcome}" in out.stdout
@@ -191,3 +261,6 @@ def test_gate_usage_errors_exit_2() -> None:
     out = subprocess.run([*CRASHLAB, "gate", "--fs", "ext4,xfs", "--barrier", "off", "--store", "/dev/null"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == gate.EXIT_USAGE and "xfs has no barrier=off" in out.stderr
+    out = subprocess.run([*CRASHLAB, "gate", "--max-rate", "0", "--store", "/dev/null"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == gate.EXIT_USAGE and "--max-rate" in out.stderr and "Traceback" not in out.stderr

@@ -22,8 +22,9 @@ pytest_plugins = ["pytester"]
 
 SUITE = Path(__file__).parent / "gate" / "test_cache_policy.py"
 # ext4 only, few states, host mounts: the checker-guest path is tested in test_campaign.py.
-CHEAP = ["--crashlab-fs", "ext4", "--crashlab-states", "4", "--crashlab-workers", "1",
-         "--crashlab-host-mount"]
+# A max rate of 60 %: 4 clean states bound the rate below 52.7 %, enough to pass here.
+CHEAP = ["--crashlab-fs", "ext4", "--crashlab-states", "4", "--crashlab-max-rate", "60",
+         "--crashlab-workers", "1", "--crashlab-host-mount"]
 TIMEOUT = 900
 
 
@@ -54,7 +55,7 @@ def properties(case: ET.Element) -> dict[str, str]:
 def test_options_and_marker_are_registered(pytester: pytest.Pytester) -> None:
     help_text = pytester.runpytest("--help").stdout.str()
     for opt in ("--crashlab-fs", "--crashlab-cache", "--crashlab-barrier", "--crashlab-states",
-                "--crashlab-seed", "--crashlab-store", "--crashlab-host-mount"):
+                "--crashlab-max-rate", "--crashlab-seed", "--crashlab-store", "--crashlab-host-mount"):
         assert opt in help_text
     markers = pytester.runpytest("--markers").stdout.str()
     assert "@pytest.mark.crashlab: boots QEMU guests" in markers
@@ -79,7 +80,8 @@ def test_crashlab_fs_runs_once_per_filesystem_and_the_marker_deselects(pytester:
 
 def test_bad_options_stop_the_session(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="def test_nothing(): pass")
-    for args in (["--crashlab-states", "0"], ["--crashlab-fs", " , "]):
+    for args in (["--crashlab-states", "0"], ["--crashlab-fs", " , "], ["--crashlab-max-rate", "0"],
+                 ["--crashlab-max-rate", "101"]):
         result = pytester.runpytest(*args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         assert "--crashlab-" in result.stderr.str()
@@ -139,7 +141,7 @@ def test_gate_suite_fails_an_unsafe_policy_naming_each_crash_state(pytester: pyt
     result.assert_outcomes(failed=1, passed=1)
     cell = gate.Policy(Cell(cache=CACHE_MODES["unsafe"], barrier=False)).cells()[0]
     with Store(gate_store) as store:
-        bad = gate.failures(store, cell)
+        bad = gate.check(store, cell, 4).failures
     assert bad
     out = result.stdout.str()
     assert "REFUSED:" in out

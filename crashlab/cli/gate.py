@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from crashlab import gate
+from crashlab import gate, stats
 from crashlab.campaign import CampaignError, Cell
 from crashlab.cli import CrashlabError
 from crashlab.filesystems import FILESYSTEMS
@@ -21,7 +21,9 @@ Exit status:
   {gate.EXIT_REFUSED}  refused: some state was (each is listed with its reproduce command)
   {gate.EXIT_USAGE}  usage error
   {gate.EXIT_BLIND}  gate broken: the known-unsafe configuration showed no failure either
-  {gate.EXIT_INCONCLUSIVE}  inconclusive: states missing or uncheckable; rerun to resume""")
+  {gate.EXIT_INCONCLUSIVE}  inconclusive: states missing or not checked (rerun to resume and retry
+     them), or too few to bound the failure rate below --max-rate (the verdict
+     says how many would)""")
 @click.option("--fs", default="ext4", show_default=True,
               help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)}.")
 @click.option("--cache", default="none", show_default=True, help="The proposed cache mode.")
@@ -37,6 +39,10 @@ Exit status:
 @click.option("--strategy", default="random", show_default=True,
               help="Crash-state strategy. 'prefix' persists no volatile write: a deliberately blind "
                    "model, which the sensitivity check must catch.")
+@click.option("--max-rate", type=click.FloatRange(0, 100, min_open=True), default=100 * gate.DEFAULT_MAX_RATE,
+              show_default=True, metavar="PERCENT",
+              help="Pass only if each cell's exact 95 % upper bound on its failure rate is below this "
+                   "(1 % takes 299 states without a failure).")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Also run ext4 cache=unsafe barrier=off, which must fail, to prove the gate can see "
                    "failures.")
@@ -48,7 +54,7 @@ Exit status:
 @click.option("--host-mount", is_flag=True,
               help="Mount crash images on this host, not in a checker guest (disposable hosts only).")
 def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, window: str,
-            seed: int, scale: int, strategy: str, sensitivity: bool, store_path: Path,
+            seed: int, scale: int, strategy: str, max_rate: float, sensitivity: bool, store_path: Path,
             workers: int | None, unit_states: int | None, host_mount: bool) -> None:
     """Refuse a cache policy if any crash state is corrupt or loses fsynced data.
 
@@ -60,13 +66,18 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         cell = Cell.parse(dict(cache=cache, barrier=barrier, workload=workload, recorder=recorder,
                                window=window, seed=seed, scale=scale, strategy=strategy))
         policy = gate.Policy(cell, fs=tuple(f.strip() for f in fs.split(",") if f.strip()), states=states,
-                             sensitivity=sensitivity)
+                             sensitivity=sensitivity, max_rate=max_rate / 100)
         cells = policy.cells()
         reference = policy.sensitivity_cell() if policy.sensitivity else None
     except CampaignError as e:
         raise CrashlabError(str(e)) from None
     click.echo(f"crashlab gate: cache={cell.cache.name} barrier={barrier} on {', '.join(policy.fs)}, "
-               f"workload {workload}, {policy.states} crash states per cell, store {store_path}")
+               f"workload {workload}, {policy.states} crash states per cell, max rate "
+               f"{gate.percent(policy.max_rate)} at 95 %, store {store_path}")
+    if policy.states < (need := stats.states_needed(policy.max_rate)):
+        click.echo(f"warning: {policy.states} states without a failure bound the rate only below "
+                   f"{100 * stats.upper_bound_zero(policy.states):.1f} %: this gate cannot pass; "
+                   f"at --max-rate {gate.percent(policy.max_rate)} it needs --states {need}", err=True)
     prog = gate.run_cells([*cells, *([reference] if reference else [])], policy.states, store_path,
                           command="crashlab " + shlex.join(sys.argv[1:]), workers=workers,
                           host_mount=host_mount, unit_states=unit_states)
@@ -74,8 +85,9 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         click.echo(f"error: {problem}", err=True)
     with Store(store_path) as store:
         checks = [gate.check(store, c, policy.states) for c in cells]
-        decision = gate.decide(checks, gate.check(store, reference, policy.states) if reference else None)
-        bad = gate.worst_first([row for c in cells for row in gate.failures(store, c)])
+        decision = gate.decide(checks, gate.check(store, reference, policy.states) if reference else None,
+                               policy.max_rate)
+    bad = gate.worst_first([row for c in checks for row in c.failures])
     for line in decision.lines:
         click.echo(line)
     for row in bad[:gate.STATES_DESCRIBED]:
