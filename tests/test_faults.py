@@ -23,6 +23,10 @@ from pathlib import Path
 import pytest
 
 from crashlab import rundir
+from crashlab.cachemodes import CACHE_MODES
+from crashlab.guest.provision import Guest
+from crashlab.record import RecordConfig, RecordError, record
+from crashlab.recorders import Recorder
 
 pytest_plugins = ["conftest_guest"]
 
@@ -150,3 +154,27 @@ def test_a_campaign_killed_again_and_again_leaks_and_loses_nothing(rounds: int, 
     assert len(stored) == states, sorted(stored)  # every state once: the store's key is (cell, id)
     recordings = store.parent / "recordings"
     assert not list(recordings.glob("*.partial-*")), "a half-made recording was left"
+
+
+@pytest.mark.guest
+def test_a_full_host_disk_fails_the_recording_at_once_and_says_so(guest: Guest, tmp_path: Path) -> None:
+    # QEMU's default would pause the guest on ENOSPC and the run would sit out its whole deadline.
+    # A small ext4 on a loop device, not a tmpfs: a read fault on a hole of a file on a full tmpfs
+    # needs a page, and the host's mmap of the log would die of SIGBUS instead.
+    fs_image, full = tmp_path / "small.img", tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs_image), "12M"], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", str(fs_image)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    subprocess.run(["mount", loop, str(full)], check=True)
+    try:
+        config = RecordConfig(cache=CACHE_MODES["writeback"], recorder=Recorder.QEMU, timeout_s=300,
+                              accel=os.environ.get("CRASHLAB_ACCEL", "auto"))
+        t0 = time.monotonic()
+        with pytest.raises(RecordError, match="MiB free") as e:
+            record(config, full / "rec", guest=guest)
+        assert time.monotonic() - t0 < 120, "the guest waited on a paused disk"
+        assert str(full) in str(e.value)
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
