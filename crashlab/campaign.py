@@ -39,6 +39,12 @@ from crashlab.store import Store
 from crashlab.workload import available
 
 STATES_PER_UNIT = 8  # states per checker-guest boot: bounds what an interrupt can lose
+# A cell's states take seconds each to check under TCG: a million is weeks, and more is a typo that
+# would otherwise spin in state generation before saying anything.
+MAX_STATES = 1_000_000
+# Each worker boots a guest of its own: past a few per core they only compete for memory, and a
+# typo such as -j 10000 would fork that many processes.
+MAX_WORKERS = max(64, 4 * (os.cpu_count() or 1))
 DEFAULT_WORKLOADS = ("smallfiles", "nofsync")
 
 
@@ -218,20 +224,99 @@ class Matrix:
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> Matrix:
+        """The matrix a TOML file describes, every key and value checked (MATRIX_KEYS) before
+        anything runs: keys as the options of `crashlab matrix`, at the top level or in [matrix]."""
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            data: dict[str, Any] = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise CampaignError(f"{path}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise CampaignError(f"{path}: not a TOML file (not UTF-8 text)") from None
+        except tomllib.TOMLDecodeError as e:
+            raise CampaignError(f"{path}: not valid TOML: {e}") from None
+        if "matrix" in data:
+            if not isinstance(data["matrix"], dict) or len(data) > 1:
+                raise CampaignError(f"{path}: [matrix] must be a table and the only one in the file")
+            data = data["matrix"]
+        if unknown := sorted(set(data) - set(MATRIX_KEYS)):
+            raise CampaignError(f"{path}: unknown keys {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(MATRIX_KEYS))}")
+        try:
+            values = {k: MATRIX_KEYS[k](v) for k, v in data.items()}
+        except _BadValue as e:
             raise CampaignError(f"{path}: {e}") from None
-        data = data.get("matrix", data)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise CampaignError(f"{path}: unknown keys {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(sorted(known))}")
-        for k, v in data.items():
-            if isinstance(v, list):
-                data[k] = tuple(str(x) if k not in ("torn",) else int(x) for x in v)
-        return replace(cls(**data), **{k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(**values), **{k: v for k, v in overrides.items() if v is not None})
+
+
+class _BadValue(ValueError):
+    pass
+
+
+def _items(key: str, value: object, item: Callable[[object], Any]) -> tuple[Any, ...]:
+    """A list, or (as on the command line) one comma-separated string."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value:
+        raise _BadValue(f"{key} must be a non-empty list, or a comma-separated string")
+    try:
+        return tuple(item(v) for v in value)
+    except (TypeError, ValueError):
+        raise _BadValue(f"{key}: {value!r} holds a value of the wrong type") from None
+
+
+def _name(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError(v)
+    return v
+
+
+def _window(v: object) -> str:
+    """Seconds as a number or a string, or "inf"/"default": checked as a window by `cells`."""
+    return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else _name(v)
+
+
+def _barrier(v: object) -> str:
+    return barrier_name(v) if isinstance(v, bool) else _name(v)
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise TypeError(v)
+    return int(v)
+
+
+def _int_in(key: str, lo: int | None, hi: int | None) -> Callable[[object], int]:
+    def check(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _BadValue(f"{key} must be an integer, not {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise _BadValue(f"{key} {v} is out of range {lo if lo is not None else ''}.."
+                            f"{hi if hi is not None else ''}")
+        return v
+    return check
+
+
+def _strategy(v: object) -> str:
+    if not isinstance(v, str):
+        raise _BadValue(f"strategy must be a string, not {v!r}")
+    return v
+
+
+# The keys a matrix TOML may hold (the fields of Matrix), each with what takes its value apart;
+# names are checked as names when the matrix's cells are made, before anything runs.
+MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
+    "fs": lambda v: _items("fs", v, _name),
+    "cache": lambda v: _items("cache", v, _name),
+    "barrier": lambda v: _items("barrier", v, _barrier),
+    "recorder": lambda v: _items("recorder", v, _name),
+    "workload": lambda v: _items("workload", v, _name),
+    "window": lambda v: _items("window", v, _window),
+    "torn": lambda v: _items("torn", v, _int),
+    "states": _int_in("states", 1, MAX_STATES),
+    "seed": _int_in("seed", None, None),
+    "scale": _int_in("scale", 1, None),
+    "strategy": _strategy,
+}
 
 
 # --- units of work ---------------------------------------------------------------------------------

@@ -270,7 +270,12 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         move_guest_file(job.share / name, outs.out_dir / name)
     if config.recorder.logs and outs.log.exists():
         run["log"] = summarize_log(outs.log, truncate=config.recorder.in_guest)
-    (outs.out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
+    try:
+        (outs.out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
+    except OSError as e:
+        why = run.get("error") or e.strerror
+        raise RecordError(f"recording {config.describe()} failed: {why}; cannot write run.json "
+                          f"({e.strerror}){full_disk_hint(outs.out_dir)}") from e
     return run
 
 

@@ -9,18 +9,24 @@ twice whatever order workers finish in.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from crashlab.check.outcome import CheckRecord, Outcome
+from crashlab.logformat import InputError
 
 DEFAULT_PATH = Path("results") / "crashlab.sqlite"
+SQLITE_MAGIC = b"SQLite format 3\0"  # the first 16 bytes of every SQLite database file
+TABLES = frozenset({"runs", "cells", "states"})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -68,15 +74,62 @@ class CellRow:
     run_id: int | None
 
 
+class StoreError(InputError):
+    """A store path that holds no results store, or a store that cannot be read or written (a
+    read-only directory, a full disk): one line naming the path."""
+
+
 class Store:
-    def __init__(self, path: str | Path = DEFAULT_PATH) -> None:
+    """The results store at `path`. `readonly` (report, reproduce) never writes and refuses a
+    missing store; otherwise a missing store is created, and removed again if creating it fails."""
+
+    def __init__(self, path: str | Path = DEFAULT_PATH, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = _validate_path(self.path, readonly)
+        try:
+            self.db = _open_readonly(self.path) if readonly else self._open_for_writing(existed)
+        except sqlite3.Error as e:
+            if not readonly and not existed:
+                _remove_new(self.path)
+            raise _error(self.path, e) from None
+
+    def _open_for_writing(self, existed: bool) -> sqlite3.Connection:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot make the store's directory: {e.strerror}") from None
+        # WAL puts -wal and -shm files beside the store: its directory must take new files.
+        if not os.access(parent, os.W_OK | os.X_OK):
+            why = "Read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "Permission denied"
+            raise StoreError(f"{self.path}: cannot write the store's directory {parent}: {why}")
         # Autocommit: every statement is its own transaction, the unit of "nothing lost".
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+        try:
+            if existed:
+                _require_store(self.path, db, allow_empty=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Every statement goes through here: a full disk or a store gone read-only mid-run is a
+        StoreError naming the store, not a sqlite3 traceback."""
+        try:
+            return self.db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise _error(self.path, e) from None
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        cur = self._execute(sql, args)
+        try:
+            yield from cur
+        except sqlite3.Error as e:
+            raise _error(self.path, e) from None
 
     def close(self) -> None:
         self.db.close()
@@ -91,34 +144,34 @@ class Store:
     # --- runs ---------------------------------------------------------------------------------
 
     def begin_run(self, command: str, config: dict[str, Any], versions: dict[str, Any]) -> int:
-        cur = self.db.execute(
+        cur = self._execute(
             "INSERT INTO runs (started, command, config, versions) VALUES (?, ?, ?, ?)",
             (time.time(), command, _dump(config), _dump(versions)))
         assert cur.lastrowid is not None
         return cur.lastrowid
 
     def runs(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT run_id, started, command, config, versions FROM runs ORDER BY run_id")
+        rows = self._rows("SELECT run_id, started, command, config, versions FROM runs ORDER BY run_id")
         return [{"run_id": r[0], "started": r[1], "command": r[2], "config": json.loads(r[3]),
                  "versions": json.loads(r[4])} for r in rows]
 
     # --- cells --------------------------------------------------------------------------------
 
     def put_cell(self, cell: str, config: dict[str, Any], run_id: int | None = None) -> None:
-        self.db.execute("INSERT OR IGNORE INTO cells (cell, config, run_id) VALUES (?, ?, ?)",
+        self._execute("INSERT OR IGNORE INTO cells (cell, config, run_id) VALUES (?, ?, ?)",
                         (cell, _dump(config), run_id))
 
     def set_recording(self, cell: str, recording: str | Path, record: dict[str, Any]) -> None:
-        self.db.execute("UPDATE cells SET recording = ?, record = ? WHERE cell = ?",
+        self._execute("UPDATE cells SET recording = ?, record = ? WHERE cell = ?",
                         (str(recording), _dump(record), cell))
 
     def cell(self, cell: str) -> CellRow | None:
-        row = self.db.execute("SELECT cell, config, recording, record, run_id FROM cells WHERE cell = ?",
-                              (cell,)).fetchone()
+        row = next(self._rows("SELECT cell, config, recording, record, run_id FROM cells WHERE cell = ?",
+                              (cell,)), None)
         return _cell(row) if row else None
 
     def cells(self) -> list[CellRow]:
-        rows = self.db.execute("SELECT cell, config, recording, record, run_id FROM cells ORDER BY cell")
+        rows = self._rows("SELECT cell, config, recording, record, run_id FROM cells ORDER BY cell")
         return [_cell(r) for r in rows]
 
     # --- states -------------------------------------------------------------------------------
@@ -128,7 +181,7 @@ class Store:
         """Record one outcome, `detail` being its `CheckRecord.to_dict()`; False if this state of
         this cell was already recorded. A stored checker-error is replaced: it said nothing about
         the image, so a later check of it is the state's first result."""
-        cur = self.db.execute(
+        cur = self._execute(
             "INSERT INTO states (cell, state_id, outcome, detail, run_id, checked) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (cell, state_id) DO UPDATE SET outcome = excluded.outcome, "
             "detail = excluded.detail, run_id = excluded.run_id, checked = excluded.checked "
@@ -137,12 +190,12 @@ class Store:
         return cur.rowcount == 1
 
     def done(self, cell: str) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT state_id FROM states WHERE cell = ?", (cell,))}
+        return {r[0] for r in self._rows("SELECT state_id FROM states WHERE cell = ?", (cell,))}
 
     def counts(self, cell: str) -> Counter[Outcome]:
-        rows = self.db.execute(
+        rows = self._rows(
             "SELECT outcome, count(*) FROM states WHERE cell = ? GROUP BY outcome", (cell,))
-        return Counter({Outcome(o): n for o, n in rows.fetchall()})
+        return Counter({Outcome(o): n for o, n in rows})
 
     def states(self, cell: str | None = None, outcome: Outcome | None = None) -> Iterator[StateRow]:
         sql = "SELECT cell, state_id, outcome, detail, run_id FROM states WHERE 1"
@@ -151,15 +204,92 @@ class Store:
             sql, args = sql + " AND cell = ?", [*args, cell]
         if outcome is not None:
             sql, args = sql + " AND outcome = ?", [*args, str(outcome)]
-        for r in self.db.execute(sql + " ORDER BY cell, state_id", args):
+        for r in self._rows(sql + " ORDER BY cell, state_id", args):
             yield _state(r)
 
     def find_state(self, state_id: str) -> list[StateRow]:
         """Every cell's row for a crash-state id (an id names one image of one recorded log, so
         more than one row means the same state was checked in cells sharing a recording)."""
-        rows = self.db.execute("SELECT cell, state_id, outcome, detail, run_id FROM states "
-                               "WHERE state_id = ?", (state_id,))
+        rows = self._rows("SELECT cell, state_id, outcome, detail, run_id FROM states "
+                          "WHERE state_id = ?", (state_id,))
         return [_state(r) for r in rows]
+
+
+def _validate_path(path: Path, readonly: bool) -> bool:
+    """Refuse what cannot be a store before SQLite touches it (SQLite would take a directory's
+    error for "unable to open", and turn an empty path into a new database); True if it exists."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if readonly:
+            raise StoreError(f"{path}: no results store (run `crashlab matrix` first)") from None
+        return False
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the results store: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: is a directory, not a results store")
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: is not a regular file, not a results store")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the results store: {e.strerror}") from None
+    if head != SQLITE_MAGIC and not (head == b"" and not readonly):
+        raise StoreError(f"{path}: not a SQLite file, so not a results store")
+    return True
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write. In a read-only directory a WAL store with no -wal file
+    cannot be opened `mode=ro` (the reader would have to create -shm), but then no writer can be
+    at work either (it would need -wal there), so the file alone is the whole store."""
+    quoted = "file:" + urllib.parse.quote(path.absolute().as_posix())
+    try:
+        db = sqlite3.connect(f"{quoted}?mode=ro", uri=True)
+        _require_store(path, db)
+        return db
+    except sqlite3.OperationalError as e:
+        if not (e.sqlite_errorname or "").startswith("SQLITE_CANTOPEN") or Path(f"{path}-wal").exists():
+            raise
+    db = sqlite3.connect(f"{quoted}?immutable=1", uri=True)
+    _require_store(path, db)
+    return db
+
+
+def _require_store(path: Path, db: sqlite3.Connection, allow_empty: bool = False) -> None:
+    """Refuse a SQLite database that is someone else's: crashlab would add its tables to it."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables >= TABLES and not (allow_empty and not tables):
+        db.close()
+        raise StoreError(f"{path}: a SQLite database but not a results store "
+                         f"(no {', '.join(sorted(TABLES - tables))} table)")
+
+
+# What a SQLite error means for the user of a store, by SQLite's primary error name; others are
+# passed on in SQLite's words.
+SQLITE_ERRORS = {
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_READONLY": "the store is read-only",
+    "SQLITE_CANTOPEN": "cannot open it (is its directory read-only?)",
+    "SQLITE_NOTADB": "not a SQLite file, so not a results store",
+    "SQLITE_CORRUPT": "the database file is damaged",
+    "SQLITE_BUSY": "another process holds it locked",
+}
+
+
+def _error(path: Path, e: sqlite3.Error) -> StoreError:
+    # Extended names (SQLITE_READONLY_DIRECTORY, SQLITE_IOERR_WRITE) narrow a primary one.
+    name = e.sqlite_errorname or ""
+    why = next((text for primary, text in SQLITE_ERRORS.items()
+                if name == primary or name.startswith(primary + "_")), str(e))
+    return StoreError(f"{path}: results store: {why}")
+
+
+def _remove_new(path: Path) -> None:
+    """Undo a store creation that failed (a full disk leaves a 0-byte file)."""
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        p.unlink(missing_ok=True)
 
 
 def _dump(obj: Any) -> str:

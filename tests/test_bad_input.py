@@ -252,5 +252,6 @@ def test_builder_errors_are_input_errors(tmp_path: Path) -> None:
 def test_readme_documents_the_exit_statuses() -> None:
     table = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", README.read_text(), re.M))
     assert table.keys() == {str(c) for c in (climod.EXIT_OK, climod.EXIT_DAMAGED, climod.EXIT_USAGE,
-                                             climod.EXIT_SALVAGED, climod.EXIT_INTERRUPTED)}
+                                             climod.EXIT_SALVAGED, climod.EXIT_INTERRUPTED,
+                                             climod.EXIT_TERMINATED)}
     assert "damaged" in table[str(climod.EXIT_DAMAGED)] and "salvage" in table[str(climod.EXIT_SALVAGED)]

@@ -72,11 +72,11 @@ def test_reproduce_rebuilds_the_same_outcome(tiny_matrix: Path, tmp_path: Path) 
         state_id, stored = db.execute(
             "SELECT state_id, outcome FROM states ORDER BY state_id LIMIT 1").fetchone()
     kept = tmp_path / "state.img"
-    out = crashlab("reproduce", state_id, "--store", str(tiny_matrix), "--keep", str(kept), "--json").stdout
-    detail = json.loads(out[:out.rindex("}") + 1])
+    r = crashlab("reproduce", state_id, "--store", str(tiny_matrix), "--keep", str(kept), "--json")
+    detail = json.loads(r.stdout)  # nothing but JSON on stdout; the hint goes to stderr
     assert detail["state_id"] == state_id
     assert detail["outcome"] == stored
-    assert kept.stat().st_size > 0 and f"crashlab check {kept}" in out
+    assert kept.stat().st_size > 0 and f"crashlab check {kept}" in r.stderr and "--state-id" in r.stderr
 
 
 def test_killed_campaign_resumes_without_losing_or_double_counting(results_dir: Path) -> None:

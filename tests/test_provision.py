@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -141,3 +142,21 @@ def test_init_script_is_posix_shell() -> None:
                        check=False)
     assert r.returncode == 0, r.stderr
     assert guestinit.PROBE_OK in guestinit.init_script()
+
+
+def test_the_kernel_package_is_looked_up_once_per_state_of_the_apt_lists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir, lists, calls = tmp_path / "bin", tmp_path / "lists", tmp_path / "calls"
+    bin_dir.mkdir()
+    lists.mkdir()
+    fake = bin_dir / "apt-cache"
+    fake.write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                    "echo linux-image-6.1.0-56-cloud-amd64; echo linux-image-6.1.0-57-cloud-amd64\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert provision.newest_listed_kernel(tmp_path, lists) == "linux-image-6.1.0-57-cloud-amd64"
+    assert provision.newest_listed_kernel(tmp_path, lists) == "linux-image-6.1.0-57-cloud-amd64"
+    assert calls.read_text().count("x") == 1  # the second answer came from the cache
+    os.utime(lists, ns=(1, 1))  # what an apt-get update does to the lists directory
+    provision.newest_listed_kernel(tmp_path, lists)
+    assert calls.read_text().count("x") == 2

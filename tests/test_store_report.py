@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from crashlab import report
 from crashlab.check.outcome import CheckRecord, Outcome, ToolRun
-from crashlab.store import Store
+from crashlab.store import Store, StoreError
 
 CELLS = {
     "ext4/writeback/on": ({"fs": "ext4", "cache": "writeback", "barrier": "on", "recorder": "qemu",
@@ -129,8 +128,9 @@ def test_compare_uses_fisher(store: Store) -> None:
 def test_store_rejects_garbage_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"not a database" * 100)
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises(StoreError, match="not a SQLite file"):
         Store(bad)
+    assert bad.read_bytes() == b"not a database" * 100
 
 
 def test_long_commands_fold_into_lines_a_shell_still_reads() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ from crashlab.cachemodes import CACHE_MODES
 from crashlab.check.describe import describe_failure
 from crashlab.cli import CrashlabError
 from crashlab.filesystems import FILESYSTEMS
-from crashlab.store import DEFAULT_PATH, Store
+from crashlab.record import GuestOutputs
+from crashlab.store import DEFAULT_PATH, Store, StoreError
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -29,14 +31,17 @@ def _store_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-        click.option("--states", type=int, default=None, help="Crash states per cell [default: 12]."),
+        click.option("--states", type=click.IntRange(1, campaign.MAX_STATES), default=None,
+                     help="Crash states per cell [default: 12]."),
         click.option("--seed", type=int, default=None, help="Workload and crash-state seed [default: 1]."),
-        click.option("--scale", type=int, default=None, help="Workload size (1 = small) [default: 1]."),
+        click.option("--scale", type=click.IntRange(1), default=None,
+                     help="Workload size (1 = small) [default: 1]."),
         click.option("--window", default=None,
                      help="Volatility window(s) in seconds or 'inf', comma-separated [default: per mode]."),
         click.option("--torn", default=None, help="Torn-write atomic unit(s): 0, 512, 4096."),
         click.option("--strategy", default=None, help="Crash-point strategy [default: random]."),
-        click.option("-j", "--workers", type=int, default=None, help="Parallel units [default: cores]."),
+        click.option("-j", "--workers", type=click.IntRange(1, campaign.MAX_WORKERS), default=None,
+                     help="Parallel units [default: cores]."),
         click.option("--unit-states", type=click.IntRange(1), default=campaign.STATES_PER_UNIT,
                      show_default=True,
                      help="States per check unit (one checker-guest boot; at most this many are lost "
@@ -72,6 +77,14 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
         raise CrashlabError(str(e)) from None
     # The store keeps the matrix as an explicit command: what was typed may lean on defaults.
     command = matrix.command()
+    try:
+        _run_in(matrix, cells, command, store_path, workers, unit_states, host_mount, quiet)
+    except StoreError as e:
+        raise CrashlabError(str(e)) from None
+
+
+def _run_in(matrix: campaign.Matrix, cells: list[campaign.Cell], command: str, store_path: Path,
+            workers: int | None, unit_states: int, host_mount: bool, quiet: bool) -> None:
     with Store(store_path) as store:
         if quiet:
             prog = campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
@@ -188,7 +201,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 
 
 @click.command("matrix", epilog=EXIT_EPILOG)
-@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file with the matrix (keys as the options below); options override it.")
 @click.option("--fs", help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)} [default: ext4].")
 @click.option("--cache", help=f"Cache modes [default: all: {','.join(CACHE_MODES)}].")
@@ -202,7 +215,10 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
 
     Rerunning the same command resumes: recordings and stored outcomes are reused.
     """
-    base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
+    try:
+        base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
+    except campaign.CampaignError as e:
+        raise CrashlabError(str(e)) from None
     _run(_matrix_from(options, base), store_path, workers, unit_states, host_mount, quiet)
 
 
@@ -235,18 +251,19 @@ FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png")
 def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple[str, ...],
                    compare: tuple[str, str] | None) -> None:
     """Report the stored outcomes: rates with 95 % intervals per cell."""
-    if not store_path.exists():
-        raise CrashlabError(f"{store_path}: no results store (run `crashlab matrix` first)")
-    with Store(store_path) as store:
-        cells = report.results(store, _parse_where(where))
-        if not cells:
-            raise CrashlabError("no stored states match")
-        if compare:
-            a, b = (_one(cells, spec) for spec in compare)
-            click.echo(report.compare(a, b))
-            return
-        runs = store.runs()
-        env = report.environment(store, cells)
+    try:
+        with Store(store_path, readonly=True) as store:
+            cells = report.results(store, _parse_where(where))
+            if not cells:
+                raise CrashlabError("no stored states match")
+            if compare:
+                a, b = (_one(cells, spec) for spec in compare)
+                click.echo(report.compare(a, b))
+                return
+            runs = store.runs()
+            env = report.environment(store, cells)
+    except StoreError as e:
+        raise CrashlabError(str(e)) from None
     commands = sorted({r["command"] for r in runs})
     if fmt == "png":
         if output is None:
@@ -291,20 +308,31 @@ def _one(cells: list[report.CellResult], spec: str) -> report.CellResult:
 @click.command("reproduce")
 @click.argument("state_id")
 @_store_option
-@click.option("--keep", type=click.Path(path_type=Path), default=None,
+@click.option("--keep", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Leave the rebuilt image here and print how to inspect it.")
 @click.option("--host-mount", is_flag=True, help="Mount on this host instead of in a checker guest.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the check record as JSON (alone on stdout: --keep's hint goes to stderr).")
 def reproduce_command(state_id: str, store_path: Path, keep: Path | None, host_mount: bool,
                       as_json: bool) -> None:
     """Rebuild a crash state's image from its id, rerun recovery and checks, print what was found."""
-    with Store(store_path) as store:
-        rows = store.find_state(state_id)
-        found = list(campaign.state_rows(store, state_id))
+    try:
+        with Store(store_path, readonly=True) as store:
+            rows = store.find_state(state_id)
+            found = list(campaign.state_rows(store, state_id))
+    except StoreError as e:
+        raise CrashlabError(str(e)) from None
     if not found:
         raise CrashlabError(f"state {state_id} is not in {store_path} (or its cell has no recording)")
     cell, recording = found[0]
-    result = campaign.reproduce(cell, recording, state_id, keep=keep, host_mount=host_mount)
+    if not (log := GuestOutputs(recording).log).is_file():
+        raise CrashlabError(f"state {state_id}: its recording {recording} has no {log.name}")
+    if keep is not None and not keep.parent.is_dir():
+        raise CrashlabError(f"--keep {keep}: no directory {keep.parent}")
+    try:
+        result = campaign.reproduce(cell, recording, state_id, keep=keep, host_mount=host_mount)
+    except campaign.CampaignError as e:
+        raise CrashlabError(str(e)) from None
     if as_json:
         click.echo(json.dumps(result.detail, indent=2))
     else:
@@ -320,7 +348,16 @@ def reproduce_command(state_id: str, store_path: Path, keep: Path | None, host_m
         click.echo(f"\nimage kept at {keep}; inspect it with, e.g.:\n"
                    f"  e2fsck -fn {keep}        (ext4; xfs_repair -n / btrfs check --readonly)\n"
                    f"  debugfs -R 'ls -l /' {keep}\n"
-                   f"  crashlab check {keep} --fs {cell.fs} --promises {recording / 'promises.jsonl'}")
+                   f"  {shlex.join(check_argv(cell, recording, state_id, keep, host_mount))}", err=as_json)
+
+
+def check_argv(cell: campaign.Cell, recording: Path, state_id: str, image: Path,
+               host_mount: bool) -> list[str]:
+    """The `crashlab check` command that judges a kept image as `reproduce` did: the state's own
+    durability points present (derived from the log), not the workload's end state."""
+    rec = GuestOutputs(recording)
+    return ["crashlab", "check", str(image), "--fs", cell.fs, "--promises", str(rec.promises),
+            "--log", str(rec.log), "--state-id", state_id, *(["--host-mount"] if host_mount else [])]
 
 
 commands = [matrix_command, run_command, report_command, reproduce_command]

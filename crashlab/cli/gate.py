@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from crashlab import gate, stats
-from crashlab.campaign import CampaignError, Cell
+from crashlab.campaign import MAX_STATES, MAX_WORKERS, CampaignError, Cell
 from crashlab.cli import CrashlabError
 from crashlab.filesystems import FILESYSTEMS
-from crashlab.store import DEFAULT_PATH, Store
+from crashlab.store import DEFAULT_PATH, Store, StoreError
 
 
 @click.command("gate", epilog=f"""\b
@@ -28,14 +28,14 @@ Exit status:
               help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)}.")
 @click.option("--cache", default="none", show_default=True, help="The proposed cache mode.")
 @click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True)
-@click.option("--states", type=click.IntRange(1), default=gate.DEFAULT_STATES, show_default=True,
+@click.option("--states", type=click.IntRange(1, MAX_STATES), default=gate.DEFAULT_STATES, show_default=True,
               help="Crash states per cell (0 of 32 bounds the rate below 9 % at 95 %).")
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--recorder", default="qemu", show_default=True)
 @click.option("--window", default="default", show_default=True,
               help="Volatility window of the policy's cells: seconds, 'inf' or the cache mode's default.")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--scale", type=int, default=1, show_default=True)
+@click.option("--scale", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--strategy", default="random", show_default=True,
               help="Crash-state strategy. 'prefix' persists no volatile write: a deliberately blind "
                    "model, which the sensitivity check must catch.")
@@ -48,7 +48,8 @@ Exit status:
                    "failures.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=DEFAULT_PATH,
               show_default=True, help="Results store; recordings go beside it. Reused across runs.")
-@click.option("-j", "--workers", type=int, default=None, help="Parallel units [default: cores].")
+@click.option("-j", "--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
+              help="Parallel units [default: cores].")
 @click.option("--unit-states", type=click.IntRange(1), default=None,
               help="States per checker-guest boot.")
 @click.option("--host-mount", is_flag=True,
@@ -71,6 +72,16 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         reference = policy.sensitivity_cell() if policy.sensitivity else None
     except CampaignError as e:
         raise CrashlabError(str(e)) from None
+    try:
+        _gate(cell, barrier, workload, policy, cells, reference, store_path, workers, unit_states, host_mount)
+    except StoreError as e:
+        raise CrashlabError(str(e)) from None
+
+
+def _gate(cell: Cell, barrier: str, workload: str, policy: gate.Policy, cells: list[Cell],
+          reference: Cell | None, store_path: Path, workers: int | None, unit_states: int | None,
+          host_mount: bool) -> None:
+    Store(store_path).close()  # a path that cannot hold a store is refused before any guest boots
     click.echo(f"crashlab gate: cache={cell.cache.name} barrier={barrier} on {', '.join(policy.fs)}, "
                f"workload {workload}, {policy.states} crash states per cell, max rate "
                f"{gate.percent(policy.max_rate)} at 95 %, store {store_path}")

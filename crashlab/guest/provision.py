@@ -196,6 +196,35 @@ def _run(*argv: str, cwd: str | Path | None = None, timeout: float = TOOL_TIMEOU
         raise ProvisionError(str(e)) from None
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def newest_listed_kernel(cache: Path, lists: Path = APT_LISTS) -> str:
+    """The newest kernel package the apt lists know. `apt-cache pkgnames` takes seconds, and every
+    checker unit provisions: the answer is kept on disk, keyed by the lists' identity (an `apt-get
+    update` changes it)."""
+    try:
+        key = json.dumps(file_identity(lists), sort_keys=True)
+    except OSError:
+        key = ""
+    memo = cache / "kernel-package.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        known = json.loads(memo.read_text())
+        if key and known["lists"] == key:
+            return str(known["package"])
+    out = _run(which("apt-cache"), "pkgnames", f"linux-image-{SERIES}.0-")
+    package = newest_kernel_package(out.split())
+    if package is None:
+        raise ProvisionError(
+            f"no linux-image-{SERIES}.0-N-{FLAVOUR} package in the apt lists (run apt-get update)")
+    with contextlib.suppress(OSError):
+        _mkdirs(cache)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"lists": key, "package": package}))
+        os.replace(tmp, memo)
+    return package
+
+
 def fetch_kernel(package: str | None = None, cache: Path | None = None) -> tuple[Path, str, str, str]:
     """Download and unpack a Debian kernel package into the cache.
 
@@ -204,11 +233,7 @@ def fetch_kernel(package: str | None = None, cache: Path | None = None) -> tuple
     """
     cache = cache or cache_root()
     if package is None:
-        out = _run(which("apt-cache"), "pkgnames", f"linux-image-{SERIES}.0-")
-        package = newest_kernel_package(out.split())
-        if package is None:
-            raise ProvisionError(
-                f"no linux-image-{SERIES}.0-N-{FLAVOUR} package in the apt lists (run apt-get update)")
+        package = newest_listed_kernel(cache)
     root = cache / "kernels" / package
     meta = root / "crashlab-kernel.json"
     if meta.exists():
