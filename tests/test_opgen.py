@@ -165,8 +165,13 @@ def durable_4k_file(ops: list[Op]) -> bool:
 
 
 def test_find_failing_shrinks_to_a_minimal_sequence() -> None:
-    # The pure predicate is cheap: a generous budget keeps the search from depending on luck.
-    found = opgen.find_failing(durable_4k_file, max_ops=8, max_examples=3000, seed=1)
+    # The pure predicate is cheap: a generous budget keeps the search from depending on luck. One
+    # full CI run on a loaded machine still saw seed 1 come back empty (it passes alone): up to three
+    # searches, each asserted on in full below once one finds a sequence.
+    found = None
+    for seed in (1, 2, 3):
+        if (found := opgen.find_failing(durable_4k_file, max_ops=8, max_examples=3000, seed=seed)):
+            break
     assert found is not None
     assert durable_4k_file(found)
     for i in range(len(found)):  # 1-minimal: every op is needed
