@@ -120,7 +120,7 @@ class GuestMounts:
                     # This image was being mounted when the guest stopped: a kernel that crashed is
                     # what a reboot would meet, and a hang is charged to the image too; a guest
                     # that just stopped (QEMU killed, our process dying) says nothing about it.
-                    hung = crash.startswith("timeout")
+                    hung = run.timed_out
                     panicked = not hung and any(s in console for s in PANIC_SIGNS)
                     why = ("guest kernel crashed mounting this image" if panicked else
                            "guest hung mounting this image" if hung else
