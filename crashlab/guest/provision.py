@@ -35,6 +35,7 @@ FLAVOUR = "cloud-amd64"
 # What /init loads, by module name; dependencies come from modules.dep.
 GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_blk", "dm_mod", "dm_log_writes", "dm_flakey", "fuse", "virtiofs",
+    "loop",  # the long-lived checker guest attaches each crash image from its share
 )
 # Loaded by the guest only for that filesystem (crashlab.filesystems): under TCG xfs and btrfs (with
 # raid6's boot-time benchmark) cost 2 s of every boot otherwise. Built-in filesystems have no entry.
