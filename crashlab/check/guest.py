@@ -118,10 +118,11 @@ class CheckerGuest:
         self.batches += 1
         base = self.images
         self.images += len(requests)
-        links, reqs = [], []
+        links, copies, reqs = [], [], []
         for i, r in enumerate(requests):
             name = f"image-{base + i}.img"
-            _link(Path(r.image), self.share / name)
+            if not _link(Path(r.image), self.share / name):
+                copies.append((self.share / name, Path(r.image)))
             links.append(self.share / name)
             reqs.append({"index": base + i, "image": name, "fs": r.fs, "recover": r.recover,
                          "tree": r.tree_dest is not None, "oracle": self._oracle_job(r.oracle)})
@@ -147,7 +148,6 @@ class CheckerGuest:
                     batch.died = ("hung" if hung else
                                   "panic" if any(sign in console for sign in PANIC_SIGNS) else "stopped")
                     batch.console = console
-                    self.close()
                     break
                 time.sleep(POLL_S)
             for i, ev in batch.events.items():
@@ -155,10 +155,15 @@ class CheckerGuest:
                 dest = requests[i].tree_dest
                 if ev["event"] == "done" and dest is not None:
                     _take_tree(self.share / "trees" / str(base + i), dest)
+            for shared, image in copies:  # the guest recovered the copy: it is the image now
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(shared, image)
         finally:
             for link in links:
                 with contextlib.suppress(OSError):
                     link.unlink()
+            if batch.died:
+                self.close()  # after its trees are out of the share: it goes with the guest
         batch.seconds = time.monotonic() - t0
         return batch
 
@@ -200,12 +205,15 @@ def _python() -> str:
     return os.environ.get("CRASHLAB_GUEST_PYTHON") or sys.executable
 
 
-def _link(src: Path, dest: Path) -> None:
-    """The image in the share: a hard link where it can be (same filesystem, no copy)."""
+def _link(src: Path, dest: Path) -> bool:
+    """The image in the share: a hard link where it can be (same filesystem, no copy), else a copy
+    (False) that must be copied back once the guest has recovered it."""
     try:
         os.link(src, dest)
+        return True
     except OSError:
         shutil.copyfile(src, dest)
+        return False
 
 
 def _write_atomic(path: Path, value: dict[str, Any]) -> None:
@@ -314,9 +322,10 @@ class GuestMounts:
             except GuestFailed as e:
                 for i in todo:
                     faults[i] += 1
-                    notes.setdefault(i, []).append(str(e))
                     if faults[i] >= self.attempts:
                         results[i] = _failed(requests[i], str(e), tool=True, fault=FAULT_BOOT)
+                    else:
+                        notes.setdefault(i, []).append(str(e))
                 continue
             b = g.run([requests[i] for i in todo], timeout)
             self.boots.append({"images": float(len(b.events)), "seconds": b.seconds})
@@ -351,9 +360,10 @@ class GuestMounts:
         else:
             faults[i] += 1
             why = f"{FAULT_STOPPED}: {tail}"
-            notes.setdefault(i, []).append(why)
             if faults[i] >= self.attempts:
                 results[i] = _failed(requests[i], why, tool=True, fault=FAULT_STOPPED)
+            else:
+                notes.setdefault(i, []).append(why)
 
 
 def _console_tail(console: str, lines: int = 8) -> str:

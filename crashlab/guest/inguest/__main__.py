@@ -1,8 +1,8 @@
 """The in-guest entry point: `python -m crashlab.guest.inguest JOB.json`, run by /init in the chroot.
 
 One interpreter per boot does the whole job: `record` (a workload under a recorder or dm-flakey),
-`check` (mount crash images and run their oracles), `serve` (the same, batch after batch, one boot)
-or `exec` (a command: tests, probes).
+`serve` (mount crash images batch after batch and run their oracles) or `exec` (a command: tests,
+probes).
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         mode = job.get("mode", "record")
         if mode == "exec":
             return execute(job, result)
-        if mode == "check":
-            return check.run(job, result)
         if mode == "serve":
             return check.serve(job, result)
         return record(job, result)

@@ -1,13 +1,12 @@
-"""The checker guest's side: mount the attached crash images, one after another, and report.
+"""The checker guest's side: mount crash images one after another, and report.
 
-The `check` job of crashlab.guest.inguest, in the guest's one interpreter (no second Python start),
-and its long-lived form `serve`: booted once, the guest takes batch after batch of images from its
-results share (`batch-K.json`, each image a file there attached to a loop device) until the host
-stops it, so one boot checks hundreds of images.
+The `serve` job of crashlab.guest.inguest, in the guest's one interpreter: booted once, the guest
+takes batch after batch of images from its results share (`batch-K.json`, each image a file there
+attached to a loop device) until the host stops it, so one boot checks hundreds of images.
 
-Each image is a virtio disk whose serial names its request. Results go to `check-results.jsonl` in
-the out share, a `start` line before an image and a `done` line after it, so that when an image
-crashes or hangs the guest kernel the host knows which one did it and re-runs the rest. A request
+Results of batch K go to `results-K.jsonl` in the share, a `start` line before an image and a `done`
+line after it, so that when an image crashes or hangs the guest kernel the host knows which one did
+it. A request
 with an oracle (a promises file and the present seqs) has it run on the read-only mount: its
 violations travel in the `done` line, as the record keeps them.
 
@@ -35,7 +34,6 @@ from crashlab.check.tools import run_tool
 from crashlab.guest.inguest.init import OUT
 from crashlab.guest.inguest.runtime import Result, load_fs_modules
 
-RESULTS = "check-results.jsonl"
 READY = "serving"  # result.json status once `serve` takes batches
 POLL_S = 0.02  # how often an idle serving guest looks for the next batch
 # linux/include/uapi/linux/loop.h and fs.h
@@ -56,15 +54,6 @@ def kernel_messages() -> str:
     if n < 0:
         return run_tool(["dmesg", "-c"], 10).stdout
     return _LEVEL.sub("", buf.raw[:n].decode(errors="replace"))
-
-
-def devices_by_serial(sys_block: Path = Path("/sys/block")) -> dict[str, str]:
-    found = {}
-    for d in sorted(sys_block.glob("vd*")):
-        serial = d / "serial"
-        if serial.exists():
-            found[serial.read_text().strip()] = f"/dev/{d.name}"
-    return found
 
 
 def batch_name(k: int) -> str:
@@ -102,25 +91,6 @@ def emitter(path: Path) -> Iterator[Callable[[dict[str, object]], None]]:
             results.write(json.dumps(rec) + "\n")
             results.flush()
         yield emit
-
-
-def run(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
-    """The one-boot form: images attached as virtio disks, found by serial."""
-    devices = devices_by_serial()
-    mounts = HostMounts(loop=False, name="guest")
-    for fs in sorted({req["fs"] for req in job["requests"]}):
-        load_fs_modules(fs)  # xfs and btrfs are modules, loaded only when needed
-    kernel_messages()  # boot messages are nobody's kernel log
-    with emitter(out / RESULTS) as emit:
-        for req in job["requests"]:
-            emit({"index": req["index"], "event": "start", "uptime": time.monotonic()})
-            dev = devices.get(req["serial"])
-            if dev is None:
-                emit({"index": req["index"], "event": "missing", "devices": devices})
-                continue
-            emit(check_one(req, dev, mounts, job["timeout"], out))
-    result.set(status="done")
-    return 0
 
 
 @contextlib.contextmanager
