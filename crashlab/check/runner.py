@@ -49,7 +49,7 @@ Ext4Recovery = Literal["e2fsck", "mount"]
 # no kernel touches the image; its journal is replayed by e2fsck), XFS and btrfs in a checker guest,
 # whose kernel alone can replay their logs. `host` mounts on this host's kernel: disposable hosts only.
 CHECKERS = ("auto", "userspace", "guest", "host")
-CHUNK = 16  # images per guest boot: each is a virtio disk, and PCI slots are finite
+CHUNK = 64  # images per mount batch: built, then handed to the backend together
 
 
 @dataclass
