@@ -39,7 +39,8 @@ def options(*, lists: bool = False, build: bool = True) -> Callable[[Callable[..
                      help="-blockdev detect-zeroes= [default: off]."),
         click.option("--domain-xml", type=_File, default=None,
                      help="A libvirt domain: its disk's cache, io, discard, detect_zeroes and bus."),
-        click.option("--disk-xml", type=_File, default=None, help="A libvirt <disk> element, as --domain-xml."),
+        click.option("--disk-xml", type=_File, default=None,
+                     help="A libvirt <disk> element, as --domain-xml."),
     ]
     if build:
         opts += [
@@ -69,7 +70,7 @@ def xml_spec(domain_xml: Path | None, disk_xml: Path | None) -> libvirt.DiskSpec
         raise CrashlabError(str(e)) from None
 
 
-def _explicit(name: str) -> bool:
+def explicit(name: str) -> bool:
     ctx = click.get_current_context(silent=True)
     if ctx is None or name not in ctx.params:
         return False
@@ -83,7 +84,7 @@ def take(options: dict[str, Any], *, lists: bool = False) -> dict[str, Any]:
     given = {k: options.pop(k) for k in (*DISK_KEYS, *BUILD_KEYS) if k in options}
     fields: dict[str, Any] = {}
     if spec is not None:
-        clash = [k for k in (*DISK_KEYS, *XML_ALSO_SETS) if given.get(k) is not None or _explicit(k)]
+        clash = [k for k in (*DISK_KEYS, *XML_ALSO_SETS) if given.get(k) is not None or explicit(k)]
         if clash:
             raise CrashlabError(f"--{clash[0].replace('_', '-')} and the libvirt XML both set it: give one")
         fields.update(spec.cell_fields())
