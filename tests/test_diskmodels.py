@@ -46,8 +46,9 @@ def test_controllers_are_added_and_named_as_libvirt_names_them() -> None:
 
 def test_a_default_drive_has_the_command_line_it_always_had() -> None:
     args = drive_args(0, Drive(Path("/d.img"), CACHE_MODES["none"], serial="data"))
-    assert args == ["-blockdev", "driver=file,node-name=disk0,filename=/d.img,cache.direct=on,cache.no-flush=off",
-                    "-device", "virtio-blk-pci,drive=disk0,write-cache=on,werror=report,rerror=report,serial=data"]
+    assert args == [
+        "-blockdev", "driver=file,node-name=disk0,filename=/d.img,cache.direct=on,cache.no-flush=off",
+        "-device", "virtio-blk-pci,drive=disk0,write-cache=on,werror=report,rerror=report,serial=data"]
 
 
 def test_aio_discard_and_detect_zeroes_go_on_the_nodes_libvirt_puts_them_on() -> None:
@@ -172,21 +173,27 @@ def test_a_domain_gives_its_disk_cache_io_discard_zeroes_and_bus() -> None:
     assert Cell.parse(spec.cell_fields()).validate().disk == "virtio-scsi"
 
 
+def want(cache: str, aio: str, discard: str, zeroes: str, model: str) -> dict[str, str]:
+    return {"cache": cache, "aio": aio, "discard": discard, "detect_zeroes": zeroes, "disk": model}
+
+
+IDE, SATA = "<target dev='hda' bus='ide'/>", "<target dev='sdb' bus='sata'/>"
+
+
 @pytest.mark.parametrize(("xml", "expected"), [
-    (disk(), {"cache": "writeback", "aio": "threads", "discard": "ignore", "detect_zeroes": "off",
-              "disk": "virtio-blk"}),  # libvirt's defaults are QEMU's
+    (disk(), want("writeback", "threads", "ignore", "off", "virtio-blk")),  # libvirt's defaults are QEMU's
     (disk("<driver name='qemu' type='raw' cache='default' io='default' discard='default'/>"),
-     {"cache": "writeback", "aio": "threads", "discard": "ignore", "detect_zeroes": "off", "disk": "virtio-blk"}),
-    (disk("<driver name='qemu' type='raw' cache='writethrough' io='io_uring'/>", "<target dev='hda' bus='ide'/>"),
-     {"cache": "writethrough", "aio": "io_uring", "discard": "ignore", "detect_zeroes": "off", "disk": "ide"}),
-    (disk("<driver name='qemu' type='raw' cache='directsync' io='native'/>", "<target dev='sdb' bus='sata'/>"),
-     {"cache": "directsync", "aio": "native", "discard": "ignore", "detect_zeroes": "off", "disk": "ahci"}),
+     want("writeback", "threads", "ignore", "off", "virtio-blk")),
+    (disk("<driver name='qemu' type='raw' cache='writethrough' io='io_uring'/>", IDE),
+     want("writethrough", "io_uring", "ignore", "off", "ide")),
+    (disk("<driver name='qemu' type='raw' cache='directsync' io='native'/>", SATA),
+     want("directsync", "native", "ignore", "off", "ahci")),
     # unmap without discard=unmap is on, as libvirt's virDomainDiskGetDetectZeroesMode makes it
     (disk("<driver name='qemu' type='raw' cache='unsafe' detect_zeroes='unmap'/>"),
-     {"cache": "unsafe", "aio": "threads", "discard": "ignore", "detect_zeroes": "on", "disk": "virtio-blk"}),
+     want("unsafe", "threads", "ignore", "on", "virtio-blk")),
     # no bus: libvirt's from the dev= prefix
     (disk(target="<target dev='hdb'/>"),
-     {"cache": "writeback", "aio": "threads", "discard": "ignore", "detect_zeroes": "off", "disk": "ide"}),
+     want("writeback", "threads", "ignore", "off", "ide")),
 ])
 def test_disk_elements_map_as_libvirt_maps_them(xml: str, expected: dict[str, str]) -> None:
     assert libvirt.parse(xml).cell_fields() == expected

@@ -74,7 +74,8 @@ def test_gate_compares_two_domain_xmls(tmp_path: Path) -> None:
     def domain(driver: str) -> Path:
         p = tmp_path / f"{len(list(tmp_path.iterdir()))}.xml"
         p.write_text(f"""<domain type='kvm'><name>g</name><devices>
-            <disk type='file' device='disk'>{driver}<source file='/img'/><target dev='vda' bus='virtio'/></disk>
+            <disk type='file' device='disk'>{driver}<source file='/img'/>
+            <target dev='vda' bus='virtio'/></disk>
             </devices></domain>""")
         return p
 
