@@ -103,9 +103,9 @@ def _drive(config: pytest.Config) -> dict[str, str]:
 
     opt = config.getoption
     fields = {k: opt(f"crashlab_{k}") for k in ("disk", "aio") if opt(f"crashlab_{k}")}
-    fields |= {k: str(Path(v).resolve()) for k in ("kernel", "modules") if (v := opt(f"crashlab_{k}"))}
+    fields |= {k: str(Path(v).absolute()) for k in ("kernel", "modules") if (v := opt(f"crashlab_{k}"))}
     if qemu := opt("crashlab_qemu"):
-        fields["qemu"] = str(Path(qemu).resolve()) if "/" in qemu else qemu
+        fields["qemu"] = str(Path(qemu).absolute()) if "/" in qemu else qemu
     if xml := opt("crashlab_domain_xml"):
         if fields.keys() & {"disk", "aio"} or opt("crashlab_cache") != "none":
             raise pytest.UsageError("--crashlab-domain-xml sets the cache, disk and aio: leave out "

@@ -5,6 +5,7 @@ the same thing are refused rather than one silently winning."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ def take(options: dict[str, Any], *, lists: bool = False) -> dict[str, Any]:
             fields[k] = given[k]
     for k in BUILD_KEYS:
         if given.get(k) is not None:
-            fields[k] = str(Path(given[k]).resolve()) if k != "qemu" or "/" in str(given[k]) else given[k]
+            # Absolute, not resolved: the path the user named is the one recorded (a link too).
+            fields[k] = os.path.abspath(given[k]) if k != "qemu" or "/" in str(given[k]) else given[k]
     if lists:
         for k in ("disk", "aio", "cache"):
             if isinstance(fields.get(k), str):
