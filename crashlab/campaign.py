@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import crashlab
@@ -39,7 +38,7 @@ from crashlab.filesystems import FILESYSTEMS
 from crashlab.guest.machine import find_qemu
 from crashlab.guest.provision import ProvisionError, file_identity
 from crashlab.oracle import load_promises
-from crashlab.record import GuestOutputs, RecordConfig, record, tool_version
+from crashlab.record import OPTIONAL_FIELDS, GuestOutputs, RecordConfig, record, tool_version
 from crashlab.recorders import Recorder
 from crashlab.store import Store
 from crashlab.workload import available
@@ -76,9 +75,7 @@ def parse_barrier(value: str | bool) -> bool:
 
 # Cell fields added after the store existed, with their defaults: left out of keys, slugs and
 # store rows at those defaults, so every earlier cell keeps them byte for byte.
-CELL_OPTIONAL: Mapping[str, str] = MappingProxyType({
-    "disk": DEFAULT_DISK, "aio": DEFAULT_AIO, "discard": DISCARD[0], "detect_zeroes": DETECT_ZEROES[0],
-    "kernel": "", "modules": "", "qemu": ""})
+CELL_OPTIONAL = OPTIONAL_FIELDS
 
 
 def file_digest(path: str) -> str:

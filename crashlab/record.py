@@ -25,9 +25,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import crashlab
@@ -59,6 +60,13 @@ class ConfigError(ValueError):
 
 class RecordError(RuntimeError):
     """The guest did not complete the recording."""
+
+
+# Fields added after run.json and the store existed, with their defaults: the disk (crashlab.diskmodels)
+# and the user's kernel and QEMU. Left out of run.json, cell keys and slugs at these defaults.
+OPTIONAL_FIELDS: Mapping[str, str] = MappingProxyType({
+    "disk": DEFAULT_DISK, "aio": DEFAULT_AIO, "discard": DISCARD[0], "detect_zeroes": DETECT_ZEROES[0],
+    "kernel": "", "modules": "", "qemu": ""})
 
 
 @dataclass(frozen=True)
@@ -149,8 +157,10 @@ class RecordConfig:
                 f"workload={self.workload} seed={self.seed} scale={self.scale}{drive}")
 
     def as_dict(self) -> dict[str, Any]:
-        """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        """run.json's `config`: every field, the cache mode and recorder by name, as always stored;
+        the fields added later only when set, so a default recording's run.json is as it was."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if OPTIONAL_FIELDS.get(f.name, object()) != getattr(self, f.name)}
         return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
 
 

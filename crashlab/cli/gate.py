@@ -78,17 +78,18 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
     if before is not None and (drive_options.get("domain_xml") or drive_options.get("disk_xml")):
         raise CrashlabError("--before/--after name the disks: leave out --domain-xml/--disk-xml")
     drive = shipped.take(drive_options)
-    pair = (shipped.xml_spec(before, None), shipped.xml_spec(after, None)) if before and after else None
+    specs = (shipped.xml_spec(before, None), shipped.xml_spec(after, None))
+    pair = (specs[0].cell_fields(), specs[1].cell_fields()) if specs[0] and specs[1] else None
     if pair and (clash := [k for k in ("cache", *shipped.DISK_KEYS) if k in drive or shipped.explicit(k)]):
         raise CrashlabError(f"--{clash[0].replace('_', '-')} and --before/--after both set it: give one")
     try:
         fields = dict(cache=drive.pop("cache", cache), barrier=barrier, workload=workload, recorder=recorder,
                       window=window, seed=seed, scale=scale, strategy=strategy, **drive)
-        cell = Cell.parse({**fields, **(pair[1].cell_fields() if pair else {})})
+        cell = Cell.parse({**fields, **(pair[1] if pair else {})})
         policy = gate.Policy(cell, fs=tuple(f.strip() for f in fs.split(",") if f.strip()), states=states,
                              sensitivity=sensitivity, max_rate=max_rate / 100)
         cells = policy.cells()
-        old = replace(policy, cell=Cell.parse({**fields, **pair[0].cell_fields()})).cells() if pair else []
+        old = replace(policy, cell=Cell.parse({**fields, **pair[0]})).cells() if pair else []
         reference = policy.sensitivity_cell() if policy.sensitivity else None
     except CampaignError as e:
         raise CrashlabError(str(e)) from None

@@ -55,7 +55,7 @@ def disk_serials(sys_block: Path = Path("/sys/block")) -> dict[str, str]:
     """{serial: /dev/NAME} of the guest's disks. virtio-blk shows its serial in `serial`; SCSI disks
     and libata's (IDE, AHCI) in `device/vpd_pg80`, the unit serial number VPD page: a 4-byte header,
     then the serial (space-padded on ATA)."""
-    found = {}
+    found: dict[str, str] = {}
     for d in sorted(sys_block.iterdir()) if sys_block.is_dir() else ():
         try:
             if (d / "serial").exists():
