@@ -25,18 +25,29 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import crashlab
 from crashlab import logformat, proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
+from crashlab.diskmodels import (
+    DEFAULT_AIO,
+    DEFAULT_DISK,
+    DETECT_ZEROES,
+    DISCARD,
+    DiskError,
+    DiskModel,
+    check_drive,
+    disk_model,
+)
 from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.guest import transport as transports
 from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
-from crashlab.guest.machine import Drive, Machine, choose_accel, qemu_version
+from crashlab.guest.machine import Drive, Machine, choose_accel, find_qemu, qemu_version
 from crashlab.guest.provision import Guest, provision
 from crashlab.recorders import Recorder
 
@@ -49,6 +60,13 @@ class ConfigError(ValueError):
 
 class RecordError(RuntimeError):
     """The guest did not complete the recording."""
+
+
+# Fields added after run.json and the store existed, with their defaults: the disk (crashlab.diskmodels)
+# and the user's kernel and QEMU. Left out of run.json, cell keys and slugs at these defaults.
+OPTIONAL_FIELDS: Mapping[str, str] = MappingProxyType({
+    "disk": DEFAULT_DISK, "aio": DEFAULT_AIO, "discard": DISCARD[0], "detect_zeroes": DETECT_ZEROES[0],
+    "kernel": "", "modules": "", "qemu": ""})
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,20 @@ class RecordConfig:
     # virtiofs), "shell" (the busybox fallback: one built-in shell workload, qemu recorder, ext4), or
     # "auto": virtiofs when virtiofsd is found, else shell.
     transport: str = "auto"
+    # The data disk as the guest sees it and as QEMU backs it (crashlab.diskmodels).
+    disk: str = DEFAULT_DISK
+    aio: str = DEFAULT_AIO
+    discard: str = DISCARD[0]
+    detect_zeroes: str = DETECT_ZEROES[0]
+    # What the user ships: a kernel image with its lib/modules/VERSION, a QEMU binary; "" = the
+    # Debian cloud kernel crashlab provisions, qemu-system-x86_64 on PATH.
+    kernel: str = ""
+    modules: str = ""
+    qemu: str = ""
+
+    @property
+    def disk_model(self) -> DiskModel:
+        return disk_model(self.disk)
 
     @property
     def filesystem(self) -> Filesystem:
@@ -104,18 +136,31 @@ class RecordConfig:
             raise ConfigError("guest memory is capped at 1024 MiB")
         if self.accel not in ("auto", "tcg", "kvm"):
             raise ConfigError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
+        try:
+            self.disk_model  # noqa: B018 (the lookup is the check)
+            check_drive(self.cache.direct, self.cache.name, self.aio, self.discard, self.detect_zeroes)
+        except DiskError as e:
+            raise ConfigError(str(e)) from None
+        if bool(self.kernel) != bool(self.modules):
+            raise ConfigError("--kernel and --modules go together (the modules must match the kernel)")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
         return self
 
     def describe(self) -> str:
         opts = mount_options(self) or "defaults"
+        drive = "".join(f" {k}={v}" for k, v, default in (
+            ("disk", self.disk, DEFAULT_DISK), ("aio", self.aio, DEFAULT_AIO),
+            ("discard", self.discard, DISCARD[0]), ("detect_zeroes", self.detect_zeroes, DETECT_ZEROES[0]),
+            ("kernel", self.kernel, ""), ("qemu", self.qemu, "")) if v != default)
         return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder} "
-                f"workload={self.workload} seed={self.seed} scale={self.scale}")
+                f"workload={self.workload} seed={self.seed} scale={self.scale}{drive}")
 
     def as_dict(self) -> dict[str, Any]:
-        """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        """run.json's `config`: every field, the cache mode and recorder by name, as always stored;
+        the fields added later only when set, so a default recording's run.json is as it was."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if OPTIONAL_FIELDS.get(f.name, object()) != getattr(self, f.name)}
         return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
 
 
@@ -142,7 +187,24 @@ def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[
         "workload": config.workload, "seed": config.seed, "scale": config.scale,
         "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
         "params": dict(config.params),
+        # The disks are found by serial: a SCSI or ATA data disk is an sdX, named in probe order.
+        "disk": config.disk, "data_serial": DATA_SERIAL,
+        "log_serial": LOG_SERIAL if config.recorder.in_guest else None,
     }
+
+
+DATA_SERIAL, LOG_SERIAL = "data", "log"
+
+
+def needed_drivers(config: RecordConfig) -> list[str]:
+    """The guest drivers this recording cannot do without (crashlab.diskmodels.KERNEL_OPTIONS)."""
+    fs = config.filesystem
+    # Linux 6.1 has no ext3 driver: ext4's registers the type (crashlab.filesystems).
+    drivers = list(fs.modules) or ["ext4"]
+    drivers += config.disk_model.guest_modules
+    if config.recorder is Recorder.DM:
+        drivers += ["dm_mod", "dm_log_writes"]
+    return drivers
 
 
 def log_disk_bytes(config: RecordConfig) -> int:
@@ -201,11 +263,13 @@ def tool_version(*argv: str) -> str:
 def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dict[str, str]:
     tools = (config.filesystem.mkfs_version, config.filesystem.fsck_version)
     v = {
-        "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "python": sys.version.split()[0],
+        "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "qemu_binary": find_qemu(qemu),
+        "python": sys.version.split()[0],
         "host_kernel": os.uname().release,
         "guest_kernel": guest.kernel_version,
         "guest_kernel_package": f"{guest.kernel_package} {guest.package_version}" if guest.kernel_package
         else "user-supplied", "guest_image": guest.key,
+        "guest_kernel_image": str(config.kernel or guest.kernel),
     }
     for argv in tools:
         v[argv[0]] = tool_version(*argv)
@@ -236,9 +300,11 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     payload = job_for(config, flakey)
     outs = GuestOutputs(Path(out_dir).resolve())
     qemu_log = outs.log if config.recorder is Recorder.QEMU else None
-    drives = [Drive(outs.image, config.cache, log=qemu_log, serial="data")]
-    if config.recorder is Recorder.DM:
-        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial="log"))
+    drives = [Drive(outs.image, config.cache, log=qemu_log, serial=DATA_SERIAL, model=config.disk_model,
+                    aio=config.aio, discard=config.discard, detect_zeroes=config.detect_zeroes)]
+    if config.recorder is Recorder.DM:  # the log disk is the tool's, not under test: virtio-blk
+        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial=LOG_SERIAL))
+    qemu = qemu or config.qemu or None
     job = GuestJob(payload, share=outs.out_dir / ".guest", console=outs.console, drives=tuple(drives),
                    view_extra=tuple(Path(p).resolve() for p in config.workload_path),
                    memory_mib=config.memory_mib, qemu=qemu, timeout_s=config.timeout_s)
@@ -246,7 +312,10 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         transport.check(job)
     except JobError as e:
         raise ConfigError(str(e)) from e
-    guest = guest or provision()
+    guest = guest or provision(kernel=config.kernel or None, modules=config.modules or None)
+    needs = [*needed_drivers(config), "dm_mod", "dm_flakey"] if flakey else needed_drivers(config)
+    if lacking := guest.lacking(needs):
+        raise ConfigError(lacking)
     prepare_out_dir(outs.out_dir)
     job.share.mkdir()
     with open(outs.image, "wb") as f:

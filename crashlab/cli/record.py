@@ -6,11 +6,12 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
 from crashlab.cachemodes import CACHE_MODES, cache_mode
-from crashlab.cli import CrashlabError
+from crashlab.cli import CrashlabError, shipped
 from crashlab.filesystems import DATA_MODES, FILESYSTEMS
 from crashlab.guest.machine import MachineError
 from crashlab.guest.provision import ProvisionError, provision
@@ -64,31 +65,34 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
                    "only: the built-in sh-smallfiles workload, qemu recorder, ext4); auto = shell only "
                    "when there is no virtiofsd.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@shipped.options(build=False)
 def command(fs: str, cache: str, barrier: str, data_mode: str, recorder_name: str, workload: str, seed: int,
             scale: int, disk_mib: int | None, memory_mib: int, accel: str, timeout_s: float,
             fault: str | None, fault_after: float | None, kernel: Path | None, modules: Path | None,
-            qemu: str | None, transport: str, out_dir: Path) -> None:
+            qemu: str | None, transport: str, out_dir: Path, **drive_options: Any) -> None:
     """Record WORKLOAD in a disposable guest into --out: write.log, data.img, promises.jsonl,
     console.log and run.json (every option and version)."""
+    drive = shipped.take({**drive_options, "kernel": kernel, "modules": modules, "qemu": qemu})
+    cache = drive.pop("cache", cache)
     # click checked every name against its table: these lookups cannot fail.
     config = RecordConfig(fs=fs, cache=cache_mode(cache), barrier=barrier == "on", data_mode=data_mode,
                           recorder=Recorder.NONE if fault else recorder(recorder_name), workload=workload,
                           seed=seed, scale=scale, disk_mib=disk_mib, memory_mib=memory_mib, accel=accel,
-                          timeout_s=timeout_s, transport=transport)
+                          timeout_s=timeout_s, transport=transport, **drive)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         config.validate()
-        guest = provision(kernel=kernel, modules=modules)
+        guest = provision(kernel=config.kernel or None, modules=config.modules or None)
         if fault:
             from crashlab.flakey import FlakeyConfig, inject
 
             res = inject(FlakeyConfig(base=config, mode=fault, after_s=fault_after), out_dir,
-                         guest=guest, qemu=qemu)
+                         guest=guest, qemu=config.qemu or None)
             mk = res.last_marker
             click.echo(f"{fault} {res.fault_after_s:.3f} s after workload-start; last marker on the "
                        f"image: {f'{mk.name} (seq {mk.seq})' if mk else 'none'}; image {res.image}")
             return
-        rec = record(config, out_dir, guest=guest, qemu=qemu)
+        rec = record(config, out_dir, guest=guest)
     except (ConfigError, ValueError, ProvisionError, MachineError, RecordError) as e:
         raise CrashlabError(str(e)) from None
     finally:
