@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crashlab import logformat, proc
+from crashlab import logformat, markers, proc
 from crashlab.logformat import FLUSH, LogReader, LogWriter
 
 LOG_TARGET = "crashlab-hostlw"
@@ -56,6 +56,7 @@ class Dmsetup:
 
     binary: str = "dmsetup"
     timeout_s: float = DMSETUP_TIMEOUT_S
+    mapper: Path = Path("/dev/mapper")  # where udev (or dmsetup itself) puts the nodes
 
     def argv(self, *args: str) -> list[str]:
         return [self.binary, *args]
@@ -77,7 +78,7 @@ class Dmsetup:
 
     def create(self, name: str, table: str) -> Path:
         self.run(self.create_argv(name, table))
-        node = Path("/dev/mapper") / name
+        node = self.mapper / name
         if not node.exists():
             raise HostDmError(f"dmsetup create {name} made no {node} (without udev, set DM_DISABLE_UDEV=1)")
         return node
@@ -92,8 +93,8 @@ class Dmsetup:
 
     def unavailable(self) -> str | None:
         """Why this host cannot run dm-log-writes itself, or None if it can."""
-        if not Path("/dev/mapper/control").exists():
-            return "no /dev/mapper/control (no device-mapper in this kernel)"
+        if not (self.mapper / "control").exists():
+            return f"no {self.mapper / 'control'} (no device-mapper in this kernel)"
         if os.geteuid() != 0:
             return "device-mapper needs root"
         try:
@@ -261,10 +262,12 @@ def map_log(reader: LogReader, emap: ExtentMap, dest: str | os.PathLike[str]) ->
                     flags = e.flags if k == 0 else e.flags & ~FLUSH
                     if data is None:
                         w.discard(img // ss, n // ss)
-                    else:
-                        w.write(img // ss, bytes(data[dev - e.offset:dev - e.offset + n]), flags)
-                        st.image_writes += 1
-                        st.image_bytes += n
+                        continue
+                    for off, chunk in marker_runs(bytes(data[dev - e.offset:dev - e.offset + n]), ss):
+                        w.write((img + off) // ss, chunk, flags)
+                        flags &= ~FLUSH
+                    st.image_writes += 1
+                    st.image_bytes += n
                 if e.carries_data:
                     outside = e.length - sum(n for _, _, n in pieces)
                     st.host_fs_bytes += outside
@@ -274,6 +277,25 @@ def map_log(reader: LogReader, emap: ExtentMap, dest: str | os.PathLike[str]) ->
                 st.flushes += 1
             st.entries_out += w.nr_entries - before
     return st
+
+
+def marker_runs(data: bytes, ss: int) -> list[tuple[int, bytes]]:
+    """`data` as (offset, bytes) runs with every in-band marker sector a run of its own: the host
+    writes back a page of the marker region holding several markers, and each marker's presence
+    must be read from its own entry (crashlab.markers)."""
+    if len(data) <= ss or markers.MAGIC not in data:
+        return [(0, data)]
+    out: list[tuple[int, bytes]] = []
+    start = 0
+    for off in range(0, len(data), ss):
+        if markers.decode(data[off:off + ss]) is not None:
+            if start < off:
+                out.append((start, data[start:off]))
+            out.append((off, data[off:off + ss]))
+            start = off + ss
+    if start < len(data):
+        out.append((start, data[start:]))
+    return out
 
 
 def extract_image(disk: str | os.PathLike[str], extents: Sequence[Extent], size: int,

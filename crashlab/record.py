@@ -76,6 +76,8 @@ class RecordConfig:
     # virtiofs), "shell" (the busybox fallback: one built-in shell workload, qemu recorder, ext4), or
     # "auto": virtiofs when virtiofsd is found, else shell.
     transport: str = "auto"
+    # host-dm only: run the host's side in an outer guest (this host has no device-mapper).
+    nested: bool = False
 
     @property
     def filesystem(self) -> Filesystem:
@@ -106,6 +108,9 @@ class RecordConfig:
             raise ConfigError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
+        if self.nested and self.recorder is not Recorder.HOST_DM:
+            raise ConfigError("--nested runs the host-dm recorder one level down; it means nothing for "
+                              f"recorder {self.recorder}")
         return self
 
     def describe(self) -> str:
@@ -116,6 +121,8 @@ class RecordConfig:
     def as_dict(self) -> dict[str, Any]:
         """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.nested:
+            del d["nested"]  # only host-dm recordings say it: every other run.json stays as it was
         return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
 
 
@@ -229,14 +236,17 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
-              observer: Callable[[Machine], None] | None = None) -> dict[str, Any]:
-    """Boot one guest for `config` and return run.json's contents (also written to out_dir)."""
+              observer: Callable[[Machine], None] | None = None, image: Path | None = None) -> dict[str, Any]:
+    """Boot one guest for `config` and return run.json's contents (also written to out_dir).
+
+    `image`: a data disk made beforehand, used in place of out_dir/data.img and never truncated
+    (host-dm: written in full on the logged host filesystem, so its blocks stay where they are)."""
     config.validate()
     transport = transports.transport(config.transport)
     payload = job_for(config, flakey)
     outs = GuestOutputs(Path(out_dir).resolve())
     qemu_log = outs.log if config.recorder is Recorder.QEMU else None
-    drives = [Drive(outs.image, config.cache, log=qemu_log, serial="data")]
+    drives = [Drive(image or outs.image, config.cache, log=qemu_log, serial="data")]
     if config.recorder is Recorder.DM:
         drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial="log"))
     job = GuestJob(payload, share=outs.out_dir / ".guest", console=outs.console, drives=tuple(drives),
@@ -249,8 +259,9 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     guest = guest or provision()
     prepare_out_dir(outs.out_dir)
     job.share.mkdir()
-    with open(outs.image, "wb") as f:
-        f.truncate(config.disk_bytes)
+    if image is None:
+        with open(outs.image, "wb") as f:
+            f.truncate(config.disk_bytes)
     if config.recorder is Recorder.QEMU:
         outs.log.touch()
     elif config.recorder is Recorder.DM:
@@ -320,6 +331,8 @@ def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Gues
     """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
     if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
+    if config.recorder is Recorder.HOST_DM:
+        raise ConfigError("the host-dm recorder runs on the host's side: crashlab.hostrecord.record")
     run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
     rec = Recording(Path(out_dir).resolve(), config, run)
     g = run.get("guest", {})

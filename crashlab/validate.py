@@ -23,12 +23,14 @@ Pure: two lists of entries with their data, a model, a result. The search, per h
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
-from crashlab import crashstates
+from crashlab import crashstates, hostrecord, logformat, model
 from crashlab.logformat import Entry
 from crashlab.model import LogModel
 
@@ -326,3 +328,79 @@ def sweeps(entries: Iterable[Entry]) -> tuple[int, int, int]:
             runs += 1
         last = e.offset
     return writes, epochs, runs
+
+
+# --- recordings (the edge: files in, a report out) ------------------------------------------------
+
+PAGE_UNIT = 4096  # the host page: the unit page-cache writeback persists
+TORN_READINGS: tuple[int | None, ...] = (PAGE_UNIT, None)
+
+
+@dataclass(frozen=True)
+class RecordingReport:
+    """One host-dm recording validated: its facts and one Validation per reading of the model."""
+
+    path: str
+    cache: str
+    nested: bool
+    host: str
+    fs_bytes: int
+    sweeps: tuple[int, int, int]
+    readings: dict[str, Validation]  # "torn 4096" / "whole writes" -> result
+
+    @property
+    def passed(self) -> bool:
+        """The first reading (torn at the host page, by default) decides: page-cache writeback
+        persists pages, and a model without tears forbids what it does to multi-page writes."""
+        return next(iter(self.readings.values())).passed
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "cache": self.cache, "nested": self.nested, "host": self.host,
+                "fs_bytes": self.fs_bytes, "sweeps": dict(zip(("writes", "epochs", "runs"), self.sweeps,
+                                                              strict=True)),
+                "readings": {k: v.as_dict() for k, v in self.readings.items()}, "passed": self.passed}
+
+
+def reading_name(torn: int | None) -> str:
+    return f"torn {torn}" if torn else "whole writes"
+
+
+class RecordingError(ValueError):
+    """A directory that is not a host-dm recording with its qemu twin; one line."""
+
+
+def host_dm_recording(run_dir: Path) -> tuple[dict[str, object], Path, Path]:
+    """(run.json, host-dm image-space log, qemu log of the same run) of a host-dm recording."""
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RecordingError(f"{run_dir}: no readable run.json ({e})") from None
+    cfg = run.get("config") if isinstance(run, dict) else None
+    if not isinstance(cfg, dict) or cfg.get("recorder") != "host-dm":
+        raise RecordingError(f"{run_dir}: not a host-dm recording (run.json names recorder "
+                             f"{cfg.get('recorder') if isinstance(cfg, dict) else None!r})")
+    host, qemu = run_dir / "write.log", run_dir / "qemu" / "write.log"
+    for p in (host, qemu):
+        if not p.is_file():
+            raise RecordingError(f"{run_dir}: {p.name} missing ({p})")
+    return run, host, qemu
+
+
+def validate_recording(run_dir: Path, torns: Sequence[int | None] = TORN_READINGS) -> RecordingReport:
+    """Validate one host-dm recording: its host log against its qemu twin's model, per reading
+    (baseline none: the host's every state counts, mkfs included; window inf: no clock dates both)."""
+    run, host_log, qemu_log = host_dm_recording(run_dir)
+    cfg: dict[str, Any] = run["config"]  # type: ignore[assignment]
+    hd: dict[str, Any] = run.get("host_dm") or {}  # type: ignore[assignment]
+    try:  # the filesystem region: the marker region behind it is the recorder's, not the guest's
+        fs_bytes = int(hd.get("fs_bytes") or hostrecord.config_from_job(cfg).fs_bytes)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordingError(f"{run_dir}: run.json's config is not a recording's ({e})") from None
+    with logformat.open_log(qemu_log) as qr, logformat.open_log(host_log) as hr:
+        readings = {}
+        for torn in torns:
+            m = LogModel(qr.index(), model.config("qemu", str(cfg["cache"]), "inf", None, torn))
+            readings[reading_name(torn)] = validate(m, qr, hr.index(), hr, fs_bytes)
+        sw = sweeps(hr.index())
+    return RecordingReport(str(run_dir), str(cfg["cache"]), bool(hd.get("nested")), str(hd.get("host", "?")),
+                           fs_bytes, sw, readings)
