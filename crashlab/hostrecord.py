@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from crashlab import hostdm, logformat, proc
+from crashlab import hostdm, logformat, proc, recorders
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.guest import transport as transports
 from crashlab.guest.job import GuestFileError, GuestJob, read_guest_file, read_guest_json
@@ -170,7 +170,7 @@ def config_from_job(d: dict[str, Any]) -> RecordConfig:
     """The RecordConfig an outer job carries (its run.json form back to types)."""
     values = {f.name: d[f.name] for f in dataclasses.fields(RecordConfig) if f.name in d}
     values["cache"] = CACHE_MODES[values["cache"]]
-    values["recorder"] = Recorder(values["recorder"])
+    values["recorder"] = recorders.recorder(values["recorder"])
     values["workload_path"] = tuple(values.get("workload_path", ()))
     values["params"] = tuple(tuple(p) for p in values.get("params", ()))
     return RecordConfig(**values)

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from crashlab import crashstates, hostrecord, logformat, model
+from crashlab import hostrecord, logformat, model
 from crashlab.logformat import Entry
-from crashlab.model import LogModel
+from crashlab.model import CrashPoint, LogModel
 
 LOOKAHEAD = 24  # candidates tried past the current one before a prefix is called a violation
 LOOKBACK = 4
@@ -152,7 +152,7 @@ class Validator:
 
     # -- a candidate's pieces and their components --------------------------------------------------
 
-    def _pieces_of(self, cp: crashstates.CrashPoint) -> list[tuple[int, int, int, bool]]:
+    def _pieces_of(self, cp: CrashPoint) -> list[tuple[int, int, int, bool]]:
         """(op, first sector, end sector, forced) for every piece that may or must persist."""
         out = []
         forced = set(cp.durable_late)
