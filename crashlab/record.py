@@ -332,7 +332,8 @@ def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Gues
     if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
     if config.recorder is Recorder.HOST_DM:
-        raise ConfigError("the host-dm recorder runs on the host's side: crashlab.hostrecord.record")
+        raise ConfigError("the host-dm recorder runs on the host's side: record it with `crashlab record "
+                          "--recorder host-dm [--nested]` (campaigns do not record it)")
     run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
     rec = Recording(Path(out_dir).resolve(), config, run)
     g = run.get("guest", {})

@@ -83,7 +83,7 @@ def test_a_host_without_log_writes_or_device_mapper_says_which(tmp_path: Path) -
 
 
 def test_host_dm_goes_through_its_own_recorder_and_nested_only_with_it() -> None:
-    with pytest.raises(ConfigError, match="hostrecord"):
+    with pytest.raises(ConfigError, match="--recorder host-dm"):
         record(RecordConfig(recorder=Recorder.HOST_DM), "/nonexistent")
     with pytest.raises(ConfigError, match="--nested"):
         RecordConfig(recorder=Recorder.QEMU, nested=True).validate()
