@@ -67,6 +67,8 @@ class RecordError(RuntimeError):
 OPTIONAL_FIELDS: Mapping[str, str] = MappingProxyType({
     "disk": DEFAULT_DISK, "aio": DEFAULT_AIO, "discard": DISCARD[0], "detect_zeroes": DETECT_ZEROES[0],
     "kernel": "", "modules": "", "qemu": ""})
+# Left out of run.json at their defaults too, but not cell fields: host-dm's outer guest.
+_RECORD_ONLY_DEFAULTS: Mapping[str, object] = MappingProxyType({"nested": False})
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class RecordConfig:
     @property
     def disk_model(self) -> DiskModel:
         return disk_model(self.disk)
+    # host-dm only: run the host's side in an outer guest (this host has no device-mapper).
+    nested: bool = False
 
     @property
     def filesystem(self) -> Filesystem:
@@ -145,6 +149,9 @@ class RecordConfig:
             raise ConfigError("--kernel and --modules go together (the modules must match the kernel)")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
+        if self.nested and self.recorder is not Recorder.HOST_DM:
+            raise ConfigError("--nested runs the host-dm recorder one level down; it means nothing for "
+                              f"recorder {self.recorder}")
         return self
 
     def describe(self) -> str:
@@ -160,7 +167,7 @@ class RecordConfig:
         """run.json's `config`: every field, the cache mode and recorder by name, as always stored;
         the fields added later only when set, so a default recording's run.json is as it was."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if OPTIONAL_FIELDS.get(f.name, object()) != getattr(self, f.name)}
+             if {**OPTIONAL_FIELDS, **_RECORD_ONLY_DEFAULTS}.get(f.name, object()) != getattr(self, f.name)}
         return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
 
 
@@ -293,15 +300,19 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
-              observer: Callable[[Machine], None] | None = None) -> dict[str, Any]:
-    """Boot one guest for `config` and return run.json's contents (also written to out_dir)."""
+              observer: Callable[[Machine], None] | None = None, image: Path | None = None) -> dict[str, Any]:
+    """Boot one guest for `config` and return run.json's contents (also written to out_dir).
+
+    `image`: a data disk made beforehand, used in place of out_dir/data.img and never truncated
+    (host-dm: written in full on the logged host filesystem, so its blocks stay where they are)."""
     config.validate()
     transport = transports.transport(config.transport)
     payload = job_for(config, flakey)
     outs = GuestOutputs(Path(out_dir).resolve())
     qemu_log = outs.log if config.recorder is Recorder.QEMU else None
-    drives = [Drive(outs.image, config.cache, log=qemu_log, serial=DATA_SERIAL, model=config.disk_model,
-                    aio=config.aio, discard=config.discard, detect_zeroes=config.detect_zeroes)]
+    drives = [Drive(image or outs.image, config.cache, log=qemu_log, serial=DATA_SERIAL,
+                    model=config.disk_model, aio=config.aio, discard=config.discard,
+                    detect_zeroes=config.detect_zeroes)]
     if config.recorder is Recorder.DM:  # the log disk is the tool's, not under test: virtio-blk
         drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial=LOG_SERIAL))
     qemu = qemu or config.qemu or None
@@ -318,8 +329,9 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         raise ConfigError(lacking)
     prepare_out_dir(outs.out_dir)
     job.share.mkdir()
-    with open(outs.image, "wb") as f:
-        f.truncate(config.disk_bytes)
+    if image is None:
+        with open(outs.image, "wb") as f:
+            f.truncate(config.disk_bytes)
     if config.recorder is Recorder.QEMU:
         outs.log.touch()
     elif config.recorder is Recorder.DM:
@@ -389,6 +401,9 @@ def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Gues
     """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
     if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
+    if config.recorder is Recorder.HOST_DM:
+        raise ConfigError("the host-dm recorder runs on the host's side: record it with `crashlab record "
+                          "--recorder host-dm [--nested]` (campaigns do not record it)")
     run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
     rec = Recording(Path(out_dir).resolve(), config, run)
     g = run.get("guest", {})
