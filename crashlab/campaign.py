@@ -480,11 +480,6 @@ def run_record(unit: RecordUnit) -> dict[str, Any]:
     return rec.run
 
 
-def present_markers(entries: list[logformat.Entry], end: int) -> set[int]:
-    """Sequence numbers of the in-band markers a crash state after entry `end` lies after."""
-    return {e.marker.seq for e in entries[:end] if e.marker is not None}
-
-
 def run_check(unit: CheckUnit, keep_dir: Path | None = None,
               before_check: Callable[[Path], None] | None = None) -> list[StateResult]:
     """Build each state's image and check it: one checker-guest boot for the whole unit. Images
@@ -514,7 +509,7 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
                 mat.build(st, image)
                 if before_check is not None:
                     before_check(image)
-                present = frozenset(present_markers(entries, st.end))
+                present = frozenset(crashstates.present_markers(entries, st.end))
                 # Path and seqs let the mount backend (a checker guest) run the oracle on its own
                 # mount; the callable judges a copy when that mount cannot be read in full.
                 items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),

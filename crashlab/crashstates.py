@@ -33,7 +33,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,14 @@ from crashlab.logformat import LogReader
 from crashlab.model import Config, CrashPoint, LogModel
 
 DIGEST_CHARS = 10
-STRATEGIES = ("random", "epochs", "exhaustive", "prefix", "marks", "writeback-order")
+# replay-log's --check points: the log prefix after every FUA, flush, mark, or entry.
+PREFIX_POINTS: dict[str, Callable[[logformat.Entry], bool]] = {
+    "prefix-fua": lambda e: e.is_fua,
+    "prefix-flush": lambda e: e.is_flush,
+    "prefix-mark": lambda e: e.is_mark or e.marker is not None,
+    "prefix-all": lambda e: True,
+}
+STRATEGIES = ("random", "epochs", "exhaustive", "prefix", "marks", "writeback-order", *PREFIX_POINTS)
 PAGE = 4096  # the host page cache's unit of writeback (DESIGN.md, "What the host writes back")
 EXHAUSTIVE_MAX_VOLATILE = 10  # 2**10 subsets per crash point at most
 _TORN_SALT = 0x746F726E  # keeps the tear draws independent of the subset draw
@@ -140,6 +147,11 @@ def parse_id(text: str) -> CrashState:
     except ValueError as e:
         raise CrashStateError(f"{bad}: {e}") from None
     return CrashState(digest, cfg, int(end_s[1:]), sel)
+
+
+def present_markers(entries: Sequence[logformat.Entry], end: int) -> set[int]:
+    """Sequence numbers of the in-band markers a crash state after entry `end` lies after."""
+    return {e.marker.seq for e in entries[:end] if e.marker is not None}
 
 
 # --- resolving a state against the model ----------------------------------------------------------
@@ -304,6 +316,9 @@ def generate(m: LogModel, digest: str, count: int, seed: int, strategy: str = "r
     exhaustive: every subset at each crash point of epochs with at most `max_volatile` volatile ops.
     prefix: the log prefix at distinct random points (replay-log / dm-flakey). marks: at every native
     mark and non-tick in-band marker, the worst case (nothing volatile) and the prefix.
+    prefix-fua, prefix-flush, prefix-mark, prefix-all: the log prefix just after each FUA write,
+    flush, mark (native or in-band) or entry, in log order (xfstests' `replay-log --check`), the
+    first `count` of them; the seed plays no part.
     writeback-order: crash points uniform over entries, then what the host flusher persists instead
     of an independent subset (DESIGN.md, "What the host writes back"): a snapshot after the first k
     volatile ops, and one offset-order sweep over the pages they dirtied, from a drawn page, cut
@@ -354,6 +369,13 @@ def generate(m: LogModel, digest: str, count: int, seed: int, strategy: str = "r
             # Half the sweeps start at the lowest page: a sync or an expiry pass over a clean index.
             start = rng.randrange(npages) if npages and rng.random() < 0.5 else 0
             offer(end, f"o{k:x}.{start:x}.{rng.randint(0, npages):x}")
+    elif strategy in PREFIX_POINTS:
+        wanted = PREFIX_POINTS[strategy]
+        for e in m.entries[m.lo:]:
+            if len(camp.states) >= count:
+                break
+            if wanted(e):
+                offer(e.index + 1, "a")
     elif strategy == "marks":
         for e in m.entries[m.lo:]:
             if len(camp.states) >= count:

@@ -4,7 +4,10 @@ Every tool (apt, dpkg-deb, depmod, cpio, mkfs, fsck, QEMU's helpers) can hang on
 sick machine, and a hung tool must not outlive the run or stall it:
 
 - it gets its own session, so a timeout kills its whole group, children included;
-- it gets PR_SET_PDEATHSIG, so a crashlab killed with SIGKILL takes the tool with it;
+- it gets PR_SET_PDEATHSIG, so a crashlab killed with SIGKILL takes the tool with it: set by
+  util-linux `setpriv --pdeathsig` exec'd in front of the tool where there is one, since a Python
+  preexec hook forces a full fork of this (large) process, 3.3 ms a spawn against 1.6 ms (measured
+  here); a campaign spawns three tools per crash state;
 - after the kill, the pipes are read for at most a moment: a grandchild that left the group and
   keeps stdout open must not make the timeout never return.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,6 +33,7 @@ DRAIN_S = 2.0  # how long the pipes are read after the group is killed
 IN_GUEST = os.environ.get("CRASHLAB_IN_GUEST") == "1"
 
 _libc = ctypes.CDLL(None, use_errno=True)
+SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
 
 
 def die_with_parent() -> None:
@@ -58,9 +64,16 @@ def run(argv: Sequence[str | Path], timeout: float, *, input: bytes | None = Non
     """Run `argv` to completion or its deadline; never raises for the tool's own failure."""
     args = [str(a) for a in argv]
     t0 = time.monotonic()
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+    spawn, hook = args, None
+    if not IN_GUEST and SETPRIV:
+        if shutil.which(args[0]) is None:  # what Popen says of a missing tool, not setpriv's 127
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), args[0])
+        spawn = [SETPRIV, "--pdeathsig", "KILL", "--", *args]
+    elif not IN_GUEST:
+        hook = die_with_parent
+    proc = subprocess.Popen(spawn, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                             stdout=stdout, stderr=subprocess.PIPE, cwd=cwd, start_new_session=True,
-                            preexec_fn=None if IN_GUEST else die_with_parent)
+                            preexec_fn=hook)
     timed_out = False
     try:
         out, err = proc.communicate(input, timeout=timeout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from crashlab import campaign, logformat, markers
+from crashlab import campaign, crashstates, logformat, markers
 
 
 def test_cells_differing_only_in_the_crash_model_share_a_recording() -> None:
@@ -63,9 +63,9 @@ def test_present_markers_are_those_before_the_crash_point(tmp_path: Path) -> Non
             w.write(seq, bytes(512))
     with logformat.open_log(log) as reader:
         entries = reader.index()
-    assert campaign.present_markers(entries, 0) == set()
-    assert campaign.present_markers(entries, 5) == {0, 1, 2}
-    assert campaign.present_markers(entries, len(entries)) == {0, 1, 2, 3}
+    assert crashstates.present_markers(entries, 0) == set()
+    assert crashstates.present_markers(entries, 5) == {0, 1, 2}
+    assert crashstates.present_markers(entries, len(entries)) == {0, 1, 2, 3}
 
 
 def test_matrix_command_spells_out_everything_and_parses_back() -> None:

@@ -318,7 +318,7 @@ def test_check_derives_each_states_present_markers_from_the_log(tmp_path: Path) 
         entries = reader.index()
     ends = [0, 1, 4, 7, len(entries)]
     derived = check_cli.state_markers(log, [state_of(log, e) for e in ends])
-    assert derived == [frozenset(campaign.present_markers(entries, e)) for e in ends]
+    assert derived == [frozenset(crashstates.present_markers(entries, e)) for e in ends]
     assert derived[0] == frozenset() and derived[-1] == frozenset(range(4))
     assert len(set(derived)) == len(derived)  # each end lies after a different prefix of the points
 

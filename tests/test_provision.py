@@ -132,7 +132,9 @@ def test_provisioned_guest_is_cached_and_complete(guest: provision.Guest) -> Non
         assert needed in listing, needed
     assert any(p.endswith("/dmsetup") for p in listing) and any(p.endswith("/mke2fs") for p in listing)
     assert any("libc.so.6" in p for p in listing)
-    assert guest.modules[-1].endswith("virtiofs.ko")
+    names = [m.rsplit("/", 1)[-1] for m in guest.modules]
+    assert names.index("virtiofs.ko") > names.index("fuse.ko")  # dependencies first
+    assert "kernel/drivers/block/loop.ko" in guest.modules  # the checker guest's images
     assert "kernel/drivers/md/dm-log-writes.ko" in guest.modules
     assert guest.initrd.with_name("guest.json").exists()
 

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from crashlab import campaign, crashstates, logformat
+from crashlab import crashstates, logformat
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.check.tools import DEFAULT_TIMEOUT
@@ -54,7 +54,7 @@ def read_promises(promises: Path) -> Promises:
 
 def state_markers(log: Path, state_ids: Sequence[str]) -> list[frozenset[int]]:
     """The in-band markers present in each crash state of `log`, derived as a campaign derives them
-    (campaign.present_markers): those logged before the state's crash point."""
+    (crashstates.present_markers): those logged before the state's crash point."""
     try:
         states = [crashstates.parse_id(s) for s in state_ids]
         with logformat.open_log(log) as reader:
@@ -69,7 +69,7 @@ def state_markers(log: Path, state_ids: Sequence[str]) -> list[frozenset[int]]:
         if st.end > len(entries):
             raise CrashlabError(f"--state-id {st.id}: crash point after entry {st.end}, but {log} has "
                                 f"{len(entries)} entries")
-        present.append(frozenset(campaign.present_markers(entries, st.end)))
+        present.append(frozenset(crashstates.present_markers(entries, st.end)))
     return present
 
 

@@ -1,16 +1,25 @@
-"""`crashlab crash`: generate crash states from a recorded log, and rebuild one from its id."""
+"""`crashlab crash`: generate crash states from a recorded log, rebuild one from its id, and check
+a log's states the way replay-log users do."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import click
 
-from crashlab import crashstates, logformat, model
+from crashlab import crashstates, logcheck, logformat, model
 from crashlab.cachemodes import CACHE_MODES, UnknownCacheMode
+from crashlab.check.outcome import Outcome
+from crashlab.check.runner import CHECKERS
 from crashlab.cli import CrashlabError, input_error, salvaged
+from crashlab.filesystems import FILESYSTEMS
+
+EXIT_FAILED = 1  # some state is corrupt or lost fsynced data (a check-cmd said no)
+EXIT_UNCHECKED = 4  # no state failed, but some could not be checked (as matrix and run)
 
 
 def _recorded(log: Path) -> tuple[str, str] | None:
@@ -130,3 +139,91 @@ def build(log: Path, state_id: str, image: Path, size: int | None, salvage: bool
                + (f", {len(r.tears)} torn" if r.tears else "") + f"; reading {how.describe()}")
     if damage is not None:
         salvaged(log, damage)
+
+
+@command.command("check")
+@click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fs", type=click.Choice(list(FILESYSTEMS)), default="ext4", show_default=True)
+@click.option("--recorder", type=click.Choice(model.READABLE), default=None,
+              help="Who recorded the log (default: the recording's run.json; else required).")
+@click.option("--cache", "cache", default=None, metavar="MODE",
+              help="Cache mode the log was recorded under (default: the recording's run.json; else "
+              "required).")
+@click.option("--promises", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The workload's promises.jsonl: run its fsync oracle on every state too.")
+@click.option("--strategy", type=click.Choice(crashstates.STRATEGIES), default="prefix-fua",
+              show_default=True)
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="At most this many states [default: all the strategy yields; 1000 for random ones].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--window", default=None, metavar="S|inf", help="Volatility window (default: the mode's).")
+@click.option("--torn", type=click.Choice(["512", "4096"]), default=None)
+@click.option("--baseline", default="none", show_default=True, metavar="NAME|none",
+              help="Mark or marker before which everything is settled (a foreign log has none).")
+@click.option("--check-cmd", default=None, metavar="'CMD {image}'",
+              help="Judge each state with this command instead (exit 0 = consistent), as replay-log "
+              "--fsck does.")
+@click.option("--read-only", is_flag=True,
+              help="The --check-cmd never writes the image: check each state in place, no copy.")
+@click.option("--checker", type=click.Choice(CHECKERS), default="auto", show_default=True,
+              help="Where the built-in checks mount: auto = ext4 in userspace, XFS/btrfs in a guest.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Workers [default: every core].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def check(log: Path, fs: str, recorder: str | None, cache: str | None, promises: Path | None, strategy: str,
+          count: int | None, seed: int, window: str | None, torn: str | None, baseline: str,
+          check_cmd: str | None, read_only: bool, checker: str, jobs: int | None, as_json: bool) -> None:
+    """Check LOG's crash states and print the outcome counts.
+
+    Exits 0 when every state is consistent, 1 when some are not, 4 when none failed but some could
+    not be checked, 2 on bad input.
+    """
+    argv: tuple[str, ...] = ()
+    if check_cmd is not None:
+        argv = tuple(shlex.split(check_cmd))
+        if not argv or not any("{image}" in a for a in argv):
+            raise click.UsageError("--check-cmd must name the image as {image}, e.g. 'e2fsck -fn {image}'")
+    elif read_only:
+        raise click.UsageError("--read-only is about --check-cmd")
+    recorded = _recorded(log)
+    if recorded is None and (recorder is None or cache is None):
+        raise click.UsageError(f"{log}: no run.json beside it: give --recorder and --cache")
+    try:
+        how = model.reading(recorded, recorder, cache)
+        cfg = model.config(how.recorder, how.cache, window, None if baseline == "none" else baseline,
+                           int(torn) if torn else None)
+    except (UnknownCacheMode, model.ModelError) as e:
+        raise CrashlabError(f"{log}: {e}") from None
+    if count is None:
+        count = 1000 if strategy in ("random", "epochs", "writeback-order", "prefix") else 1 << 30
+    job = logcheck.LogCheck(log, cfg, fs, strategy, count, seed, promises, argv, read_only, checker)
+
+    def progress(s: logcheck.Summary, total: int) -> None:
+        if not as_json and sys.stderr.isatty():
+            bad = sum(v for k, v in s.counts.items() if k != Outcome.CONSISTENT.value)
+            click.echo(f"\r{s.states}/{total} states, {bad} not consistent", nl=False, err=True)
+    try:
+        summary = logcheck.check_log(job, jobs, progress)
+    except model.ModelError as e:
+        raise CrashlabError(f"{log}: {e}") from None
+    except logformat.InputError as e:
+        raise input_error(e) from None
+    if not as_json and sys.stderr.isatty():
+        click.echo("", err=True)
+    if as_json:
+        click.echo(json.dumps({"log": str(log), "reading": how.describe(), "strategy": strategy,
+                               "judge": shlex.join(argv) if argv else f"crashlab ({checker})",
+                               **summary.to_dict()}, indent=1))
+    else:
+        click.echo(f"{log.name}: {summary.states} states ({strategy}, reading {how.describe()}), "
+                   f"judged by {shlex.join(argv) if argv else f'crashlab checks ({checker})'}, "
+                   f"{summary.jobs} workers, {summary.seconds:.1f} s ({summary.rate:.1f} states/s)")
+        for name, n in sorted(summary.counts.items()):
+            click.echo(f"  {name:16} {n}")
+        for v in summary.failed[:20]:
+            click.echo(f"  {v.outcome.value}: {v.state_id}: {v.reason}")
+        if len(summary.failed) > 20:
+            click.echo(f"  ... and {len(summary.failed) - 20} more (--json lists all)")
+    if any(v.outcome.is_failure for v in summary.failed):
+        raise SystemExit(EXIT_FAILED)
+    if summary.counts.get(Outcome.CHECKER_ERROR.value):
+        raise SystemExit(EXIT_UNCHECKED)

@@ -1,0 +1,188 @@
+"""Check the crash states of any log, the way xfstests' replay-log users do, on every core.
+
+    summary = check_log(LogCheck(log, cfg, fs="ext4", strategy="prefix-fua",
+                                 check_cmd=("e2fsck", "-fn", "{image}")), jobs=2)
+
+A log recorded by anyone (an xfstests dm-log-writes test, a user's own setup) is read with the
+durability model `cfg`; its states (crashstates.generate) are split into contiguous slices in
+`stable` order, one `Materializer` per worker, so each worker replays the log once. Each state is
+then judged either by crashlab's own checks (recovery, fsck and, with a promises file, the fsync
+oracle: crashlab.check) or by the user's command (`{image}` is the image; exit 0 = consistent), as
+`replay-log --fsck` does. A command that only reads the image (`read_only`) gets the state checked
+out in place in the worker's base image, no copy at all.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crashlab import crashstates, logformat, model
+from crashlab.check.outcome import Outcome
+from crashlab.check.runner import CheckItem, check_batch
+from crashlab.check.tools import run_tool
+from crashlab.oracle import load_promises
+
+CHECK_CMD_TIMEOUT = 300.0
+SLICES_PER_JOB = 4  # smaller slices balance the workers; each costs one base replay
+
+
+class LogCheckError(logformat.InputError):
+    """Bad input to a log check, in one line."""
+
+
+@dataclass(frozen=True)
+class LogCheck:
+    """What to check: everything a worker needs, picklable."""
+
+    log: Path
+    cfg: model.Config
+    fs: str = "ext4"
+    strategy: str = "prefix-fua"
+    count: int = 1 << 30
+    seed: int = 0
+    promises: Path | None = None
+    check_cmd: tuple[str, ...] = ()  # argv; `{image}` is the image
+    read_only: bool = False  # the command never writes the image: no per-state copy
+    checker: str = "auto"
+    size: int | None = None
+
+
+@dataclass
+class StateVerdict:
+    state_id: str
+    outcome: Outcome
+    reason: str
+
+
+@dataclass
+class Summary:
+    states: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    failed: list[StateVerdict] = field(default_factory=list)  # not consistent, in log order
+    seconds: float = 0.0
+    duplicates: int = 0
+    jobs: int = 1
+
+    @property
+    def rate(self) -> float:
+        return self.states / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"states": self.states, "outcomes": dict(sorted(self.counts.items())),
+                "seconds": round(self.seconds, 3), "states_per_s": round(self.rate, 1), "jobs": self.jobs,
+                "duplicates_dropped": self.duplicates,
+                "failed": [{"state_id": v.state_id, "outcome": v.outcome.value, "reason": v.reason}
+                           for v in self.failed]}
+
+
+def plan(job: LogCheck) -> tuple[list[str], int]:
+    """The state ids to check, in `stable` order, and how many duplicates generation dropped."""
+    with logformat.open_log(job.log) as reader:
+        reader.require_intact()
+        m = model.LogModel(reader.index(), job.cfg)
+        camp = crashstates.generate(m, crashstates.log_digest(reader), job.count, job.seed, job.strategy)
+    return [s.id for s in camp.states], camp.duplicates
+
+
+def command_verdict(argv: Sequence[str], image: Path, timeout: float = CHECK_CMD_TIMEOUT
+                    ) -> tuple[Outcome, str]:
+    """The user's command on one image: exit 0 consistent, another exit inconsistent; a command
+    that hangs, is missing or is killed says nothing about the image (a checker error)."""
+    run = run_tool([a.replace("{image}", str(image)) for a in argv], timeout)
+    if run.missing or run.timed_out or run.rc is None or run.rc < 0:
+        why = run.error or ("timed out" if run.timed_out else f"killed by signal {-(run.rc or 0)}")
+        return Outcome.CHECKER_ERROR, f"{argv[0]}: {why}"
+    if run.rc == 0:
+        return Outcome.CONSISTENT, f"{argv[0]} exit 0"
+    first = (run.stdout + run.stderr).strip().splitlines()[-1:] or [""]
+    return Outcome.FS_INCONSISTENT, f"{argv[0]} exit {run.rc}: {first[0][:200]}"
+
+
+def check_slice(job: LogCheck, ids: Sequence[str]) -> list[StateVerdict]:
+    """One worker's share: build (or check out) each state and judge it."""
+    states = [crashstates.parse_id(s) for s in ids]
+    out: list[StateVerdict] = []
+    workdir = crashstates.default_workdir()
+    with logformat.open_log(job.log) as reader, \
+            tempfile.TemporaryDirectory(prefix="crashlab-logcheck-", dir=workdir) as tmp:
+        entries = reader.index()
+        m = model.LogModel(entries, job.cfg)
+        digest = crashstates.log_digest(reader)
+        with crashstates.Materializer(reader, m, digest, size=job.size) as mat:
+            if job.check_cmd:
+                for st in states:
+                    if job.read_only:
+                        with mat.checkout(st) as image:
+                            outcome, why = command_verdict(job.check_cmd, image)
+                    else:
+                        image = Path(tmp) / "state.img"
+                        mat.build(st, image)
+                        outcome, why = command_verdict(job.check_cmd, image)
+                        image.unlink()
+                    out.append(StateVerdict(st.id, outcome, why))
+                return out
+            promises = load_promises(job.promises) if job.promises else None
+            items = []
+            for st in states:
+                image = Path(tmp) / f"{st.id}.img"
+                mat.build(st, image)
+                present = frozenset(crashstates.present_markers(entries, st.end))
+                items.append(CheckItem(image, job.fs, st.id, promises.oracle(present) if promises else None,
+                                       promises=job.promises, present=present if promises else None))
+            for rec in check_batch(items, checker=job.checker):
+                out.append(StateVerdict(rec.state_id, rec.outcome, rec.reason))
+                Path(rec.image).unlink(missing_ok=True)
+    return out
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent acts on Ctrl-C for the group
+
+
+def check_log(job: LogCheck, jobs: int | None = None,
+              on_progress: Callable[[Summary, int], None] = lambda s, total: None) -> Summary:
+    """Check every planned state of `job` on `jobs` workers (default: every core)."""
+    t0 = time.monotonic()
+    ids, dupes = plan(job)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(ids) or 1))
+    summary = Summary(duplicates=dupes, jobs=jobs)
+    n = max(1, len(ids) // (jobs * SLICES_PER_JOB) + (len(ids) % (jobs * SLICES_PER_JOB) > 0))
+    slices = [ids[k:k + n] for k in range(0, len(ids), n)]
+    order = {sid: k for k, sid in enumerate(ids)}
+    results: list[StateVerdict] = []
+    if jobs == 1:
+        for sl in slices:
+            results += _tally(summary, check_slice(job, sl))
+            on_progress(summary, len(ids))
+    else:
+        pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init)
+        try:
+            futures = [pool.submit(check_slice, job, sl) for sl in slices]
+            for fut in cf.as_completed(futures):
+                results += _tally(summary, fut.result())
+                on_progress(summary, len(ids))
+        except BaseException:
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    summary.failed = sorted((v for v in results if v.outcome is not Outcome.CONSISTENT),
+                            key=lambda v: order[v.state_id])
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _tally(summary: Summary, verdicts: list[StateVerdict]) -> list[StateVerdict]:
+    summary.states += len(verdicts)
+    summary.counts.update(v.outcome.value for v in verdicts)
+    return verdicts
