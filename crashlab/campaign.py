@@ -43,7 +43,7 @@ from crashlab.recorders import Recorder
 from crashlab.store import Store
 from crashlab.workload import available
 
-STATES_PER_UNIT = 8  # states per checker-guest boot: bounds what an interrupt can lose
+STATES_PER_UNIT = 50  # states a worker builds and checks at a time: bounds what an interrupt can lose
 # A cell's states take seconds each to check under TCG: a million is weeks, and more is a typo that
 # would otherwise spin in state generation before saying anything.
 MAX_STATES = 1_000_000
@@ -259,7 +259,7 @@ class Matrix:
     workload: tuple[str, ...] = DEFAULT_WORKLOADS
     window: tuple[str, ...] = ("default",)
     torn: tuple[int, ...] = (0,)
-    states: int = 12
+    states: int = 100
     seed: int = 1
     scale: int = 1
     strategy: str = "random"

@@ -32,7 +32,7 @@ def _store_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--states", type=click.IntRange(1, campaign.MAX_STATES), default=None,
-                     help="Crash states per cell [default: 12]."),
+                     help=f"Crash states per cell [default: {campaign.Matrix.states}]."),
         click.option("--seed", type=int, default=None, help="Workload and crash-state seed [default: 1]."),
         click.option("--scale", type=click.IntRange(1), default=None,
                      help="Workload size (1 = small) [default: 1]."),
@@ -44,8 +44,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Parallel units [default: cores]."),
         click.option("--unit-states", type=click.IntRange(1), default=campaign.STATES_PER_UNIT,
                      show_default=True,
-                     help="States per check unit (one checker-guest boot; at most this many are lost "
-                          "per worker on an interrupt)."),
+                     help="States per check unit (a worker builds and checks them together; at most "
+                          "this many are lost per worker on an interrupt)."),
         click.option("--host-mount", is_flag=True,
                      help="Mount crash images on this host, not in a checker guest (disposable hosts only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress display (CI)."),
