@@ -440,6 +440,7 @@ class CheckUnit:
     recording: str
     state_ids: tuple[str, ...]
     host_mount: bool = False
+    checker: str = "auto"  # crashlab.check.runner.CHECKERS; host_mount means "host"
 
 
 @dataclass
@@ -514,7 +515,7 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
                 # mount; the callable judges a copy when that mount cannot be read in full.
                 items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),
                                        promises=promises_path, present=present))
-        for record in check_batch(items, host_mount=unit.host_mount):
+        for record in check_batch(items, host_mount=unit.host_mount, checker=unit.checker):
             results.append(StateResult(record.state_id, record.outcome, record.to_dict()))
             if keep_dir is None:
                 Path(record.image).unlink(missing_ok=True)
@@ -629,7 +630,8 @@ def versions(fs: Iterable[str]) -> dict[str, str]:
 
 
 def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, *, command: str,
-               workers: int | None = None, host_mount: bool = False, unit_states: int = STATES_PER_UNIT,
+               workers: int | None = None, host_mount: bool = False, checker: str = "auto",
+               unit_states: int = STATES_PER_UNIT,
                on_progress: Callable[[Progress], None] = lambda p: None,
                executor: Executor | None = None) -> Progress:
     """Run (or resume) every cell to `states` crash states each, storing outcomes as they arrive.
@@ -654,7 +656,7 @@ def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, 
         prog.resumed += len(ids) - len(todo)
         prog.retried += sum(i in gaps for i in todo)
         for k in range(0, len(todo), unit_states):
-            unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + unit_states]), host_mount)
+            unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + unit_states]), host_mount, checker)
             pending[pool.submit(_unit, run_check, unit)] = ("check", cell, unit)
 
     def show() -> None:

@@ -14,6 +14,7 @@ import click
 from crashlab import campaign, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.check.describe import describe_failure
+from crashlab.check.runner import CHECKERS
 from crashlab.cli import CrashlabError, shipped
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.record import GuestOutputs
@@ -48,6 +49,9 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                           "this many are lost per worker on an interrupt)."),
         click.option("--host-mount", is_flag=True,
                      help="Mount crash images on this host, not in a checker guest (disposable hosts only)."),
+        click.option("--checker", type=click.Choice(CHECKERS), default="auto", show_default=True,
+                     help="Where states are judged: auto = ext4 in userspace (no mount), XFS and btrfs in "
+                          "a checker guest; userspace; guest; host (= --host-mount)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress display (CI)."),
         _store_option,
     ]
@@ -70,7 +74,7 @@ Exit status:
 
 
 def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_states: int,
-         host_mount: bool, quiet: bool) -> None:
+         checker: str, quiet: bool) -> None:
     try:
         cells = matrix.cells()
     except campaign.CampaignError as e:
@@ -78,20 +82,20 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
     # The store keeps the matrix as an explicit command: what was typed may lean on defaults.
     command = matrix.command()
     try:
-        _run_in(matrix, cells, command, store_path, workers, unit_states, host_mount, quiet)
+        _run_in(matrix, cells, command, store_path, workers, unit_states, checker, quiet)
     except StoreError as e:
         raise CrashlabError(str(e)) from None
 
 
 def _run_in(matrix: campaign.Matrix, cells: list[campaign.Cell], command: str, store_path: Path,
-            workers: int | None, unit_states: int, host_mount: bool, quiet: bool) -> None:
+            workers: int | None, unit_states: int, checker: str, quiet: bool) -> None:
     with Store(store_path) as store:
         if quiet:
             prog = campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                       workers=workers, unit_states=unit_states, host_mount=host_mount)
+                                       workers=workers, unit_states=unit_states, checker=checker)
         else:
             prog = _with_progress(cells, matrix, store, store_path, command, workers, unit_states,
-                                  host_mount)
+                                  checker)
         results = report.results(store, None)
         keys = {c.key for c in cells}
         mine = [r for r in results if r.cell in keys]
@@ -113,13 +117,13 @@ def unchecked_text(prog: campaign.Progress) -> str:
 
 def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: Store, store_path: Path,
                    command: str, workers: int | None, unit_states: int,
-                   host_mount: bool) -> campaign.Progress:
+                   checker: str) -> campaign.Progress:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     def run(show: Callable[[campaign.Progress], None]) -> campaign.Progress:
         return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                   workers=workers, unit_states=unit_states, host_mount=host_mount,
+                                   workers=workers, unit_states=unit_states, checker=checker,
                                    on_progress=show)
 
     if not Console(stderr=True).is_terminal:
@@ -214,7 +218,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 @shipped.options(lists=True)
 @_common
 def matrix_command(config_file: Path | None, workers: int | None, unit_states: int, host_mount: bool,
-                   quiet: bool, store_path: Path, **options: Any) -> None:
+                   checker: str, quiet: bool, store_path: Path, **options: Any) -> None:
     """Run (or resume) a matrix of cells and print the table.
 
     Rerunning the same command resumes: recordings and stored outcomes are reused.
@@ -223,7 +227,8 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
         base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
     except campaign.CampaignError as e:
         raise CrashlabError(str(e)) from None
-    _run(_matrix_from(options, base), store_path, workers, unit_states, host_mount, quiet)
+    _run(_matrix_from(options, base), store_path, workers, unit_states, "host" if host_mount else checker,
+         quiet)
 
 
 @click.command("run", epilog=EXIT_EPILOG)
@@ -234,13 +239,14 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
 @click.option("--workload", default="smallfiles", show_default=True)
 @shipped.options()
 @_common
-def run_command(workers: int | None, unit_states: int, host_mount: bool, quiet: bool, store_path: Path,
-                **options: Any) -> None:
+def run_command(workers: int | None, unit_states: int, host_mount: bool, checker: str, quiet: bool,
+                store_path: Path, **options: Any) -> None:
     """Run (or resume) one configuration."""
     for key in ("fs", "cache", "barrier", "recorder", "workload", "disk", "aio"):
         if "," in (options[key] or ""):
             raise CrashlabError(f"--{key}: one value for `run`; use `crashlab matrix` for several")
-    _run(_matrix_from(options, campaign.Matrix()), store_path, workers, unit_states, host_mount, quiet)
+    _run(_matrix_from(options, campaign.Matrix()), store_path, workers, unit_states,
+         "host" if host_mount else checker, quiet)
 
 
 FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png")
