@@ -87,7 +87,7 @@ class CheckerGuest:
         t0 = time.monotonic()
         where = rundir.tmpfs() or rundir.scratch()
         self.share = Path(tempfile.mkdtemp(prefix="crashlab-checker-", dir=where))
-        (self.share / "guest.env").write_text(guest_env(os.path.realpath(_python()), str(PROJECT)))
+        (self.share / "guest.env").write_text(guest_env(_python(), str(PROJECT)))
         (self.share / "job.json").write_text(json.dumps({"mode": "serve"}))
         shares: list[Share] = [self.view, ResultsShare("out", self.share)]
         self.machine = Machine(self.guest.kernel, self.guest.initrd, shares=shares,
