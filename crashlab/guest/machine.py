@@ -58,20 +58,47 @@ class AbnormalShutdown(MachineError):
 
 
 @dataclass(frozen=True)
+class NbdClient:
+    """Where an NBD export is, as QEMU's nbd block driver reaches it."""
+
+    host: str
+    port: int
+    export: str
+    # Seconds QEMU holds requests while it reconnects to a lost server; 0: they fail at once (EIO).
+    reconnect_delay_s: int = 0
+
+
+@dataclass(frozen=True)
 class Drive:
-    """A virtio-blk disk backed by a raw host file, optionally logged by a blklogwrites node."""
+    """A virtio-blk disk backed by a raw host file, optionally logged by a blklogwrites node, or
+    (with `nbd`) by an NBD export, `path` then being the server's image, which QEMU never opens."""
 
     path: Path
     cache: CacheMode
     log: Path | None = None  # blklogwrites log; must be a fresh file (QEMU does not truncate it)
     log_sector_size: int = 512
     serial: str = ""
+    nbd: NbdClient | None = None
 
 
+def nbd_drive_args(index: int, drive: Drive, nbd: NbdClient) -> list[str]:
+    """An NBD-backed disk: the cache mode's direct and write-cache halves are the server's and the
+    device's; no-flush also applies here, so `unsafe` flushes never leave the guest's host."""
+    if drive.log is not None:
+        raise MachineError("an NBD disk is logged on its server, not by a blklogwrites node here")
+    node = ",".join(["driver=nbd", f"node-name=disk{index}", "server.type=inet", f"server.host={nbd.host}",
+                     f"server.port={nbd.port}", f"export={nbd.export}",
+                     f"reconnect-delay={nbd.reconnect_delay_s}",
+                     f"cache.no-flush={drive.cache.blockdev_cache['cache.no-flush']}"])
+    dev = ["virtio-blk-pci", f"drive=disk{index}", f"write-cache={drive.cache.device_write_cache}",
+           "werror=report", "rerror=report", *([f"serial={drive.serial}"] if drive.serial else [])]
+    return ["-blockdev", node, "-device", ",".join(dev)]
 
 
 def drive_args(index: int, drive: Drive) -> list[str]:
     """The -blockdev/-device options for one drive (pure: tests check them against the table)."""
+    if drive.nbd is not None:
+        return nbd_drive_args(index, drive, drive.nbd)
     c = drive.cache
     top = f"disk{index}"
     file_node = f"disk{index}-file" if drive.log else top
