@@ -18,6 +18,7 @@ the whole data disk with dm-log-writes in the guest, the log on a second, sparse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import crashlab
-from crashlab import logformat, proc
+from crashlab import logformat, nbd, proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.guest import transport as transports
 from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
 from crashlab.guest.machine import Drive, Machine, choose_accel, qemu_version
 from crashlab.guest.provision import Guest, provision
+from crashlab.netns import NetnsError
 from crashlab.recorders import Recorder
 
 TRANSPORTS = transports.TRANSPORT_NAMES
@@ -76,6 +78,11 @@ class RecordConfig:
     # virtiofs), "shell" (the busybox fallback: one built-in shell workload, qemu recorder, ext4), or
     # "auto": virtiofs when virtiofsd is found, else shell.
     transport: str = "auto"
+    # Where the data disk lives (crashlab.nbd.STORAGES): "local", or "nbd", an export of a storage
+    # server in a network namespace, logged on the server. Left out of as_dict at its default.
+    storage: str = "local"
+    # nbd: seconds the guest's QEMU waits for a lost server to come back before failing requests.
+    reconnect_delay_s: int = 0
 
     @property
     def filesystem(self) -> Filesystem:
@@ -106,17 +113,35 @@ class RecordConfig:
             raise ConfigError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
+        try:
+            nbd.storage(self.storage)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.storage == "nbd" and self.recorder is Recorder.DM:
+            raise ConfigError("storage nbd is logged on its server: use recorder qemu (or none)")
+        if self.reconnect_delay_s and self.storage != "nbd":
+            raise ConfigError("reconnect-delay applies to storage nbd only")
+        if not 0 <= self.reconnect_delay_s <= 3600:
+            raise ConfigError(f"reconnect-delay must be 0 to 3600 seconds, not {self.reconnect_delay_s}")
         return self
 
     def describe(self) -> str:
         opts = mount_options(self) or "defaults"
-        return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder} "
+        where = f" storage={self.storage}" if self.storage != "local" else ""
+        return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder}{where} "
                 f"workload={self.workload} seed={self.seed} scale={self.scale}")
 
     def as_dict(self) -> dict[str, Any]:
         """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _OMITTED_AT_DEFAULT:  # so a local recording's run.json is as it always was
+            if d[name] == getattr(_DEFAULT, name):
+                del d[name]
         return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
+
+
+_DEFAULT = RecordConfig()
+_OMITTED_AT_DEFAULT = ("storage", "reconnect_delay_s")
 
 
 def mkfs_argv(config: RecordConfig) -> list[str]:
@@ -132,9 +157,11 @@ def resolve_transport(config: RecordConfig) -> str:
     return transports.resolve(config.transport)
 
 
-def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The guest's job.json (pure)."""
-    return {
+def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None,
+            live_fault: bool = False) -> dict[str, Any]:
+    """The guest's job.json (pure); `live_fault`: the disk may fail under the workload (a network
+    storage fault), so the guest reports what its kernel saw and does not give up on a failed umount."""
+    job = {
         "mode": "record", "recorder": config.recorder.value, "fs": config.fs,
         "mkfs": mkfs_argv(config), "mount_opts": mount_options(config),
         "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder.in_guest else None,
@@ -143,6 +170,9 @@ def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[
         "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
         "params": dict(config.params),
     }
+    if live_fault:
+        job["live_fault"] = True
+    return job
 
 
 def log_disk_bytes(config: RecordConfig) -> int:
@@ -209,6 +239,8 @@ def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dic
     }
     for argv in tools:
         v[argv[0]] = tool_version(*argv)
+    if config.storage == "nbd":
+        v["qemu-storage-daemon"] = tool_version("qemu-storage-daemon", "--version")
     if config.recorder in (Recorder.DM, Recorder.NONE):  # none: dm-flakey
         v["dmsetup"] = tool_version("dmsetup", "--version")
     return v
@@ -227,13 +259,22 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+ServerHook = Callable[[nbd.StorageServer], contextlib.AbstractContextManager[Any]]
+
+
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
-              observer: Callable[[Machine], None] | None = None) -> dict[str, Any]:
-    """Boot one guest for `config` and return run.json's contents (also written to out_dir)."""
+              observer: Callable[[Machine], None] | None = None,
+              during: ServerHook | None = None) -> dict[str, Any]:
+    """Boot one guest for `config` and return run.json's contents (also written to out_dir).
+
+    With storage nbd, the disk is served for the boot's length (crashlab.nbd.serve) and `during`,
+    if given, runs around the boot with the server in hand (crashlab.netfaults' schedule)."""
     config.validate()
+    if during is not None and config.storage != "nbd":
+        raise ConfigError("network faults need storage nbd")
     transport = transports.transport(config.transport)
-    payload = job_for(config, flakey)
+    payload = job_for(config, flakey, live_fault=during is not None)
     outs = GuestOutputs(Path(out_dir).resolve())
     qemu_log = outs.log if config.recorder is Recorder.QEMU else None
     drives = [Drive(outs.image, config.cache, log=qemu_log, serial="data")]
@@ -264,7 +305,10 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
                                               "accel": accel, "flakey": flakey},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    gr = transport.run(job, guest, observer)
+    if config.storage == "nbd":
+        gr = _run_served(config, outs, job, transport, guest, observer, during, run)
+    else:
+        gr = transport.run(job, guest, observer)
     record_run(run, gr)
     for name in ("promises.jsonl", "workload.out"):
         move_guest_file(job.share / name, outs.out_dir / name)
@@ -277,6 +321,27 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         raise RecordError(f"recording {config.describe()} failed: {why}; cannot write run.json "
                           f"({e.strerror}){full_disk_hint(outs.out_dir)}") from e
     return run
+
+
+def _run_served(config: RecordConfig, outs: GuestOutputs, job: GuestJob, transport: transports.Transport,
+                guest: Guest, observer: Callable[[Machine], None] | None, during: ServerHook | None,
+                run: dict[str, Any]) -> GuestRun:
+    """The boot with its data disk an NBD export; the server's facts go into run.json's options."""
+    export = nbd.Export(outs.image, config.cache, log=outs.log if config.recorder is Recorder.QEMU else None)
+    try:
+        with nbd.serve(export) as server:
+            drive = Drive(outs.image, config.cache, serial="data",
+                          nbd=server.client(config.reconnect_delay_s))
+            served = dataclasses.replace(job, drives=(drive, *job.drives[1:]))
+            run["options"]["nbd"] = {**server.describe(), "reconnect_delay_s": config.reconnect_delay_s,
+                                     "network": server.ns.state()}
+            t0 = time.monotonic()
+            with during(server) if during is not None else contextlib.nullcontext():
+                gr = transport.run(served, guest, observer)
+            run["options"]["nbd"]["events"] = [(round(t - t0, 3), what) for t, what in server.events]
+    except (nbd.StorageError, NetnsError) as e:
+        raise RecordError(f"recording {config.describe()}: storage server: {e}") from e
+    return gr
 
 
 def record_run(run: dict[str, Any], gr: GuestRun) -> None:
