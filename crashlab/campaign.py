@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import crashlab
-from crashlab import crashstates, logformat, model, recorders, rundir, signals
+from crashlab import crashstates, logformat, model, nbd, recorders, rundir, signals
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
@@ -83,11 +83,16 @@ class Cell:
     seed: int = 1
     scale: int = 1
     strategy: str = "random"
+    storage: str = "local"  # crashlab.nbd.STORAGES; left out of keys and slugs when local
 
     def stored(self) -> dict[str, Any]:
         """The fields as the store, keys and slugs have always spelled them: names for the cache mode
-        and the recorder, on/off for the barrier."""
+        and the recorder, on/off for the barrier; an axis added later only when it is not at its
+        default, so every cell that existed before keeps its key, slug and row."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in OMITTED_AT_DEFAULT:
+            if d[name] == getattr(_DEFAULT_CELL, name):
+                del d[name]
         return {**d, "cache": self.cache.name, "barrier": barrier_name(self.barrier),
                 "recorder": self.recorder.value}
 
@@ -105,6 +110,8 @@ class Cell:
                 v["cache"] = cache_mode(v["cache"])
             if "recorder" in v:
                 v["recorder"] = recorders.recorder(v["recorder"])
+            if "storage" in v:
+                v["storage"] = nbd.storage(v["storage"])
         except ValueError as e:
             raise CampaignError(str(e)) from None
         if "barrier" in v:
@@ -116,14 +123,14 @@ class Cell:
         """Canonical and stable: the store's name for this cell."""
         return " ".join(f"{k}={v}" for k, v in self.stored().items())
 
-    RECORDED = ("fs", "cache", "barrier", "recorder", "workload", "data_mode", "seed", "scale")
+    RECORDED = ("fs", "cache", "barrier", "recorder", "workload", "data_mode", "seed", "scale", "storage")
 
     @property
     def recording_slug(self) -> str:
         """Names the recording: only what the guest run depends on, so cells that differ in the
         crash model alone (window, torn writes, strategy) share one log."""
         stored = self.stored()
-        recorded = " ".join(f"{k}={stored[k]}" for k in self.RECORDED)
+        recorded = " ".join(f"{k}={stored[k]}" for k in self.RECORDED if k in stored)
         return hashlib.sha256(recorded.encode()).hexdigest()[:16]
 
     def config(self) -> dict[str, Any]:
@@ -148,7 +155,8 @@ class Cell:
         extra = [f"window={self.window_label}" if self.window != "default" else "",
                  f"torn={self.torn}" if self.torn else "",
                  f"recorder={self.recorder.value}" if self.recorder is not Recorder.QEMU else "",
-                 f"strategy={self.strategy}" if self.strategy != "random" else ""]
+                 f"strategy={self.strategy}" if self.strategy != "random" else "",
+                 f"storage={self.storage}" if self.storage != "local" else ""]
         return " ".join([self.fs, f"cache={self.cache.name}", f"barrier={barrier_name(self.barrier)}",
                          self.workload, *filter(None, extra)])
 
@@ -160,7 +168,7 @@ class Cell:
 
         return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier,
                             data_mode=self.data_mode, recorder=self.recorder, workload=self.workload,
-                            seed=self.seed, scale=self.scale)
+                            seed=self.seed, scale=self.scale, storage=self.storage)
 
     def validate(self) -> Cell:
         try:
@@ -175,6 +183,10 @@ class Cell:
         if self.workload not in available():
             raise CampaignError(f"unknown workload {self.workload!r}; available: {', '.join(available())}")
         return self
+
+
+_DEFAULT_CELL = Cell()
+OMITTED_AT_DEFAULT = ("storage",)  # Cell fields added after stores existed (Cell.stored)
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,7 @@ class Matrix:
     seed: int = 1
     scale: int = 1
     strategy: str = "random"
+    storage: tuple[str, ...] = ("local",)
 
     def cells(self) -> list[Cell]:
         """The matrix's cells, its names parsed (CampaignError says what is valid)."""
@@ -206,10 +219,11 @@ class Matrix:
                         for wl in self.workload:
                             for window in self.window:
                                 for torn in self.torn:
-                                    out.append(Cell.parse(dict(
-                                        fs=fs, cache=cache, barrier=barrier, recorder=rec, workload=wl,
-                                        window=window, torn=torn, seed=self.seed, scale=self.scale,
-                                        strategy=self.strategy)).validate())
+                                    for where in self.storage:
+                                        out.append(Cell.parse(dict(
+                                            fs=fs, cache=cache, barrier=barrier, recorder=rec, workload=wl,
+                                            window=window, torn=torn, seed=self.seed, scale=self.scale,
+                                            strategy=self.strategy, storage=where)).validate())
         if not out:
             raise CampaignError("the matrix is empty")
         return out
@@ -220,6 +234,8 @@ class Matrix:
         lists = ("fs", "cache", "barrier", "recorder", "workload", "window", "torn")
         args = [f"--{k} {','.join(str(v) for v in getattr(self, k))}" for k in lists]
         args += [f"--{k} {getattr(self, k)}" for k in ("states", "seed", "scale", "strategy")]
+        if self.storage != ("local",):  # a newer axis: spelled out only when used, as Cell.key does
+            args.append(f"--storage {','.join(self.storage)}")
         return "crashlab matrix " + " ".join(args)
 
     @classmethod
@@ -316,6 +332,7 @@ MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
     "seed": _int_in("seed", None, None),
     "scale": _int_in("scale", 1, None),
     "strategy": _strategy,
+    "storage": lambda v: _items("storage", v, _name),
 }
 
 

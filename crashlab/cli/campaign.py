@@ -184,7 +184,7 @@ def _progress_lines(cells: int, every_s: float = 15.0) -> Callable[[campaign.Pro
 
 def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Matrix:
     overrides: dict[str, Any] = {}
-    for key in ("fs", "cache", "barrier", "recorder", "workload", "window"):
+    for key in ("fs", "cache", "barrier", "recorder", "workload", "window", "storage"):
         if (v := _csv(options.get(key))) is not None:
             overrides[key] = v
     if (v := _csv(options.get("torn"))) is not None:
@@ -208,6 +208,8 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 @click.option("--barrier", help="on, off or on,off [default: on,off].")
 @click.option("--recorder", help="qemu, dm [default: qemu].")
 @click.option("--workload", help=f"Workloads [default: {','.join(campaign.DEFAULT_WORKLOADS)}].")
+@click.option("--storage", help="local, nbd or local,nbd: the guest's disk a local file, or an NBD export "
+                                "logged on its server [default: local].")
 @_common
 def matrix_command(config_file: Path | None, workers: int | None, unit_states: int, host_mount: bool,
                    quiet: bool, store_path: Path, **options: Any) -> None:
@@ -228,11 +230,13 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
 @click.option("--barrier", default="on", show_default=True)
 @click.option("--recorder", default="qemu", show_default=True)
 @click.option("--workload", default="smallfiles", show_default=True)
+@click.option("--storage", default="local", show_default=True,
+              help="local, or nbd: the disk an NBD export of a storage server in a network namespace.")
 @_common
 def run_command(workers: int | None, unit_states: int, host_mount: bool, quiet: bool, store_path: Path,
                 **options: Any) -> None:
     """Run (or resume) one configuration."""
-    for key in ("fs", "cache", "barrier", "recorder", "workload"):
+    for key in ("fs", "cache", "barrier", "recorder", "workload", "storage"):
         if "," in options[key]:
             raise CrashlabError(f"--{key}: one value for `run`; use `crashlab matrix` for several")
     _run(_matrix_from(options, campaign.Matrix()), store_path, workers, unit_states, host_mount, quiet)
