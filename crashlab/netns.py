@@ -183,6 +183,7 @@ def load_bpf(program: bytes, name: str) -> int:
 
 
 CLSACT_INGRESS, CLSACT_EGRESS = "ffff:fff2", "ffff:fff3"
+TC_H_ROOT = 0xFFFFFFFF
 
 
 class Namespace:
@@ -271,8 +272,10 @@ class Namespace:
         assert p is not None
 
         def apply(ipr: Any, idx: int) -> None:
-            with contextlib.suppress(NetlinkError):
-                ipr.tc("del", index=idx)
+            # A root qdisc is deleted by its handle, as the kernel listed it.
+            for q in ipr.get_qdiscs(idx):
+                if q["parent"] == TC_H_ROOT and q.get("TCA_KIND") == "tbf":
+                    ipr.tc("del", index=idx, handle=q["handle"], parent=TC_H_ROOT)
             if rate is not None:
                 ipr.tc("add", "tbf", idx, rate=rate, burst=burst, latency=f"{latency_ms}ms")
 
