@@ -29,7 +29,9 @@ import errno
 import hashlib
 import ipaddress
 import itertools
+import json
 import os
+import signal
 import struct
 import time
 from collections.abc import Callable, Collection
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError, NetNS, netns  # type: ignore[import-untyped]
+from pyroute2 import IPRoute, NetlinkError, netns  # type: ignore[import-untyped]
 
 from crashlab import rundir
 
@@ -182,6 +184,100 @@ def load_bpf(program: bytes, name: str) -> int:
     return fd
 
 
+# --- inside the namespace, without pyroute2's own fork ------------------------------------------------
+# pyroute2 reaches into a namespace (NetNS, netns.create) from a forked child that, on a signal, can
+# unwind through the parent's copied stack: in a campaign worker, SIGTERM's SystemExit there ran the
+# worker's cleanup handlers and removed its recording directory. These children run one function
+# and always leave by os._exit.
+
+def _child_exit(run: Callable[[], bytes], w: int) -> None:
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            out = b"0" + run()
+        except BaseException as e:  # to the parent, whatever it was
+            out = b"1" + f"{type(e).__name__}: {e}".encode()
+        os.write(w, out)
+    finally:
+        os._exit(0)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def inside(name: str, fn: Callable[[Plan], Any], the_plan: Plan) -> Any:
+    """`fn(plan)` run in a forked child that has joined namespace `name`; its JSON-able result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        def run() -> bytes:
+            _setns(name)
+            return json.dumps(fn(the_plan)).encode()
+        _child_exit(run, w)
+    os.close(w)
+    try:
+        out = _read_all(r)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    if not out or out[:1] != b"0":
+        raise NetnsError(f"in namespace {name}: {out[1:].decode(errors='replace') or 'the child died'}")
+    return json.loads(out[1:])
+
+
+def _create(name: str) -> None:
+    """A named namespace: a child unshares its network, pyroute2 binds it under /run/netns."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.close(go_w)
+
+        def unshare() -> bytes:
+            if _libc.unshare(_CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+            os.write(w, b"ready")  # then wait until the parent has bound our namespace
+            os.read(go_r, 1)
+            return b""
+        _child_exit(unshare, w)
+    os.close(w)
+    os.close(go_r)
+    try:
+        ready = os.read(r, 5)
+        if ready != b"ready":
+            raise NetnsError(f"cannot create namespace {name}: {_read_all(r)[1:].decode(errors='replace')}")
+        netns.attach(name, pid)
+    finally:
+        os.close(go_w)
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+def _setns(name: str) -> None:
+    fd = os.open(f"{NETNS_DIR}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syscall(_SYS_SETNS, fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+    finally:
+        os.close(fd)
+
+
+def _configure_inside(p: Plan) -> None:
+    with IPRoute() as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        peer = ns.link_lookup(ifname=p.ns_if)[0]
+        ns.addr("add", index=peer, address=p.ns_addr, prefixlen=PREFIXLEN)
+        ns.link("set", index=peer, state="up")
+        ns.route("add", dst="default", gateway=p.host_addr)
+
+
 CLSACT_INGRESS, CLSACT_EGRESS = "ffff:fff2", "ffff:fff3"
 TC_H_ROOT = 0xFFFFFFFF
 
@@ -210,20 +306,14 @@ class Namespace:
             self.plan = self.plan or plan(rundir.owner_tag(), next(_counter), host_networks(ipr))
             p = self.plan
             try:
-                netns.create(p.name)
+                _create(p.name)
                 self.created = True
                 ipr.link("add", ifname=p.host_if, kind="veth", peer={"ifname": p.ns_if, "net_ns_fd": p.name})
                 idx = self._host_index(ipr)
                 ipr.addr("add", index=idx, address=p.host_addr, prefixlen=PREFIXLEN)
                 ipr.link("set", index=idx, state="up")
-                with NetNS(p.name) as ns:
-                    lo = ns.link_lookup(ifname="lo")[0]
-                    ns.link("set", index=lo, state="up")
-                    peer = ns.link_lookup(ifname=p.ns_if)[0]
-                    ns.addr("add", index=peer, address=p.ns_addr, prefixlen=PREFIXLEN)
-                    ns.link("set", index=peer, state="up")
-                    ns.route("add", dst="default", gateway=p.host_addr)
-            except (NetlinkError, OSError) as e:
+                inside(p.name, _configure_inside, p)
+            except (NetlinkError, OSError, NetnsError) as e:
                 self.close()
                 raise NetnsError(f"cannot set up network namespace {p.name}: {_why(e)}") from e
         return self
@@ -244,12 +334,7 @@ class Namespace:
 
     def enter(self) -> None:
         """For preexec_fn: move the child into this namespace (setns(2); no `ip netns exec`)."""
-        fd = os.open(f"{NETNS_DIR}/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.syscall(_SYS_SETNS, fd, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {self.name} failed")
-        finally:
-            os.close(fd)
+        _setns(self.name)
 
     def preexec(self, then: Callable[[], None]) -> Callable[[], None]:
         def hook() -> None:
@@ -281,8 +366,11 @@ class Namespace:
 
         with IPRoute() as ipr:
             self._netlink(lambda: apply(ipr, self._host_index(ipr)), f"rate {rate}")
-        with NetNS(p.name) as ns:
-            self._netlink(lambda: apply(ns, ns.link_lookup(ifname=p.ns_if)[0]), f"rate {rate}")
+        def apply_inside(plan: Plan) -> None:
+            with IPRoute() as ns:
+                apply(ns, ns.link_lookup(ifname=plan.ns_if)[0])
+
+        inside(p.name, apply_inside, p)
         self.shaping["rate"] = rate
 
     def set_loss(self, fraction: float) -> None:
@@ -338,11 +426,13 @@ class Namespace:
 
         with IPRoute() as ipr:
             host = side(ipr, p.host_if)
-        with NetNS(p.name) as ns:
-            inside = side(ns, p.ns_if)
-            routes = [(r.get("RTA_DST") or "default", r.get("RTA_GATEWAY")) for r in ns.get_routes(family=2)
-                      if r.get("RTA_TABLE") == 254]
-        return {"name": p.name, "host": host, "ns": inside, "routes": routes, "shaping": dict(self.shaping)}
+        def read_inside(plan: Plan) -> dict[str, Any]:
+            with IPRoute() as ns:
+                routes = [(r.get("RTA_DST") or "default", r.get("RTA_GATEWAY"))
+                          for r in ns.get_routes(family=2) if r.get("RTA_TABLE") == 254]
+                return {"ns": side(ns, plan.ns_if), "routes": routes}
+
+        return {"name": p.name, "host": host, **inside(p.name, read_inside, p), "shaping": dict(self.shaping)}
 
     def _host_index(self, ipr: IPRoute) -> int:
         assert self.plan is not None
