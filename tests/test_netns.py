@@ -201,3 +201,18 @@ def test_a_storage_server_logs_a_clients_writes_over_nbd(tmp_path: Path) -> None
     assert [(w.sector * 512, w.nr_sectors * 512) for w in writes] == [(4096, 8192)]
     assert any(e.is_flush for e in entries[entries.index(writes[0]):])
     assert image.read_bytes()[4096:4096 + 8192] == b"\x5a" * 8192
+
+
+def test_reports_gain_a_storage_column_only_when_a_cell_uses_nbd() -> None:
+    from collections import Counter
+
+    from crashlab import report
+    from crashlab.check.outcome import Outcome
+
+    local = report.CellResult(Cell().key, Cell().config(), Counter({Outcome.CONSISTENT: 3}))
+    remote = Cell.parse({"storage": "nbd"})
+    served = report.CellResult(remote.key, remote.config(), Counter({Outcome.DATA_LOSS: 1}))
+    assert "storage" not in report.markdown([local]).splitlines()[0]
+    head, _, row_local, row_nbd = report.markdown([local, served]).splitlines()[:4]
+    assert "| storage |" in head and "| local |" in row_local and "| nbd |" in row_nbd
+    assert [r["storage"] for r in report.table_rows([local, served])] == ["local", "nbd"]
