@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections import Counter
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from crashlab import logformat, netns
+from crashlab import logformat, netns, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import Cell, Matrix
+from crashlab.check.outcome import Outcome
 from crashlab.guest.machine import Drive, NbdClient, drive_args
 from crashlab.nbd import Export, StorageServer, server_argv
 from crashlab.netfaults import Fault
@@ -204,11 +206,6 @@ def test_a_storage_server_logs_a_clients_writes_over_nbd(tmp_path: Path) -> None
 
 
 def test_reports_gain_a_storage_column_only_when_a_cell_uses_nbd() -> None:
-    from collections import Counter
-
-    from crashlab import report
-    from crashlab.check.outcome import Outcome
-
     local = report.CellResult(Cell().key, Cell().config(), Counter({Outcome.CONSISTENT: 3}))
     remote = Cell.parse({"storage": "nbd"})
     served = report.CellResult(remote.key, remote.config(), Counter({Outcome.DATA_LOSS: 1}))
