@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections import Counter
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
