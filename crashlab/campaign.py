@@ -11,9 +11,11 @@ same command skips every state already stored.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import tempfile
@@ -23,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import crashlab
 from crashlab import crashstates, logformat, model, nbd, recorders, rundir, signals
@@ -31,9 +33,12 @@ from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.check.tools import tool_versions
+from crashlab.diskmodels import AIO_MODES, DEFAULT_AIO, DEFAULT_DISK, DETECT_ZEROES, DISCARD
 from crashlab.filesystems import FILESYSTEMS
+from crashlab.guest.machine import find_qemu
+from crashlab.guest.provision import ProvisionError, file_identity
 from crashlab.oracle import load_promises
-from crashlab.record import GuestOutputs, RecordConfig, record, tool_version
+from crashlab.record import OPTIONAL_FIELDS, GuestOutputs, RecordConfig, record, tool_version
 from crashlab.recorders import Recorder
 from crashlab.store import Store
 from crashlab.workload import available
@@ -68,6 +73,30 @@ def parse_barrier(value: str | bool) -> bool:
         raise CampaignError(f"barrier must be on or off, not {value!r}") from None
 
 
+# Cell fields added after the store existed, with their defaults: left out of keys, slugs and
+# store rows at those defaults, so every earlier cell keeps them byte for byte.
+CELL_OPTIONAL = OPTIONAL_FIELDS
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's content, first 16 hex digits; "missing" when it cannot be read (the
+    cell's validation says why)."""
+    try:
+        return _digest(json.dumps(file_identity(Path(path).resolve()), sort_keys=True))
+    except OSError:
+        return "missing"
+
+
+@functools.cache
+def _digest(identity: str) -> str:
+    # Keyed by path, size and mtime: a 10 MB kernel is hashed once per process, not per key.
+    h = hashlib.sha256()
+    with open(json.loads(identity)["path"], "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Cell:
     """One configuration, typed; `parse` makes one from names (a store row, TOML, a command line)."""
@@ -83,18 +112,41 @@ class Cell:
     seed: int = 1
     scale: int = 1
     strategy: str = "random"
-    storage: str = "local"  # crashlab.nbd.STORAGES; left out of keys and slugs when local
+    storage: str = "local"  # crashlab.nbd.STORAGES: a local file, or an NBD export logged on its server
+    # The data disk (crashlab.diskmodels) and what the user ships: their kernel (an image and its
+    # lib/modules/VERSION) and QEMU binary; "" = crashlab's Debian kernel, the QEMU on PATH.
+    disk: str = DEFAULT_DISK
+    aio: str = DEFAULT_AIO
+    discard: str = DISCARD[0]
+    detect_zeroes: str = DETECT_ZEROES[0]
+    kernel: str = ""
+    modules: str = ""
+    qemu: str = ""
+
+    OPTIONAL: ClassVar[Mapping[str, str]] = CELL_OPTIONAL
+    # A path names a file, not what it holds: a rebuilt kernel or QEMU at the same path is another
+    # cell, so the key carries the content digest beside the path.
+    DIGESTED = ("kernel", "qemu")
 
     def stored(self) -> dict[str, Any]:
         """The fields as the store, keys and slugs have always spelled them: names for the cache mode
-        and the recorder, on/off for the barrier; an axis added later only when it is not at its
-        default, so every cell that existed before keeps its key, slug and row."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in OMITTED_AT_DEFAULT:
-            if d[name] == getattr(_DEFAULT_CELL, name):
-                del d[name]
+        and the recorder, on/off for the barrier; the optional fields only when set, a user's
+        kernel and QEMU with their content digests."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if self.OPTIONAL.get(f.name, object()) != getattr(self, f.name)}
+        for name in self.DIGESTED:
+            if name in d:
+                d[f"{name}_sha256"] = file_digest(self.qemu_binary if name == "qemu" else self.kernel)
         return {**d, "cache": self.cache.name, "barrier": barrier_name(self.barrier),
                 "recorder": self.recorder.value}
+
+    @property
+    def qemu_binary(self) -> str:
+        """The QEMU this cell boots, resolved as the guest layer resolves it (a name on PATH too)."""
+        try:
+            return find_qemu(self.qemu or None)
+        except ProvisionError as e:
+            raise CampaignError(f"--qemu {self.qemu}: {e}") from None
 
     @classmethod
     def parse(cls, values: Mapping[str, Any], base: Cell | None = None) -> Cell:
@@ -123,14 +175,16 @@ class Cell:
         """Canonical and stable: the store's name for this cell."""
         return " ".join(f"{k}={v}" for k, v in self.stored().items())
 
-    RECORDED = ("fs", "cache", "barrier", "recorder", "workload", "data_mode", "seed", "scale", "storage")
+    RECORDED = ("fs", "cache", "barrier", "recorder", "workload", "data_mode", "seed", "scale")
 
     @property
     def recording_slug(self) -> str:
         """Names the recording: only what the guest run depends on, so cells that differ in the
         crash model alone (window, torn writes, strategy) share one log."""
         stored = self.stored()
-        recorded = " ".join(f"{k}={stored[k]}" for k in self.RECORDED if k in stored)
+        recorded = " ".join(f"{k}={stored[k]}" for k in self.RECORDED)
+        recorded += "".join(f" {k}={v}" for k, v in stored.items()
+                            if k in self.OPTIONAL or k.endswith("_sha256"))
         return hashlib.sha256(recorded.encode()).hexdigest()[:16]
 
     def config(self) -> dict[str, Any]:
@@ -156,7 +210,10 @@ class Cell:
                  f"torn={self.torn}" if self.torn else "",
                  f"recorder={self.recorder.value}" if self.recorder is not Recorder.QEMU else "",
                  f"strategy={self.strategy}" if self.strategy != "random" else "",
-                 f"storage={self.storage}" if self.storage != "local" else ""]
+                 *(f"{k}={getattr(self, k)}" for k in ("storage", "disk", "aio", "discard", "detect_zeroes")
+                   if getattr(self, k) != self.OPTIONAL[k]),
+                 f"kernel={Path(self.kernel).name}" if self.kernel else "",
+                 f"qemu={Path(self.qemu).name}" if self.qemu else ""]
         return " ".join([self.fs, f"cache={self.cache.name}", f"barrier={barrier_name(self.barrier)}",
                          self.workload, *filter(None, extra)])
 
@@ -168,7 +225,9 @@ class Cell:
 
         return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier,
                             data_mode=self.data_mode, recorder=self.recorder, workload=self.workload,
-                            seed=self.seed, scale=self.scale, storage=self.storage)
+                            seed=self.seed, scale=self.scale, storage=self.storage, disk=self.disk,
+                            aio=self.aio, discard=self.discard, detect_zeroes=self.detect_zeroes,
+                            kernel=self.kernel, modules=self.modules, qemu=self.qemu)
 
     def validate(self) -> Cell:
         try:
@@ -176,6 +235,13 @@ class Cell:
             self.model_config()
         except ValueError as e:
             raise CampaignError(f"cell {self.key}: {e}") from None
+        if self.kernel and not Path(self.kernel).is_file():
+            raise CampaignError(f"--kernel {self.kernel}: no such kernel image")
+        if self.modules and not (Path(self.modules) / "modules.dep").is_file():
+            raise CampaignError(f"--modules {self.modules}: no modules.dep (run depmod, or point at "
+                                "lib/modules/VERSION)")
+        if self.qemu:
+            self.qemu_binary  # noqa: B018 (the lookup is the check)
         if self.strategy not in crashstates.STRATEGIES:
             raise CampaignError(f"unknown strategy {self.strategy!r}; "
                                 f"valid: {', '.join(crashstates.STRATEGIES)}")
@@ -183,10 +249,6 @@ class Cell:
         if self.workload not in available():
             raise CampaignError(f"unknown workload {self.workload!r}; available: {', '.join(available())}")
         return self
-
-
-_DEFAULT_CELL = Cell()
-OMITTED_AT_DEFAULT = ("storage",)  # Cell fields added after stores existed (Cell.stored)
 
 
 @dataclass(frozen=True)
@@ -204,38 +266,58 @@ class Matrix:
     seed: int = 1
     scale: int = 1
     strategy: str = "random"
-    storage: tuple[str, ...] = ("local",)
+    storage: tuple[str, ...] = (CELL_OPTIONAL["storage"],)
+    disk: tuple[str, ...] = (DEFAULT_DISK,)
+    aio: tuple[str, ...] = (DEFAULT_AIO,)
+    discard: str = DISCARD[0]
+    detect_zeroes: str = DETECT_ZEROES[0]
+    kernel: str = ""
+    modules: str = ""
+    qemu: str = ""
 
     def cells(self) -> list[Cell]:
         """The matrix's cells, its names parsed (CampaignError says what is valid)."""
         out = []
+        skipped = ""
         for fs in self.fs:
             for barrier in map(parse_barrier, self.barrier):
                 known = FILESYSTEMS.get(fs)  # an unknown one is reported by Cell.validate
                 if known is not None and not barrier and known.barrier_off is None:
+                    skipped = skipped or f"{fs} has no barrier=off: {known.no_barrier_off}"
                     continue  # there is no such configuration (XFS removed nobarrier in 4.19)
                 for cache in self.cache:
-                    for rec in self.recorder:
-                        for wl in self.workload:
-                            for window in self.window:
-                                for torn in self.torn:
-                                    for where in self.storage:
-                                        out.append(Cell.parse(dict(
-                                            fs=fs, cache=cache, barrier=barrier, recorder=rec, workload=wl,
-                                            window=window, torn=torn, seed=self.seed, scale=self.scale,
-                                            strategy=self.strategy, storage=where)).validate())
+                    for aio in self.aio:
+                        mode, engine = CACHE_MODES.get(cache), AIO_MODES.get(aio)
+                        if mode and engine and engine.needs_direct and not mode.direct:
+                            # QEMU refuses aio=native without O_DIRECT: no such configuration.
+                            skipped = skipped or f"aio={aio} needs host O_DIRECT (cache=none or directsync)"
+                            continue
+                        for disk in self.disk:
+                            out += self._cells(fs, barrier, cache, disk, aio)
         if not out:
-            raise CampaignError("the matrix is empty")
+            raise CampaignError(f"the matrix is empty{f': {skipped}' if skipped else ''}")
         return out
+
+    def _cells(self, fs: str, barrier: bool, cache: str, disk: str, aio: str) -> list[Cell]:
+        drive = {k: getattr(self, k) for k in ("discard", "detect_zeroes", "kernel", "modules", "qemu")}
+        return [Cell.parse(dict(fs=fs, cache=cache, barrier=barrier, recorder=rec, workload=wl, window=window,
+                                torn=torn, seed=self.seed, scale=self.scale, strategy=self.strategy,
+                                storage=where, disk=disk, aio=aio, **drive)).validate()
+                for rec in self.recorder for wl in self.workload for window in self.window
+                for torn in self.torn for where in self.storage]
 
     def command(self) -> str:
         """The `crashlab matrix` command that runs exactly this matrix, every default spelled out, so
-        a report's reader can rerun it whatever later versions choose as defaults."""
+        a report's reader can rerun it whatever later versions choose as defaults (the storage and
+        disk options, added later, only when set, so earlier runs' commands read as they always did)."""
         lists = ("fs", "cache", "barrier", "recorder", "workload", "window", "torn")
         args = [f"--{k} {','.join(str(v) for v in getattr(self, k))}" for k in lists]
         args += [f"--{k} {getattr(self, k)}" for k in ("states", "seed", "scale", "strategy")]
-        if self.storage != ("local",):  # a newer axis: spelled out only when used, as Cell.key does
-            args.append(f"--storage {','.join(self.storage)}")
+        args += [f"--{k} {','.join(getattr(self, k))}" for k in ("storage", "disk", "aio")
+                 if getattr(self, k) != (CELL_OPTIONAL[k],)]
+        args += [f"--{k.replace('_', '-')} {shlex.quote(getattr(self, k))}"
+                 for k in ("discard", "detect_zeroes", "kernel", "modules", "qemu")
+                 if getattr(self, k) != CELL_OPTIONAL[k]]
         return "crashlab matrix " + " ".join(args)
 
     @classmethod
@@ -312,6 +394,12 @@ def _int_in(key: str, lo: int | None, hi: int | None) -> Callable[[object], int]
     return check
 
 
+def _text(key: str, v: object) -> str:
+    if not isinstance(v, str):
+        raise _BadValue(f"{key} must be a string, not {v!r}")
+    return v
+
+
 def _strategy(v: object) -> str:
     if not isinstance(v, str):
         raise _BadValue(f"strategy must be a string, not {v!r}")
@@ -333,6 +421,13 @@ MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
     "scale": _int_in("scale", 1, None),
     "strategy": _strategy,
     "storage": lambda v: _items("storage", v, _name),
+    "disk": lambda v: _items("disk", v, _name),
+    "aio": lambda v: _items("aio", v, _name),
+    "discard": lambda v: _text("discard", v),
+    "detect_zeroes": lambda v: _text("detect_zeroes", v),
+    "kernel": lambda v: _text("kernel", v),
+    "modules": lambda v: _text("modules", v),
+    "qemu": lambda v: _text("qemu", v),
 }
 
 

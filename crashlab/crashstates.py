@@ -9,9 +9,11 @@ of them tore). Its id names all of that in a short printable string:
 with optional fields `-b<base32 name>` (baseline other than `workload-start`; a bare `-b` = none) and
 `-t512`/`-t4096` (torn writes) before `-e`. The selection is `a` (every volatile op persisted: the
 plain log prefix), `n` (none: only what is durable), `x<hex>` (explicit bitmask over the crash
-point's volatile ops, bit k = k-th in log order) or `r<16 hex>` (a 64-bit seed that draws the subset
-and the tears with a fixed algorithm, so long subsets need not be spelled out). The id names the
-log by a SHA-256 prefix of its bytes and is refused against any other log.
+point's volatile ops, bit k = k-th in log order), `r<16 hex>` (a 64-bit seed that draws the subset
+and the tears with a fixed algorithm, so long subsets need not be spelled out) or `o<k>.<s>.<c>`
+(hex; writeback order: the host flusher swept the pages the first k volatile ops dirtied in offset
+order, starting at the s-th of them, and wrote c before the crash). The id names the log by a
+SHA-256 prefix of its bytes and is refused against any other log.
 
 Building never re-replays from entry 0 per state: a base image on tmpfs is advanced through the
 log to each state's `stable` point (sort states by it and the base only moves forward), and each
@@ -35,13 +37,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crashlab import logformat, model, rundir
+from crashlab import logformat, model, recorders, rundir
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.logformat import LogReader
 from crashlab.model import Config, CrashPoint, LogModel
 
 DIGEST_CHARS = 10
-STRATEGIES = ("random", "epochs", "exhaustive", "prefix", "marks")
+STRATEGIES = ("random", "epochs", "exhaustive", "prefix", "marks", "writeback-order")
+PAGE = 4096  # the host page cache's unit of writeback (DESIGN.md, "What the host writes back")
 EXHAUSTIVE_MAX_VOLATILE = 10  # 2**10 subsets per crash point at most
 _TORN_SALT = 0x746F726E  # keeps the tear draws independent of the subset draw
 TEAR_PROBABILITY = 0.25
@@ -85,7 +88,8 @@ class CrashState:
 
     @property
     def id(self) -> str:
-        parts = [self.digest, self.cfg.recorder, self.cfg.cache.name, f"w{_fmt_window(self.cfg.window_s)}"]
+        parts = [self.digest, self.cfg.recorder.token, self.cfg.cache.name,
+                 f"w{_fmt_window(self.cfg.window_s)}"]
         if self.cfg.baseline != model.DEFAULT_BASELINE:
             name = self.cfg.baseline
             parts.append("b" + (base64.b32encode(name.encode()).decode().rstrip("=").lower() if name else ""))
@@ -98,7 +102,7 @@ class CrashState:
         return self.id
 
 
-_SEL = re.compile(r"a|n|x[0-9a-f]+|r[0-9a-f]{1,16}")
+_SEL = re.compile(r"a|n|x[0-9a-f]+|r[0-9a-f]{1,16}|o[0-9a-f]{1,12}\.[0-9a-f]{1,12}\.[0-9a-f]{1,12}")
 # ASCII digits only (str.isdigit takes "²", int() then fails) and few enough for int() to take.
 _NUMBER = re.compile(r"[0-9]{1,18}")
 
@@ -132,7 +136,7 @@ def parse_id(text: str) -> CrashState:
             or not _SEL.fullmatch(sel):
         raise CrashStateError(f"{bad}: expected DIGEST-RECORDER-CACHE-wWINDOW[-bBASE][-tUNIT]-eEND-SEL")
     try:
-        cfg = model.config(rec, cache, window, baseline, torn)
+        cfg = model.config(recorders.BY_TOKEN.get(rec, rec), cache, window, baseline, torn)
     except ValueError as e:
         raise CrashStateError(f"{bad}: {e}") from None
     return CrashState(digest, cfg, int(end_s[1:]), sel)
@@ -147,6 +151,8 @@ class Resolved:
     cp: CrashPoint
     chosen: tuple[int, ...]  # volatile ops that persisted
     tears: dict[int, int] = field(default_factory=dict)  # op -> bitmask of its atomic units kept
+    # op -> the byte ranges of it that persisted, when whole pages of it did (writeback order)
+    clip: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     def ops(self) -> list[tuple[int, int | None]]:
         """(entry index, unit mask or None for whole) for every op in [stable, end) to apply."""
@@ -171,9 +177,54 @@ def resolve(m: LogModel, state: CrashState) -> Resolved:
             raise CrashStateError(f"crash state {state.id}: selects op {bits.bit_length() - 1} of only "
                                   f"{len(vol)} volatile ops")
         chosen = tuple(v for k, v in enumerate(vol) if bits >> k & 1)
+    elif sel[0] == "o":
+        k, start, count = (int(f, 16) for f in sel[1:].split("."))
+        pages = dirty_pages(m, vol[:k]) if k <= len(vol) else []
+        if k > len(vol) or (start >= len(pages) and start) or count > len(pages):
+            raise CrashStateError(f"crash state {state.id}: a sweep of {count} pages from page {start} "
+                                  f"of the first {k} volatile ops, but this crash point has {len(vol)} "
+                                  f"volatile ops dirtying {len(pages)} pages")
+        chosen, clip = _sweep(m, vol[:k], pages, start, count)
+        return Resolved(cp, chosen, {}, clip)
     else:
         chosen, tears = _draw(m, vol, int(sel[1:], 16))
     return Resolved(cp, chosen, tears)
+
+
+def dirty_pages(m: LogModel, ops: Sequence[int]) -> list[int]:
+    """The host pages (PAGE-sized, by index in the image) that `ops` dirty, in offset order."""
+    pages: set[int] = set()
+    for i in ops:
+        e = m.entries[i]
+        pages.update(range(e.offset // PAGE, (e.offset + e.length - 1) // PAGE + 1))
+    return sorted(pages)
+
+
+def _sweep(m: LogModel, ops: Sequence[int], pages: Sequence[int], start: int, count: int
+           ) -> tuple[tuple[int, ...], dict[int, tuple[tuple[int, int], ...]]]:
+    """What one flusher sweep persisted: `count` pages of `pages` in offset order from the
+    `start`-th, wrapping (range_cyclic writeback resumes where the last sweep stopped), each with
+    its content as of the last of `ops`; the ops that reach those pages, and their pieces there."""
+    written = set((list(pages[start:]) + list(pages[:start]))[:count])
+    chosen: list[int] = []
+    clip: dict[int, tuple[tuple[int, int], ...]] = {}
+    for i in ops:
+        e = m.entries[i]
+        first, last = e.offset // PAGE, (e.offset + e.length - 1) // PAGE
+        hit = [p for p in range(first, last + 1) if p in written]
+        if not hit:
+            continue
+        chosen.append(i)
+        if len(hit) < last - first + 1:
+            pieces = [(max(e.offset, p * PAGE), min(e.offset + e.length, (p + 1) * PAGE)) for p in hit]
+            merged: list[tuple[int, int]] = []
+            for a, b in pieces:  # adjacent pages as one range
+                if merged and merged[-1][1] == a:
+                    merged[-1] = (merged[-1][0], b)
+                else:
+                    merged.append((a, b))
+            clip[i] = tuple((a, b - a) for a, b in merged)
+    return tuple(chosen), clip
 
 
 def _draw(m: LogModel, vol: Sequence[int], seed: int) -> tuple[tuple[int, ...], dict[int, int]]:
@@ -197,15 +248,16 @@ def image_key(m: LogModel, r: Resolved) -> tuple[object, ...]:
     or metadata block). Different keys may still give equal bytes by coincidence of contents."""
     ops = r.ops()
     seen: set[tuple[int, int]] = set()
-    visible = []
+    visible: list[tuple[int, object]] = []
     for i, mask in reversed(ops):
         e = m.entries[i]
         rng = (e.offset, e.length)
         if rng in seen:
             continue
-        if mask is None:
+        part = r.clip.get(i)
+        if mask is None and part is None:
             seen.add(rng)
-        visible.append((i, mask))
+        visible.append((i, mask if part is None else part))
     # The applied set is every op before `stable`, then `visible`; move the split point past the
     # leading whole ops so states with different `stable` but the same applied set compare equal.
     visible.reverse()
@@ -252,6 +304,10 @@ def generate(m: LogModel, digest: str, count: int, seed: int, strategy: str = "r
     exhaustive: every subset at each crash point of epochs with at most `max_volatile` volatile ops.
     prefix: the log prefix at distinct random points (replay-log / dm-flakey). marks: at every native
     mark and non-tick in-band marker, the worst case (nothing volatile) and the prefix.
+    writeback-order: crash points uniform over entries, then what the host flusher persists instead
+    of an independent subset (DESIGN.md, "What the host writes back"): a snapshot after the first k
+    volatile ops, and one offset-order sweep over the pages they dirtied, from a drawn page, cut
+    after a drawn number of pages.
     """
     if strategy not in STRATEGIES:
         raise CrashStateError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
@@ -287,6 +343,17 @@ def generate(m: LogModel, digest: str, count: int, seed: int, strategy: str = "r
             if len(camp.states) >= count:
                 break
             offer(end, "a")
+    elif strategy == "writeback-order":
+        for _ in range(count * 4 + 16):
+            if len(camp.states) >= count:
+                break
+            end = rng.choice(points)
+            vol = m.crash(end).volatile
+            k = rng.randint(0, len(vol))
+            npages = len(dirty_pages(m, vol[:k]))
+            # Half the sweeps start at the lowest page: a sync or an expiry pass over a clean index.
+            start = rng.randrange(npages) if npages and rng.random() < 0.5 else 0
+            offer(end, f"o{k:x}.{start:x}.{rng.randint(0, npages):x}")
     elif strategy == "marks":
         for e in m.entries[m.lo:]:
             if len(camp.states) >= count:
@@ -417,12 +484,13 @@ class Materializer:
             logformat.apply(self.reader, e, self._fd)
         self._at = stable
 
-    def _apply(self, fd: int, ops: list[tuple[int, int | None]],
-               undo: list[tuple[int, bytes]] | None) -> None:
+    def _apply(self, fd: int, r: Resolved, undo: list[tuple[int, bytes]] | None) -> None:
         entries = self.reader.index()
-        for i, mask in ops:
+        for i, mask in r.ops():
             e = entries[i]
-            if mask is None:
+            if i in r.clip:
+                pieces = list(r.clip[i])
+            elif mask is None:
                 pieces = [(e.offset, e.length)]
             else:
                 units = self.model.units(i)
@@ -448,7 +516,7 @@ class Materializer:
             try:
                 os.fchmod(fd, 0o644)
                 sparse_copy(self.base, tmp)
-                self._apply(fd, r.ops(), None)
+                self._apply(fd, r, None)
                 os.replace(tmp, dest)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -467,7 +535,7 @@ class Materializer:
         undo: list[tuple[int, bytes]] = []
         try:
             with _writing(f"the base image {self.base}"):
-                self._apply(self._fd, r.ops(), undo)
+                self._apply(self._fd, r, undo)
             yield self.base
         finally:
             for off, old in reversed(undo):

@@ -147,6 +147,9 @@ FILESYSTEMS: dict[str, Filesystem] = {
 }
 
 
+# What crashlab.check.userspace can read with no mount (libext2fs through debugfs).
+USERSPACE_READABLE = frozenset(n for n, fs in FILESYSTEMS.items() if fs.replay is E2FSCK_REPLAY)
+
 # Every `data=` mode some filesystem has (command-line choices).
 DATA_MODES = tuple(dict.fromkeys(m for fs in FILESYSTEMS.values() for m in fs.data_modes))
 

@@ -27,7 +27,15 @@ from typing import Any
 
 from crashlab import logformat, report, stats
 from crashlab.cachemodes import CACHE_MODES
-from crashlab.campaign import CampaignError, Cell, Progress, barrier_name, generate_states, run_matrix
+from crashlab.campaign import (
+    CELL_OPTIONAL,
+    CampaignError,
+    Cell,
+    Progress,
+    barrier_name,
+    generate_states,
+    run_matrix,
+)
 from crashlab.check.describe import describe_failure
 from crashlab.check.outcome import Outcome
 from crashlab.store import StateRow, Store
@@ -115,8 +123,11 @@ class CellCheck:
 
 
 def names(cell: Cell) -> str:
-    """What the gate varies, as a reader types it: `ext4 cache=none barrier=on`."""
-    return f"{cell.fs} cache={cell.cache.name} barrier={barrier_name(cell.barrier)}"
+    """What the gate varies, as a reader types it: `ext4 cache=none barrier=on`, and the disk,
+    kernel and QEMU when they are not the defaults (a --before/--after pair may differ only there)."""
+    extra = "".join(f" {k}={getattr(cell, k)}" for k, default in CELL_OPTIONAL.items()
+                    if getattr(cell, k) != default and k != "modules")
+    return f"{cell.fs} cache={cell.cache.name} barrier={barrier_name(cell.barrier)}{extra}"
 
 
 def rate_text(r: stats.Rate) -> str:
@@ -179,6 +190,21 @@ def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None,
     note = "" if sensitivity is not None else " (sensitivity check skipped)"
     return Decision(EXIT_PASS, f"PASS: no crash state of the proposed policy was corrupt or lost fsynced "
                     f"data; {rate_text(pooled(policy))}, below the max rate {percent(max_rate)}{note}", lines)
+
+
+def compare(before: Sequence[CellCheck], after: Sequence[CellCheck]) -> list[str]:
+    """A proposed change, cell by cell (one per filesystem, in the same order): both failure rates
+    and Fisher's exact two-sided p that they differ, Holm-adjusted when there are several cells."""
+    pvalues = [stats.fisher_exact(b.failed.k, b.failed.n - b.failed.k, a.failed.k, a.failed.n - a.failed.k)
+               for b, a in zip(before, after, strict=True)]
+    adjusted = stats.holm(pvalues) if len(pvalues) > 1 else pvalues
+    lines = []
+    for b, a, p, q in zip(before, after, pvalues, adjusted, strict=True):
+        holm = f", Holm-adjusted over {len(pvalues)} cells p = {q:.4g}" if len(pvalues) > 1 else ""
+        verdict = "differ at 5 %" if q < 0.05 else "no significant difference at 5 %"
+        lines.append(f"change   {b.cell.fs}: before {b.failed.k}/{b.failed.n}, after "
+                     f"{a.failed.k}/{a.failed.n}; Fisher exact two-sided p = {p:.4g}{holm}: {verdict}")
+    return lines
 
 
 def gap(c: CellCheck) -> str:

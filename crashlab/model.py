@@ -21,7 +21,11 @@ from crashlab.cachemodes import CacheMode, cache_mode
 from crashlab.logformat import Entry, InputError
 from crashlab.recorders import LOGGING, Recorder, UnknownRecorder
 
-RECORDERS = tuple(r.value for r in LOGGING)  # the recorders whose logs the model reads
+# The recorders whose logs are taken above the host's page cache, read with the cache mode's rules;
+# host-dm's log is taken below it and has rules of its own (Config.host_side). READABLE: every log
+# the model reads.
+RECORDERS = tuple(r.value for r in LOGGING if r is not Recorder.HOST_DM)
+READABLE = tuple(r.value for r in LOGGING)
 DEFAULT_BASELINE = markers.WORKLOAD_START
 TORN_UNITS = (512, 4096)
 
@@ -39,9 +43,17 @@ class Config:
     torn: int | None = None  # atomic unit in bytes when multi-unit writes may tear, else None
 
     @property
+    def host_side(self) -> bool:
+        """The log was taken below the host's page cache (host-dm): the cache mode is already applied
+        and every FLUSH entry is one the host sent to its own disk (DESIGN.md, "host-dm")."""
+        return self.recorder is Recorder.HOST_DM
+
+    @property
     def flushes_count(self) -> bool:
-        """Whether FLUSH entries (and FUA) create durability at all: not when the host drops flushes."""
-        return not self.cache.no_flush
+        """Whether FLUSH entries (and FUA) create durability at all: not when the host drops flushes.
+        A host-dm log's flushes are the host kernel's own (fdatasync, journal commits): they count
+        under every cache mode, `unsafe` included."""
+        return self.host_side or not self.cache.no_flush
 
     @property
     def prefix_only(self) -> bool:
@@ -56,14 +68,18 @@ class Config:
         but no FLUSH entry follows it: qemu-io -t writethrough logs "w f w w f w f" for
         write, flush, write, write, write. Reading such logs with the general rule made a cache=directsync
         ext4 image fs-inconsistent (checkpoint writes dropped behind a journal-superblock update the
-        guest could only issue after they completed), which no host power loss can do."""
-        return not self.cache.write_cache
+        guest could only issue after they completed), which no host power loss can do.
+
+        A host-dm log shows the host's own flush after each such write, so the general rule reads it."""
+        return not self.cache.write_cache and not self.host_side
 
 
-def parse_window(text: str | float | None, cache: CacheMode) -> float:
-    """Seconds from `--window` ('inf', a number of seconds), or the cache mode's default."""
+def parse_window(text: str | float | None, cache: CacheMode, recorder: Recorder | None = None) -> float:
+    """Seconds from `--window` ('inf', a number of seconds), or the default: the cache mode's, and
+    for host-dm none at all (its writes are already past the page cache whose expiry the window is,
+    and the guest's tick clocks do not date the host's writeback)."""
     if text is None:
-        return cache.default_window_s
+        return math.inf if recorder is Recorder.HOST_DM else cache.default_window_s
     if isinstance(text, int | float):
         value = float(text)
     else:
@@ -86,14 +102,14 @@ def config(recorder: str | Recorder, cache: str | CacheMode, window: str | float
         raise ModelError(str(e)) from None
     if torn is not None and torn not in TORN_UNITS:
         raise ModelError(f"torn-write atomic unit {torn}: valid units: {', '.join(map(str, TORN_UNITS))}")
-    return Config(rec, mode, parse_window(window, mode), baseline or None, torn)
+    return Config(rec, mode, parse_window(window, mode, rec), baseline or None, torn)
 
 
 def recorded(run: object) -> tuple[str, str] | None:
     """(recorder, cache mode) a recording's run.json says its log was made with, or None when it
     names no log this model reads (a dm-flakey run has recorder `none`)."""
     cfg = run.get("config") if isinstance(run, dict) else None
-    if not isinstance(cfg, dict) or cfg.get("recorder") not in RECORDERS:
+    if not isinstance(cfg, dict) or cfg.get("recorder") not in READABLE:
         return None
     if not isinstance(cfg.get("cache"), str):
         raise ModelError("run.json names a recorder but no cache mode")
@@ -134,8 +150,8 @@ def reading(recorded: tuple[str, str] | None, recorder: str | None = None, cache
     contradicts run.json is refused; only `what_if` reads it otherwise. A recorder is a fact of the
     recording and never has a counterfactual."""
     rec = recorder.strip().lower() if recorder else None
-    if rec is not None and rec not in RECORDERS:
-        raise ModelError(f"unknown recorder {recorder!r}; valid recorders: {', '.join(RECORDERS)}")
+    if rec is not None and rec not in READABLE:
+        raise ModelError(f"unknown recorder {recorder!r}; valid recorders: {', '.join(READABLE)}")
     named = cache_mode(cache).name if cache else None
     asked = cache_mode(what_if).name if what_if else None
     if recorded is None:
@@ -150,6 +166,11 @@ def reading(recorded: tuple[str, str] | None, recorder: str | None = None, cache
     rrec, rcache = recorded
     if rec is not None and rec != rrec:
         raise ModelError(f"the log was recorded by {rrec} (run.json), not {rec}")
+    if rrec == Recorder.HOST_DM and ((named and named != rcache) or (asked and asked != rcache)):
+        # Below the host's page cache there is nothing left for a cache mode to change.
+        raise ModelError(f"this host-dm log was recorded under cache {rcache} (run.json): it is what the "
+                         f"host wrote back under that mode, and no other mode can be read into it "
+                         f"(record the workload again with --cache {asked or named})")
     if named and named != rcache:
         if asked is None and rrec == "qemu":
             raise ModelError(f"this qemu log was recorded under cache {rcache} (run.json) and carries that "
@@ -211,7 +232,10 @@ class LogModel:
         no earlier than the last marker before it. Their difference is a lower bound on the op's age,
         so "older than the window" is claimed only when certain (up to one marker write's latency).
         """
-        clocks = [(e.index, e.marker.clock_ns) for e in self.entries if e.marker is not None]
+        # A host-dm log holds a marker when the host wrote its page back, long after the guest
+        # stamped it: its clock bounds nothing about the writes around it there.
+        clocks = [] if self.cfg.host_side else [
+            (e.index, e.marker.clock_ns) for e in self.entries if e.marker is not None]
         self.has_clock = bool(clocks)
         self._mark_pos = [i for i, _ in clocks]
         self._mark_max: list[int] = []

@@ -39,6 +39,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from crashlab import proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
+from crashlab.diskmodels import DEFAULT_AIO, DISCARD
 from crashlab.guest.machine import NbdClient, _stop
 from crashlab.guest.provision import which
 from crashlab.netns import Namespace
@@ -75,14 +76,20 @@ class Export:
     log_sector_size: int = 512
     name: str = EXPORT
     port: int = NBD_PORT
+    # The image file's node options as guest.machine.drive_args sets them on a local disk's: the
+    # file is here, so these are the server's (non-default values only).
+    aio: str = DEFAULT_AIO
+    discard: str = DISCARD[0]
 
 
 def server_argv(export: Export, address: str, qmp: Path, qsd: str = "qemu-storage-daemon") -> list[str]:
     """The daemon's command line (pure). Options run in order: the QMP socket, last, exists only
     once the export is up, so its appearance is the readiness signal."""
     cache = export.cache.blockdev_cache
+    aio = [f"aio={export.aio}"] if export.aio != DEFAULT_AIO else []
+    discard = [f"discard={export.discard}"] if export.discard != DISCARD[0] else []
     args = [qsd, "--blockdev", ",".join(["driver=file", "node-name=image", f"filename={_opt(export.image)}",
-                                          *(f"{k}={v}" for k, v in cache.items())])]
+                                          *(f"{k}={v}" for k, v in cache.items()), *aio, *discard])]
     top = "image"
     if export.log is not None:
         # As guest.machine.drive_args does: the log's own caching is not under test.
@@ -91,7 +98,7 @@ def server_argv(export: Export, address: str, qmp: Path, qsd: str = "qemu-storag
                                          *(f"{k}={v}" for k, v in log_cache.items())])]
         args += ["--blockdev", ",".join(["driver=blklogwrites", "node-name=logged", "file=image", "log=log",
                                          f"log-sector-size={export.log_sector_size}",
-                                         f"cache.no-flush={cache['cache.no-flush']}"])]
+                                         f"cache.no-flush={cache['cache.no-flush']}", *discard])]
         top = "logged"
     writethrough = "off" if export.cache.write_cache else "on"
     args += ["--nbd-server", f"addr.type=inet,addr.host={address},addr.port={export.port}",

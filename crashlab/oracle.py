@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import stat
 import struct
@@ -39,7 +38,7 @@ import zlib
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 Promise = dict[str, Any]
 
@@ -97,6 +96,9 @@ def sqlite_rows(path: str, table: str, rows: Sequence[Sequence[Any]], txn: int) 
 def rows_digest(rows: Iterable[Sequence[Any]]) -> str:
     return sha256(json.dumps([list(r) for r in rows], separators=(",", ":")).encode())
 
+
+# Files beside a database that opening it reads: a WAL to replay, a hot journal to roll back.
+SQLITE_SIDE_FILES = ("", "-wal", "-journal")
 
 LOG_MAGIC = b"LREC"
 _LOG_HEAD = struct.Struct("<4sIQI")  # magic, payload length, record index, crc32
@@ -187,16 +189,54 @@ def describe(p: Promise) -> str:
     raise ValueError(f"unknown promise kind {kind!r}")
 
 
-def _lstat(tree: Path, rel: str) -> os.stat_result | None:
-    try:
-        return os.lstat(tree / rel)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:  # a parent became a file: the entry is not there
-        return None
+class Stat(NamedTuple):
+    """What the oracle needs of an entry's lstat: its mode (type bits included) and size."""
+
+    st_mode: int
+    st_size: int
 
 
-def _what(st: os.stat_result | None) -> str:
+class Tree(Protocol):
+    """A recovered tree as the oracle reads it: paths are relative to the workload's root, and the
+    last component is never followed (lstat semantics). A directory on a mount is one (`DirTree`);
+    crashlab.check.userspace reads an ext4 image through libext2fs with no mount at all."""
+
+    def lstat(self, rel: str) -> Stat | None:
+        """None when there is no entry (missing, or a parent is not a directory)."""
+        ...
+
+    def read(self, rel: str) -> bytes:
+        """The whole content of a regular file; OSError if it cannot be read."""
+        ...
+
+    def getxattr(self, rel: str, name: str) -> bytes:
+        """OSError if the attribute is not there or cannot be read."""
+        ...
+
+
+@dataclass(frozen=True)
+class DirTree:
+    root: Path
+
+    def lstat(self, rel: str) -> Stat | None:
+        try:
+            st = os.lstat(self.root / rel)
+        except (FileNotFoundError, NotADirectoryError):  # a parent became a file: no entry
+            return None
+        return Stat(st.st_mode, st.st_size)
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def getxattr(self, rel: str, name: str) -> bytes:
+        return os.getxattr(self.root / rel, name, follow_symlinks=False)
+
+
+def as_tree(tree: Path | str | Tree) -> Tree:
+    return DirTree(Path(tree)) if isinstance(tree, (str, os.PathLike)) else tree
+
+
+def _what(st: Stat | None) -> str:
     if st is None:
         return "no entry"
     if stat.S_ISREG(st.st_mode):
@@ -206,12 +246,12 @@ def _what(st: os.stat_result | None) -> str:
     return f"an entry of mode {st.st_mode:o}"
 
 
-def _read_file(tree: Path, rel: str) -> tuple[bytes | None, str]:
-    st = _lstat(tree, rel)
+def _read_file(tree: Tree, rel: str) -> tuple[bytes | None, str]:
+    st = tree.lstat(rel)
     if st is None or not stat.S_ISREG(st.st_mode):
         return None, _what(st)
     try:
-        return (tree / rel).read_bytes(), ""
+        return tree.read(rel), ""
     except OSError as e:
         return None, f"an unreadable file ({e.strerror})"
 
@@ -224,7 +264,7 @@ def _content(data: bytes) -> str:
     return f"{len(data)} B with sha256 {_short(sha256(data))}"
 
 
-def _holds_file(tree: Path, p: Promise) -> str | None:
+def _holds_file(tree: Tree, p: Promise) -> str | None:
     data, why = _read_file(tree, p["path"])
     if data is None:
         return why
@@ -232,7 +272,7 @@ def _holds_file(tree: Path, p: Promise) -> str | None:
         return _content(data)
     for name, value in p.get("xattrs", {}).items():
         try:
-            got = os.getxattr(tree / p["path"], name, follow_symlinks=False)
+            got = tree.getxattr(p["path"], name)
         except OSError:
             return f"the right content but no xattr {name}"
         if got.hex() != value:
@@ -240,7 +280,7 @@ def _holds_file(tree: Path, p: Promise) -> str | None:
     return None
 
 
-def _holds_prefix(tree: Path, p: Promise) -> str | None:
+def _holds_prefix(tree: Tree, p: Promise) -> str | None:
     data, why = _read_file(tree, p["path"])
     if data is None:
         return why
@@ -253,18 +293,18 @@ def _holds_prefix(tree: Path, p: Promise) -> str | None:
     return None
 
 
-def _holds_exists(tree: Path, p: Promise) -> str | None:
-    st = _lstat(tree, p["path"])
+def _holds_exists(tree: Tree, p: Promise) -> str | None:
+    st = tree.lstat(p["path"])
     want = stat.S_ISDIR if p["type"] == "dir" else stat.S_ISREG
     return None if st is not None and want(st.st_mode) else _what(st)
 
 
-def _holds_absent(tree: Path, p: Promise) -> str | None:
-    st = _lstat(tree, p["path"])
+def _holds_absent(tree: Tree, p: Promise) -> str | None:
+    st = tree.lstat(p["path"])
     return None if st is None else _what(st)
 
 
-def _holds_log(tree: Path, p: Promise) -> str | None:
+def _holds_log(tree: Tree, p: Promise) -> str | None:
     data, why = _read_file(tree, p["path"])
     if data is None:
         return why
@@ -279,7 +319,7 @@ def _holds_log(tree: Path, p: Promise) -> str | None:
     return None
 
 
-def _log_extra(tree: Path, current: Promise, nxt: Promise | None) -> str | None:
+def _log_extra(tree: Tree, current: Promise, nxt: Promise | None) -> str | None:
     """Records past the acknowledged prefix that parse as valid must be records the workload wrote:
     a torn or stale record read as valid is the failure a WAL checksum exists to prevent. Only the
     next point's records can be in the crash state, and only its full prefix has a known chain."""
@@ -294,18 +334,17 @@ def _log_extra(tree: Path, current: Promise, nxt: Promise | None) -> str | None:
     return None
 
 
-def _holds_sqlite(tree: Path, p: Promise) -> str | None:
-    src = tree / p["path"]
-    st = _lstat(tree, p["path"])
+def _holds_sqlite(tree: Tree, p: Promise) -> str | None:
+    st = tree.lstat(p["path"])
     if st is None or not stat.S_ISREG(st.st_mode):
         return _what(st)
     # Work on a copy: opening replays a WAL or rolls back a hot journal, and the tree may be read-only.
     with tempfile.TemporaryDirectory(prefix="crashlab-oracle-") as tmp:
-        db = Path(tmp) / src.name
-        for suffix in ("", "-wal", "-journal"):
-            side = src.with_name(src.name + suffix)
-            if side.exists():
-                shutil.copyfile(side, db.with_name(db.name + suffix))
+        db = Path(tmp) / Path(p["path"]).name
+        for suffix in SQLITE_SIDE_FILES:
+            data, _ = _read_file(tree, p["path"] + suffix)
+            if data is not None:
+                db.with_name(db.name + suffix).write_bytes(data)
         try:
             con = sqlite3.connect(db, isolation_level=None)
             try:
@@ -322,14 +361,14 @@ def _holds_sqlite(tree: Path, p: Promise) -> str | None:
     return f"{len(rows)} rows (digest {_short(rows_digest(rows))}), {detail}"
 
 
-_HOLDS: dict[str, Callable[[Path, Promise], str | None]] = {
+_HOLDS: dict[str, Callable[[Tree, Promise], str | None]] = {
     "file": _holds_file, "prefix": _holds_prefix, "exists": _holds_exists, "absent": _holds_absent,
     "any": lambda tree, p: None, "log": _holds_log, "sqlite": _holds_sqlite,
 }
 KINDS = frozenset(_HOLDS)
 
 
-def verify(tree: Path, current: Promise, nxt: Promise | None) -> str | None:
+def verify(tree: Tree, current: Promise, nxt: Promise | None) -> str | None:
     """None if `path` is in the current promised state or may be on its way to the next one;
     otherwise what was found, in words."""
     found = _HOLDS[current["kind"]](tree, current)
@@ -349,10 +388,42 @@ class Promises:
     points: tuple[tuple[int, str], ...]  # (seq, marker name), in seq order
     promises: tuple[Promise, ...]
 
-    def check(self, tree: Path, present: Collection[int] | None = None) -> list[Violation]:
+    def check(self, tree: Path | Tree, present: Collection[int] | None = None) -> list[Violation]:
         return check(tree, self, present)
 
-    def oracle(self, present: Collection[int] | None = None) -> Callable[[Path], list[Violation]]:
+    def bound(self, present: Collection[int] | None = None
+              ) -> tuple[dict[str, Promise], dict[str, Promise]]:
+        """Per path, the current promise and the next point's (see `check`): what a crash state
+        after the markers `present` is judged by."""
+        seqs = [s for s, _ in self.points]
+        seqs_in = seqs if present is None else [s for s in seqs if s in set(present)]
+        if not seqs_in:
+            return {}, {}
+        last = seqs_in[-1]
+        nxt_seq = next((s for s in seqs if s > last), None)
+        current: dict[str, Promise] = {}
+        nxt: dict[str, Promise] = {}
+        for p in self.promises:
+            if p["seq"] <= last:
+                current[p["path"]] = p
+            elif p["seq"] == nxt_seq:
+                nxt[p["path"]] = p
+        return current, nxt
+
+    def reads(self, present: Collection[int] | None = None) -> tuple[set[str], set[tuple[str, str]]]:
+        """Every path `check` may look at in such a state, and every (path, xattr name): all a
+        reader must fetch from an image for the oracle to judge it without a mount."""
+        current, nxt = self.bound(present)
+        paths: set[str] = set()
+        attrs: set[tuple[str, str]] = set()
+        for p in (*current.values(), *(nxt[k] for k in nxt if k in current)):
+            paths.add(p["path"])
+            if p["kind"] == "sqlite":
+                paths.update(p["path"] + suffix for suffix in SQLITE_SIDE_FILES)
+            attrs.update((p["path"], name) for name in p.get("xattrs", {}))
+        return paths, attrs
+
+    def oracle(self, present: Collection[int] | None = None) -> Callable[[Path | Tree], list[Violation]]:
         """The one-argument oracle crashlab.check runs on a recovered tree."""
         return lambda tree: check(tree, self, present)
 
@@ -380,7 +451,7 @@ def load_promises(path: Path) -> Promises:
         return parse_promises(f)
 
 
-def check(tree: Path, promises: Promises | Sequence[Promise], present: Collection[int] | None = None
+def check(tree: Path | Tree, promises: Promises | Sequence[Promise], present: Collection[int] | None = None
           ) -> list[Violation]:
     """Every promise broken by `tree` (the workload's root after recovery) in a crash state that lies
     after the in-band markers whose seqs are `present` (None: all of them, no crash). In-band markers
@@ -388,24 +459,8 @@ def check(tree: Path, promises: Promises | Sequence[Promise], present: Collectio
     seq is the same as passing the whole prefix; ticks and other seqs are ignored."""
     if not isinstance(promises, Promises):
         promises = parse_promises(json.dumps(p) for p in promises)
-    seqs = [s for s, _ in promises.points]
-    if present is not None:
-        present = set(present)
-        seqs_in = [s for s in seqs if s in present]
-    else:
-        seqs_in = seqs
-    if not seqs_in:
-        return []
-    last = seqs_in[-1]
-    nxt_seq = next((s for s in seqs if s > last), None)
-    current: dict[str, Promise] = {}
-    nxt: dict[str, Promise] = {}
-    for p in promises.promises:
-        if p["seq"] <= last:
-            current[p["path"]] = p
-        elif p["seq"] == nxt_seq:
-            nxt[p["path"]] = p
-    tree = Path(tree)
+    current, nxt = promises.bound(present)
+    tree = as_tree(tree)
     violations = []
     for path, p in sorted(current.items()):
         found = verify(tree, p, nxt.get(path))

@@ -62,6 +62,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="Mount crash images on this host, not in checker guests (disposable hosts only).")
     g.addoption("--crashlab-workers", type=int, default=None,
                 help="Parallel recording/checking units [default: cores].")
+    g.addoption("--crashlab-disk", default=None, help="Data disk model: virtio-blk, virtio-scsi, ide, ahci.")
+    g.addoption("--crashlab-aio", default=None, help="Host AIO engine: threads, native, io_uring.")
+    g.addoption("--crashlab-domain-xml", default=None, metavar="FILE",
+                help="A libvirt domain or <disk> XML: its disk's cache, io, discard, detect_zeroes and bus "
+                     "(not with --crashlab-cache/--crashlab-disk/--crashlab-aio).")
+    g.addoption("--crashlab-kernel", default=None, metavar="IMAGE",
+                help="Your kernel image for the recording guests (with --crashlab-modules).")
+    g.addoption("--crashlab-modules", default=None, metavar="DIR", help="Its lib/modules/VERSION directory.")
+    g.addoption("--crashlab-qemu", default=None, metavar="BINARY",
+                help="qemu-system-x86_64 to boot [default: from PATH].")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,6 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUNS] = {}
     # Bad values stop the session before collection, not in the first test that boots a guest.
     _fs_list(config.getoption("crashlab_fs"))
+    _drive(config)
     if config.getoption("crashlab_states") < 1:
         raise pytest.UsageError("--crashlab-states must be at least 1")
     if not 0 < config.getoption("crashlab_max_rate") <= 100:
@@ -87,6 +98,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "crashlab_fs" in metafunc.fixturenames:
         fs = _fs_list(metafunc.config.getoption("crashlab_fs"))
         metafunc.parametrize("crashlab_fs", fs, ids=fs)
+
+
+def _drive(config: pytest.Config) -> dict[str, str]:
+    """The disk, kernel and QEMU options as cell fields; a libvirt XML sets the cache mode too."""
+    from crashlab import libvirt
+
+    opt = config.getoption
+    fields = {k: opt(f"crashlab_{k}") for k in ("disk", "aio") if opt(f"crashlab_{k}")}
+    fields |= {k: str(Path(v).absolute()) for k in ("kernel", "modules") if (v := opt(f"crashlab_{k}"))}
+    if qemu := opt("crashlab_qemu"):
+        fields["qemu"] = str(Path(qemu).absolute()) if "/" in qemu else qemu
+    if xml := opt("crashlab_domain_xml"):
+        if fields.keys() & {"disk", "aio"} or opt("crashlab_cache") != "none":
+            raise pytest.UsageError("--crashlab-domain-xml sets the cache, disk and aio: leave out "
+                                    "--crashlab-cache/--crashlab-disk/--crashlab-aio")
+        try:
+            fields |= libvirt.read(Path(xml)).cell_fields()
+        except libvirt.LibvirtError as e:
+            raise pytest.UsageError(f"--crashlab-domain-xml {e}") from None
+    return fields
 
 
 def _fs_list(value: str) -> list[str]:
@@ -111,6 +142,7 @@ class Options:
     workers: int | None
     command: str
     storage: str = "local"
+    drive: dict[str, str] = field(default_factory=dict)  # cell fields of the disk, kernel and QEMU
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Options:
@@ -123,7 +155,7 @@ class Options:
                    store=Path(store).absolute() if store else config.rootpath / "results" / "crashlab.sqlite",
                    host_mount=opt("crashlab_host_mount"), workers=opt("crashlab_workers"),
                    command="pytest " + shlex.join(config.invocation_params.args),
-                   storage=opt("crashlab_storage"))
+                   storage=opt("crashlab_storage"), drive=_drive(config))
 
     @property
     def policy(self) -> gate.Policy:
@@ -131,8 +163,9 @@ class Options:
         from crashlab import gate
         from crashlab.campaign import Cell
 
-        cell = Cell.parse(dict(cache=self.cache, barrier=self.barrier, workload=self.workload, seed=self.seed,
-                               strategy=self.strategy, storage=self.storage), gate.DEFAULT_CELL)
+        cell = Cell.parse({"cache": self.cache, "barrier": self.barrier, "workload": self.workload,
+                           "seed": self.seed, "strategy": self.strategy, "storage": self.storage,
+                           **self.drive}, gate.DEFAULT_CELL)
         return gate.Policy(cell, fs=self.fs, states=self.states, max_rate=self.max_rate)
 
 

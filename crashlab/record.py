@@ -26,18 +26,29 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import crashlab
 from crashlab import logformat, nbd, proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
+from crashlab.diskmodels import (
+    DEFAULT_AIO,
+    DEFAULT_DISK,
+    DETECT_ZEROES,
+    DISCARD,
+    DiskError,
+    DiskModel,
+    check_drive,
+    disk_model,
+)
 from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.guest import transport as transports
 from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
-from crashlab.guest.machine import Drive, Machine, choose_accel, qemu_version
+from crashlab.guest.machine import Drive, Machine, choose_accel, find_qemu, qemu_version
 from crashlab.guest.provision import Guest, provision
 from crashlab.netns import NetnsError
 from crashlab.recorders import Recorder
@@ -51,6 +62,17 @@ class ConfigError(ValueError):
 
 class RecordError(RuntimeError):
     """The guest did not complete the recording."""
+
+
+# Fields added after run.json and the store existed, with their defaults: the disk (crashlab.diskmodels),
+# the user's kernel and QEMU, where the disk lives (crashlab.nbd). Left out of run.json, cell keys and
+# slugs at these defaults.
+OPTIONAL_FIELDS: Mapping[str, str] = MappingProxyType({
+    "disk": DEFAULT_DISK, "aio": DEFAULT_AIO, "discard": DISCARD[0], "detect_zeroes": DETECT_ZEROES[0],
+    "kernel": "", "modules": "", "qemu": "", "storage": "local"})
+# Left out of run.json at their defaults too, but not cell fields: host-dm's outer guest, and how
+# long an NBD client waits for its server.
+_RECORD_ONLY_DEFAULTS: Mapping[str, object] = MappingProxyType({"nested": False, "reconnect_delay_s": 0})
 
 
 @dataclass(frozen=True)
@@ -79,10 +101,26 @@ class RecordConfig:
     # "auto": virtiofs when virtiofsd is found, else shell.
     transport: str = "auto"
     # Where the data disk lives (crashlab.nbd.STORAGES): "local", or "nbd", an export of a storage
-    # server in a network namespace, logged on the server. Left out of as_dict at its default.
+    # server in a network namespace, logged on the server.
     storage: str = "local"
     # nbd: seconds the guest's QEMU waits for a lost server to come back before failing requests.
     reconnect_delay_s: int = 0
+    # The data disk as the guest sees it and as QEMU backs it (crashlab.diskmodels).
+    disk: str = DEFAULT_DISK
+    aio: str = DEFAULT_AIO
+    discard: str = DISCARD[0]
+    detect_zeroes: str = DETECT_ZEROES[0]
+    # What the user ships: a kernel image with its lib/modules/VERSION, a QEMU binary; "" = the
+    # Debian cloud kernel crashlab provisions, qemu-system-x86_64 on PATH.
+    kernel: str = ""
+    modules: str = ""
+    qemu: str = ""
+
+    @property
+    def disk_model(self) -> DiskModel:
+        return disk_model(self.disk)
+    # host-dm only: run the host's side in an outer guest (this host has no device-mapper).
+    nested: bool = False
 
     @property
     def filesystem(self) -> Filesystem:
@@ -111,13 +149,23 @@ class RecordConfig:
             raise ConfigError("guest memory is capped at 1024 MiB")
         if self.accel not in ("auto", "tcg", "kvm"):
             raise ConfigError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
+        try:
+            self.disk_model  # noqa: B018 (the lookup is the check)
+            check_drive(self.cache.direct, self.cache.name, self.aio, self.discard, self.detect_zeroes)
+        except DiskError as e:
+            raise ConfigError(str(e)) from None
+        if bool(self.kernel) != bool(self.modules):
+            raise ConfigError("--kernel and --modules go together (the modules must match the kernel)")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
+        if self.nested and self.recorder is not Recorder.HOST_DM:
+            raise ConfigError("--nested runs the host-dm recorder one level down; it means nothing for "
+                              f"recorder {self.recorder}")
         try:
             nbd.storage(self.storage)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.storage == "nbd" and self.recorder is Recorder.DM:
+        if self.storage == "nbd" and self.recorder in (Recorder.DM, Recorder.HOST_DM):
             raise ConfigError("storage nbd is logged on its server: use recorder qemu (or none)")
         if self.reconnect_delay_s and self.storage != "nbd":
             raise ConfigError("reconnect-delay applies to storage nbd only")
@@ -127,21 +175,20 @@ class RecordConfig:
 
     def describe(self) -> str:
         opts = mount_options(self) or "defaults"
-        where = f" storage={self.storage}" if self.storage != "local" else ""
-        return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder}{where} "
-                f"workload={self.workload} seed={self.seed} scale={self.scale}")
+        drive = "".join(f" {k}={v}" for k, v, default in (
+            ("storage", self.storage, "local"), ("disk", self.disk, DEFAULT_DISK),
+            ("aio", self.aio, DEFAULT_AIO),
+            ("discard", self.discard, DISCARD[0]), ("detect_zeroes", self.detect_zeroes, DETECT_ZEROES[0]),
+            ("kernel", self.kernel, ""), ("qemu", self.qemu, "")) if v != default)
+        return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder} "
+                f"workload={self.workload} seed={self.seed} scale={self.scale}{drive}")
 
     def as_dict(self) -> dict[str, Any]:
-        """run.json's `config`: every field, the cache mode and recorder by name, as always stored."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in _OMITTED_AT_DEFAULT:  # so a local recording's run.json is as it always was
-            if d[name] == getattr(_DEFAULT, name):
-                del d[name]
+        """run.json's `config`: every field, the cache mode and recorder by name, as always stored;
+        the fields added later only when set, so a default recording's run.json is as it was."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if {**OPTIONAL_FIELDS, **_RECORD_ONLY_DEFAULTS}.get(f.name, object()) != getattr(self, f.name)}
         return {**d, "cache": self.cache.name, "recorder": self.recorder.value}
-
-
-_DEFAULT = RecordConfig()
-_OMITTED_AT_DEFAULT = ("storage", "reconnect_delay_s")
 
 
 def mkfs_argv(config: RecordConfig) -> list[str]:
@@ -169,10 +216,27 @@ def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None,
         "workload": config.workload, "seed": config.seed, "scale": config.scale,
         "workload_path": [str(Path(p).resolve()) for p in config.workload_path], "flakey": flakey,
         "params": dict(config.params),
+        # The disks are found by serial: a SCSI or ATA data disk is an sdX, named in probe order.
+        "disk": config.disk, "data_serial": DATA_SERIAL,
+        "log_serial": LOG_SERIAL if config.recorder.in_guest else None,
     }
     if live_fault:
         job["live_fault"] = True
     return job
+
+
+DATA_SERIAL, LOG_SERIAL = "data", "log"
+
+
+def needed_drivers(config: RecordConfig) -> list[str]:
+    """The guest drivers this recording cannot do without (crashlab.diskmodels.KERNEL_OPTIONS)."""
+    fs = config.filesystem
+    # Linux 6.1 has no ext3 driver: ext4's registers the type (crashlab.filesystems).
+    drivers = list(fs.modules) or ["ext4"]
+    drivers += config.disk_model.guest_modules
+    if config.recorder is Recorder.DM:
+        drivers += ["dm_mod", "dm_log_writes"]
+    return drivers
 
 
 def log_disk_bytes(config: RecordConfig) -> int:
@@ -231,11 +295,13 @@ def tool_version(*argv: str) -> str:
 def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dict[str, str]:
     tools = (config.filesystem.mkfs_version, config.filesystem.fsck_version)
     v = {
-        "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "python": sys.version.split()[0],
+        "crashlab": crashlab.__version__, "qemu": qemu_version(qemu), "qemu_binary": find_qemu(qemu),
+        "python": sys.version.split()[0],
         "host_kernel": os.uname().release,
         "guest_kernel": guest.kernel_version,
         "guest_kernel_package": f"{guest.kernel_package} {guest.package_version}" if guest.kernel_package
         else "user-supplied", "guest_image": guest.key,
+        "guest_kernel_image": str(config.kernel or guest.kernel),
     }
     for argv in tools:
         v[argv[0]] = tool_version(*argv)
@@ -264,10 +330,12 @@ ServerHook = Callable[[nbd.StorageServer], contextlib.AbstractContextManager[Any
 
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
-              observer: Callable[[Machine], None] | None = None,
+              observer: Callable[[Machine], None] | None = None, image: Path | None = None,
               during: ServerHook | None = None) -> dict[str, Any]:
     """Boot one guest for `config` and return run.json's contents (also written to out_dir).
 
+    `image`: a data disk made beforehand, used in place of out_dir/data.img and never truncated
+    (host-dm: written in full on the logged host filesystem, so its blocks stay where they are).
     With storage nbd, the disk is served for the boot's length (crashlab.nbd.serve) and `during`,
     if given, runs around the boot with the server in hand (crashlab.netfaults' schedule)."""
     config.validate()
@@ -277,9 +345,12 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     payload = job_for(config, flakey, live_fault=during is not None)
     outs = GuestOutputs(Path(out_dir).resolve())
     qemu_log = outs.log if config.recorder is Recorder.QEMU else None
-    drives = [Drive(outs.image, config.cache, log=qemu_log, serial="data")]
-    if config.recorder is Recorder.DM:
-        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial="log"))
+    drives = [Drive(image or outs.image, config.cache, log=qemu_log, serial=DATA_SERIAL,
+                    model=config.disk_model, aio=config.aio, discard=config.discard,
+                    detect_zeroes=config.detect_zeroes)]
+    if config.recorder is Recorder.DM:  # the log disk is the tool's, not under test: virtio-blk
+        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial=LOG_SERIAL))
+    qemu = qemu or config.qemu or None
     job = GuestJob(payload, share=outs.out_dir / ".guest", console=outs.console, drives=tuple(drives),
                    view_extra=tuple(Path(p).resolve() for p in config.workload_path),
                    memory_mib=config.memory_mib, qemu=qemu, timeout_s=config.timeout_s)
@@ -287,11 +358,15 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         transport.check(job)
     except JobError as e:
         raise ConfigError(str(e)) from e
-    guest = guest or provision()
+    guest = guest or provision(kernel=config.kernel or None, modules=config.modules or None)
+    needs = [*needed_drivers(config), "dm_mod", "dm_flakey"] if flakey else needed_drivers(config)
+    if lacking := guest.lacking(needs):
+        raise ConfigError(lacking)
     prepare_out_dir(outs.out_dir)
     job.share.mkdir()
-    with open(outs.image, "wb") as f:
-        f.truncate(config.disk_bytes)
+    if image is None:
+        with open(outs.image, "wb") as f:
+            f.truncate(config.disk_bytes)
     if config.recorder is Recorder.QEMU:
         outs.log.touch()
     elif config.recorder is Recorder.DM:
@@ -327,11 +402,14 @@ def _run_served(config: RecordConfig, outs: GuestOutputs, job: GuestJob, transpo
                 guest: Guest, observer: Callable[[Machine], None] | None, during: ServerHook | None,
                 run: dict[str, Any]) -> GuestRun:
     """The boot with its data disk an NBD export; the server's facts go into run.json's options."""
-    export = nbd.Export(outs.image, config.cache, log=outs.log if config.recorder is Recorder.QEMU else None)
+    local = job.drives[0]
+    # The file's own options (aio, discard) are the server's; the guest's device and the client's
+    # node keep the disk model, discard and detect-zeroes.
+    export = nbd.Export(local.path, config.cache, log=local.log, aio=config.aio, discard=config.discard)
     try:
         with nbd.serve(export) as server:
-            drive = Drive(outs.image, config.cache, serial="data",
-                          nbd=server.client(config.reconnect_delay_s))
+            drive = dataclasses.replace(local, log=None, aio=DEFAULT_AIO,
+                                        nbd=server.client(config.reconnect_delay_s))
             served = dataclasses.replace(job, drives=(drive, *job.drives[1:]))
             run["options"]["nbd"] = {**server.describe(), "reconnect_delay_s": config.reconnect_delay_s,
                                      "network": server.ns.state()}
@@ -385,6 +463,9 @@ def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Gues
     """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
     if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
+    if config.recorder is Recorder.HOST_DM:
+        raise ConfigError("the host-dm recorder runs on the host's side: record it with `crashlab record "
+                          "--recorder host-dm [--nested]` (campaigns do not record it)")
     run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
     rec = Recording(Path(out_dir).resolve(), config, run)
     g = run.get("guest", {})

@@ -25,9 +25,18 @@ class Recorder(enum.StrEnum):
     DM = ("dm", True, True,
           "dm-log-writes in the guest under the filesystem: the guest's view, before the cache mode")
     NONE = ("none", False, False, "no log: live faults (dm-flakey) and unrecorded runs")
+    HOST_DM = ("host-dm", True, False,
+               "dm-log-writes on the host under the image file's filesystem: what the host page cache "
+               "wrote back, mapped to the image's bytes")
+
+    @property
+    def token(self) -> str:
+        """The name inside a crash-state id, whose fields are separated by '-'."""
+        return self.value.replace("-", "")
 
 
 RECORDERS: dict[str, Recorder] = {r.value: r for r in Recorder}
+BY_TOKEN: dict[str, Recorder] = {r.token: r for r in Recorder}
 LOGGING: tuple[Recorder, ...] = tuple(r for r in Recorder if r.logs)  # what the model can read
 
 

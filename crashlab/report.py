@@ -20,6 +20,7 @@ from typing import Any
 
 from crashlab import stats
 from crashlab.check.outcome import Outcome
+from crashlab.record import OPTIONAL_FIELDS
 from crashlab.store import Store
 
 OUTCOMES = tuple(Outcome)  # the column order of every format
@@ -28,8 +29,8 @@ SHORT = {Outcome.CONSISTENT: "ok", Outcome.DATA_LOSS: "loss", Outcome.FS_INCONSI
          Outcome.UNMOUNTABLE: "unm", Outcome.CHECKER_ERROR: "err"}
 CELL_KEYS = ("fs", "cache", "barrier", "recorder", "workload", "window")
 # Axes added after reports existed: a column only when some cell is off its default, so a report of
-# cells that do not use them reads as it always did.
-LATER_KEYS = {"storage": "local"}
+# cells that do not use them reads as it always did. Defaults from the one table of them.
+LATER_KEYS = {k: OPTIONAL_FIELDS[k] for k in ("storage",)}
 
 
 def cell_keys(cells: list[CellResult]) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
-"""The checker guest's retries, with a fake transport standing in for QEMU: an image the checker
-failed (no boot, QEMU killed, no disk) gets a fresh guest; one that crashed or hung the kernel
-does not; a failure that persists is a checker-error that says it was the checker's."""
+"""The checker guest's retries, with a fake guest standing in for QEMU: an image the checker failed
+(no boot, QEMU killed) gets a fresh guest; one that crashed or hung the kernel gets one more, alone,
+and only its second death is its result; a failure that persists is a checker-error that says it
+was the checker's. Then a real checker guest killed mid-batch."""
 
 from __future__ import annotations
 
@@ -20,22 +21,10 @@ from crashlab.check.guest import ATTEMPTS, FAULT_BOOT, FAULT_MISSING, FAULT_STOP
 from crashlab.check.mounts import MountRequest
 from crashlab.check.outcome import Outcome, ToolRun
 from crashlab.check.runner import CheckItem, check_batch
-from crashlab.guest.inguest.check import RESULTS
-from crashlab.guest.job import GuestJob, GuestRun
-from crashlab.guest.machine import Machine
+from crashlab.guest.inguest.check import results_name
 from crashlab.guest.provision import Guest
-from crashlab.guest.transport import VirtiofsTransport
 
-Boot = Callable[[GuestJob, list[int]], GuestRun]
-
-
-def run(job: GuestJob, *, events: list[dict[str, Any]], console: str = "", qemu_exit: int | None = 0,
-        error: str | None = None, timed_out: bool = False) -> GuestRun:
-    """What the transport hands back after a boot that wrote `events` and `console`."""
-    with (job.share / RESULTS).open("w") as f:
-        f.writelines(json.dumps(ev) + "\n" for ev in events)
-    job.console.write_text(console)
-    return GuestRun("fake", {}, 0, qemu_exit, [], 1.0, error, job.console, timed_out=timed_out)
+Script = Callable[[int], checkguest.Batch]  # images in the batch -> what the guest did
 
 
 def done(i: int) -> dict[str, Any]:
@@ -47,54 +36,55 @@ def start(i: int) -> dict[str, Any]:
     return {"index": i, "event": "start"}
 
 
-def all_done(job: GuestJob, ids: list[int]) -> GuestRun:
-    return run(job, events=[done(i) for i in ids])
+def batch(events: list[dict[str, Any]], died: str = "", console: str = "") -> checkguest.Batch:
+    at = next((e["index"] for e in events if e["event"] == "start"), None)
+    return checkguest.Batch({e["index"]: e for e in events}, died, console, at, 1.0)
 
 
-def no_boot(job: GuestJob, ids: list[int]) -> GuestRun:
-    return run(job, events=[], console="[    0.41] virtio_blk: probe of virtio1 failed\n", qemu_exit=1,
-               error="guest init: python did not start")
+def all_done(n: int) -> checkguest.Batch:
+    return batch([done(i) for i in range(n)])
 
 
-def killed_at(k: int) -> Boot:
-    def boot(job: GuestJob, ids: list[int]) -> GuestRun:
-        return run(job, events=[*(done(i) for i in ids[:k]), start(ids[k])], console="mounting\n",
-                   qemu_exit=-9)
-    return boot
+def no_boot(n: int) -> checkguest.Batch:
+    raise checkguest.GuestFailed("checker guest did not come up (tcg, 3 s): python did not start")
 
 
-def panicked_at(k: int) -> Boot:
-    def boot(job: GuestJob, ids: list[int]) -> GuestRun:
-        return run(job, events=[*(done(i) for i in ids[:k]), start(ids[k])],
-                   console="EXT4-fs error\nKernel panic - not syncing: Fatal exception\n")
-    return boot
+def killed_at(k: int) -> Script:
+    return lambda n: batch([*(done(i) for i in range(k)), start(k)], "stopped", "mounting\n")
 
 
-def hung_at(k: int) -> Boot:
-    def boot(job: GuestJob, ids: list[int]) -> GuestRun:
-        return run(job, events=[*(done(i) for i in ids[:k]), start(ids[k])], console="mounting\n",
-                   qemu_exit=None, error="guest still running after its hard timeout", timed_out=True)
-    return boot
+def panicked_at(k: int) -> Script:
+    return lambda n: batch([*(done(i) for i in range(k)), start(k)], "panic",
+                           "EXT4-fs error\nKernel panic - not syncing: Fatal exception\n")
 
 
-def missing_disk(job: GuestJob, ids: list[int]) -> GuestRun:
-    return run(job, events=[{"index": ids[0], "event": "missing"}, *(done(i) for i in ids[1:])])
+def hung_at(k: int) -> Script:
+    return lambda n: batch([*(done(i) for i in range(k)), start(k)], "hung", "mounting\n")
 
 
-class FakeTransport:
-    """Plays one scripted boot per run; remembers which images each boot was given."""
+def missing_disk(n: int) -> checkguest.Batch:
+    return batch([{"index": 0, "event": "missing", "error": "No such file"}, *(done(i) for i in range(1, n))])
 
-    def __init__(self, boots: list[Boot]) -> None:
-        self.script = list(boots)
+
+class FakeGuests:
+    """Stands in for `live_guest`: each batch plays the next script; a script that raises is a guest
+    that did not boot. Remembers which images (by request position) each batch was given."""
+
+    def __init__(self, script: list[Script]) -> None:
+        self.script = list(script)
         self.given: list[list[int]] = []
+        self.requests: list[MountRequest] = []
 
-    def __call__(self) -> FakeTransport:  # stands in for the VirtiofsTransport class
+    def __call__(self, guest: Guest, memory_mib: int, accel: str) -> FakeGuests:
+        if self.script and self.script[0] is no_boot:
+            self.script.pop(0)
+            self.given.append([])
+            no_boot(0)
         return self
 
-    def run(self, job: GuestJob, guest: Guest) -> GuestRun:
-        ids = [r["index"] for r in job.payload["requests"]]
-        self.given.append(ids)
-        return self.script.pop(0)(job, ids)
+    def run(self, requests: list[MountRequest], timeout: float) -> checkguest.Batch:
+        self.given.append([self.requests.index(r) for r in requests])
+        return self.script.pop(0)(len(requests))
 
 
 @pytest.fixture
@@ -106,27 +96,30 @@ def images(tmp_path: Path) -> list[Path]:
     return out
 
 
-def mount(monkeypatch: pytest.MonkeyPatch, images: list[Path], boots: list[Boot]
-          ) -> tuple[list[Any], FakeTransport, GuestMounts]:
-    fake = FakeTransport(boots)
-    monkeypatch.setattr(checkguest, "VirtiofsTransport", fake)
-    backend = GuestMounts(guest=Guest(Path("k"), Path("i"), "6.1", None, None, (), "key", Path(".")))
-    steps = backend.mount_batch([MountRequest(p, "ext4", True, None) for p in images], timeout=5)
-    assert not fake.script, "a scripted boot was never used"
+GUEST = Guest(Path("k"), Path("i"), "6.1", None, None, (), "key", Path("."))
+
+
+def mount(monkeypatch: pytest.MonkeyPatch, images: list[Path], script: list[Script]
+          ) -> tuple[list[Any], FakeGuests, GuestMounts]:
+    fake = FakeGuests(script)
+    monkeypatch.setattr(checkguest, "live_guest", fake)
+    backend = GuestMounts(guest=GUEST)
+    fake.requests = [MountRequest(p, "ext4", True, None) for p in images]
+    steps = backend.mount_batch(fake.requests, timeout=5)
+    assert not fake.script, "a scripted batch was never used"
     return steps, fake, backend
 
 
-def test_a_guest_that_does_not_boot_is_retried_in_a_fresh_one(monkeypatch: pytest.MonkeyPatch,
-                                                              images: list[Path]) -> None:
+def test_a_guest_that_does_not_boot_is_replaced(monkeypatch: pytest.MonkeyPatch, images: list[Path]) -> None:
     steps, fake, backend = mount(monkeypatch, images, [no_boot, all_done])
-    assert fake.given == [[0, 1, 2], [0, 1, 2]] and len(backend.boots) == 2
+    assert fake.given == [[], [0, 1, 2]] and len(backend.boots) == 1
     for s in steps:
         assert not s.checker_fault and s.recovery is not None and s.recovery.rc == 0
         [why] = s.retries
-        assert "checker guest failed" in why and "python did not start" in why
+        assert "did not come up" in why and "python did not start" in why
 
 
-def test_a_guest_that_never_boots_costs_attempts_boots_then_is_the_checkers_fault(
+def test_a_guest_that_never_boots_costs_attempts_guests_then_is_the_checkers_fault(
         monkeypatch: pytest.MonkeyPatch, images: list[Path]) -> None:
     steps, fake, _ = mount(monkeypatch, images, [no_boot] * ATTEMPTS)
     assert len(fake.given) == ATTEMPTS >= 2
@@ -141,7 +134,7 @@ def test_qemu_killed_mid_image_costs_a_retry_not_a_result(monkeypatch: pytest.Mo
     assert fake.given == [[0, 1, 2], [1, 2]]  # image 0 was done; 1 was cut off, 2 never reached
     assert [s.checker_fault for s in steps] == ["", "", ""]
     assert steps[0].retries == [] and steps[2].retries == []
-    assert "checker guest stopped (QEMU exit status -9)" in steps[1].retries[0]
+    assert steps[1].retries[0].startswith(f"{FAULT_STOPPED}: mounting")
 
 
 def test_killed_twice_is_stored_as_the_checkers_fault(monkeypatch: pytest.MonkeyPatch,
@@ -151,31 +144,41 @@ def test_killed_twice_is_stored_as_the_checkers_fault(monkeypatch: pytest.Monkey
     assert steps[1].checker_fault == FAULT_STOPPED and not steps[2].checker_fault
 
 
-@pytest.mark.parametrize(("boot", "tool", "timed_out"), [(panicked_at(1), False, False),
-                                                        (hung_at(1), True, True)])
-def test_an_image_that_crashes_or_hangs_the_kernel_is_its_own_result(
-        monkeypatch: pytest.MonkeyPatch, images: list[Path], boot: Boot, tool: bool, timed_out: bool) -> None:
-    steps, fake, _ = mount(monkeypatch, images, [boot, all_done])
-    assert fake.given == [[0, 1, 2], [2]]  # image 1 is not retried: it did this
+@pytest.mark.parametrize(("script", "tool", "timed_out"), [(panicked_at, False, False),
+                                                          (hung_at, True, True)])
+def test_an_image_that_kills_two_guests_is_its_own_result(
+        monkeypatch: pytest.MonkeyPatch, images: list[Path], script: Callable[[int], Script], tool: bool,
+        timed_out: bool) -> None:
+    steps, fake, _ = mount(monkeypatch, images, [script(1), script(0), all_done])
+    assert fake.given == [[0, 1, 2], [1], [2]]  # image 1 once more, alone, in a fresh guest
     s = steps[1]
     assert not s.checker_fault and s.recovery is not None and s.recovery.timed_out == timed_out
     assert (s.recovery.rc is None) == tool  # a crashed kernel is the filesystem's (rc 255)
+    assert "retried in a fresh guest" in s.retries[0]
 
 
-def test_a_missing_disk_is_retried(monkeypatch: pytest.MonkeyPatch, images: list[Path]) -> None:
-    steps, fake, _ = mount(monkeypatch, images, [missing_disk, missing_disk])
-    assert fake.given == [[0, 1, 2], [0]]
+def test_an_image_that_killed_a_guest_once_is_checked_in_the_next(monkeypatch: pytest.MonkeyPatch,
+                                                                  images: list[Path]) -> None:
+    steps, fake, _ = mount(monkeypatch, images, [panicked_at(1), all_done, all_done])
+    assert fake.given == [[0, 1, 2], [1], [2]]
+    assert steps[1].recovery is not None and steps[1].recovery.rc == 0 and not steps[1].checker_fault
+    assert "guest kernel crashed mounting this image" in steps[1].retries[0]
+
+
+def test_a_missing_image_is_the_checkers_fault(monkeypatch: pytest.MonkeyPatch, images: list[Path]) -> None:
+    steps, fake, _ = mount(monkeypatch, images, [missing_disk])
+    assert fake.given == [[0, 1, 2]]
     assert steps[0].checker_fault == FAULT_MISSING and not steps[1].checker_fault
 
 
 def test_the_record_of_a_state_the_checker_never_checked_says_so(monkeypatch: pytest.MonkeyPatch,
                                                                  images: list[Path]) -> None:
-    fake = FakeTransport([no_boot] * ATTEMPTS)
-    monkeypatch.setattr(checkguest, "VirtiofsTransport", fake)
-    backend = GuestMounts(guest=Guest(Path("k"), Path("i"), "6.1", None, None, (), "key", Path(".")))
+    fake = FakeGuests([no_boot] * ATTEMPTS)
+    monkeypatch.setattr(checkguest, "live_guest", fake)
+    backend = GuestMounts(guest=GUEST)
     [rec] = check_batch([CheckItem(images[0], "ext4", "s0")], backend=backend, ext4_recovery="mount")
     assert rec.outcome is Outcome.CHECKER_ERROR and rec.checker_fault == FAULT_BOOT
-    assert any(n.startswith("checker retried after: checker guest failed") for n in rec.notes)
+    assert any(n.startswith("checker retried after: checker guest did not come up") for n in rec.notes)
     assert rec.fsck is None  # nothing ran on an image nobody recovered
     stored = type(rec).from_dict(json.loads(json.dumps(rec.to_dict())))
     assert stored.checker_fault == FAULT_BOOT
@@ -196,35 +199,40 @@ def test_a_real_qemu_killed_mid_batch_costs_a_retry_not_a_result(tmp_path: Path)
         subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), "32M"], check=True)
         items.append(CheckItem(image, "ext4", f"s{n}", oracle=lambda t: [] if len(list(t.iterdir())) >= 300
                                else ["tree incomplete"]))
+    undisturbed = {r.state_id: r.outcome for r in check_batch(items, backend=GuestMounts())}
+    checkguest.close_live_guests()
     killed: list[int] = []
+    real_run = checkguest.CheckerGuest.run
 
-    class KillOnce(VirtiofsTransport):
-        """The first boot's QEMU is SIGKILLed as soon as the guest starts on its second image."""
+    def kill_once(self: checkguest.CheckerGuest, requests: list[MountRequest], timeout: float
+                  ) -> checkguest.Batch:
+        """The first batch's QEMU is SIGKILLed as soon as the guest starts on its second image."""
+        results = self.share / results_name(self.batches)  # the batch about to be given
 
-        def run(self, job: GuestJob, guest: Guest, observer: Callable[[Machine], None] | None = None
-                ) -> GuestRun:
-            def watch(m: Machine) -> None:
-                def poll() -> None:
-                    while m.is_running():
-                        text = (job.share / RESULTS).read_text() if (job.share / RESULTS).exists() else ""
-                        started = [json.loads(line) for line in text.splitlines() if '"start"' in line]
-                        if len(started) >= 2:
-                            killed.append(started[-1]["index"])
-                            m.kill()
-                            return
-                        time.sleep(0.02)
-                threading.Thread(target=poll, daemon=True).start()
-            return super().run(job, guest, None if killed else watch)
+        def poll() -> None:
+            while self.machine is not None and self.machine.is_running():
+                text = results.read_text() if results.exists() else ""
+                started = [json.loads(line) for line in text.splitlines() if '"start"' in line]
+                if len(started) >= 2:
+                    killed.append(started[-1]["index"])
+                    self.machine.kill()
+                    return
+                time.sleep(0.02)
+        if not killed:
+            threading.Thread(target=poll, daemon=True).start()
+        return real_run(self, requests, timeout)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(checkguest, "VirtiofsTransport", KillOnce)
+    mp.setattr(checkguest.CheckerGuest, "run", kill_once)
     try:
-        with GuestMounts() as backend:
-            records = {r.state_id: r for r in check_batch(items, backend=backend)}
+        backend = GuestMounts()
+        records = {r.state_id: r for r in check_batch(items, backend=backend)}
     finally:
         mp.undo()
+        checkguest.close_live_guests()
     assert len(killed) == 1 and len(backend.boots) == 2
+    assert {k: r.outcome for k, r in records.items()} == undisturbed
     for r in records.values():
         assert r.outcome is Outcome.CONSISTENT and not r.checker_fault, json.dumps(r.to_dict())[:2000]
     cut = records[f"s{killed[0]}"]
-    assert any("checker guest stopped" in n for n in cut.notes), cut.notes
+    assert any(FAULT_STOPPED in n for n in cut.notes), cut.notes

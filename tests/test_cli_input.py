@@ -253,7 +253,7 @@ def test_a_disk_that_fills_during_a_run_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("toml", "needle"), [
     (b"\x00\xff\xfe\x80binary", "not a TOML file (not UTF-8 text)"),
     (b"fs = [ext4", "not valid TOML"),
-    (b'data_mode = "journal"\n', "unknown keys data_mode; known: barrier, cache"),
+    (b'data_mode = "journal"\n', "unknown keys data_mode; known: aio, barrier, cache"),
     (b'[matrix]\nfs = ["ext4"]\n[extra]\nx = 1\n', "[matrix] must be a table and the only one"),
     (b"matrix = 3\n", "[matrix] must be a table"),
     (b"fs = 3\n", "fs must be a non-empty list"),

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from crashlab import logformat, netns, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import Cell, Matrix
 from crashlab.check.outcome import Outcome
+from crashlab.diskmodels import DISK_MODELS
 from crashlab.guest.machine import Drive, NbdClient, drive_args
 from crashlab.nbd import Export, StorageServer, server_argv
 from crashlab.netfaults import Fault
@@ -73,6 +75,27 @@ def test_an_nbd_drive_reaches_its_export_and_refuses_a_local_log(tmp_path: Path)
     assert "write-cache=on" in args[3] and "werror=report" in args[3]
     with pytest.raises(Exception, match="logged on its server"):
         drive_args(0, Drive(tmp_path / "i", CACHE_MODES["none"], log=tmp_path / "l", nbd=client))
+
+
+def test_an_nbd_drive_keeps_its_disk_model_and_leaves_the_file_options_to_the_server(tmp_path: Path) -> None:
+    client = NbdClient("10.213.0.2", 10809, "data")
+    drive = Drive(tmp_path / "i", CACHE_MODES["none"], serial="data", nbd=client,
+                  model=DISK_MODELS["virtio-scsi"], discard="unmap", detect_zeroes="unmap")
+    args = drive_args(0, drive)
+    assert args[1].endswith("cache.no-flush=off,discard=unmap,detect-zeroes=unmap")
+    assert args[2:4] == ["-device", "virtio-scsi-pci,id=scsi0"]
+    assert args[5].startswith("scsi-hd,bus=scsi0.0") and args[5].endswith(",serial=data")
+    with pytest.raises(Exception, match="server's file"):
+        drive_args(0, replace(drive, aio="native"))
+    export = Export(tmp_path / "i", CACHE_MODES["none"], log=tmp_path / "l", aio="native", discard="unmap")
+    served = " ".join(server_argv(export, "10.213.0.2", tmp_path / "q"))
+    assert "cache.no-flush=off,aio=native,discard=unmap" in served
+    assert "log-sector-size=512,cache.no-flush=off,discard=unmap" in served
+    plain = server_argv(Export(tmp_path / "i", CACHE_MODES["none"]), "10.213.0.2", tmp_path / "q")
+    assert "aio=" not in " ".join(plain)
+    cell = Cell.parse({"storage": "nbd", "disk": "virtio-scsi", "cache": "none"})
+    assert cell.key.endswith(" strategy=random storage=nbd disk=virtio-scsi")
+    assert cell.record_config().storage == "nbd" and cell.record_config().disk == "virtio-scsi"
 
 
 @pytest.mark.parametrize(("text", "expected"), [

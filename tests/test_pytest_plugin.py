@@ -167,3 +167,21 @@ def test_sensitivity_check_fails_when_the_model_is_blind(pytester: pytest.Pytest
     result.assert_outcomes(failed=1, deselected=1)
     result.stdout.fnmatch_lines(["*GATE BROKEN: the known-unsafe configuration showed no failure in 4 *",
                                  "*cell: ext4 cache=unsafe barrier=off*strategy=prefix: 0/4 failed*"])
+
+
+def test_disk_kernel_and_domain_xml_options_reach_the_policy_cell(pytester: pytest.Pytester) -> None:
+    xml = pytester.path / "disk.xml"
+    xml.write_text("<disk type='file' device='disk'><driver name='qemu' type='raw' cache='writethrough'/>"
+                   "<target dev='hda' bus='ide'/></disk>")
+    pytester.makepyfile(test_x="""
+        def test_cell(crashlab_options):
+            cell = crashlab_options.policy.cell
+            assert (cell.cache.name, cell.disk, cell.qemu) == ("writethrough", "ide", "qemu-system-x86_64")
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--crashlab-domain-xml", str(xml),
+                                "--crashlab-qemu", "qemu-system-x86_64")
+    result.assert_outcomes(passed=1)
+    for args in (["--crashlab-domain-xml", str(xml), "--crashlab-disk", "ide"],
+                 ["--crashlab-domain-xml", str(pytester.path / "missing.xml")]):
+        result = pytester.runpytest(*args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR and "--crashlab-domain-xml" in result.stderr.str()

@@ -14,18 +14,21 @@ from crashlab.recorders import LOGGING, RECORDERS, Recorder, UnknownRecorder, re
 
 
 def test_the_table_says_what_each_recorder_is() -> None:
-    assert list(RECORDERS) == ["qemu", "dm", "none"]
-    assert [r for r in Recorder if r.logs] == list(LOGGING) == [Recorder.QEMU, Recorder.DM]
+    assert list(RECORDERS) == ["qemu", "dm", "none", "host-dm"]
+    assert [r for r in Recorder if r.logs] == list(LOGGING) == [Recorder.QEMU, Recorder.DM, Recorder.HOST_DM]
     assert [r for r in Recorder if r.in_guest] == [Recorder.DM]  # the log on a second disk
     assert all(r.meaning for r in Recorder)
-    assert model.RECORDERS == ("qemu", "dm")
+    assert model.RECORDERS == ("qemu", "dm")  # above the host page cache: the cache mode's rules
+    assert model.READABLE == ("qemu", "dm", "host-dm")
+    # Crash-state ids are '-'-separated: each recorder has a token without one, the old ones unchanged.
+    assert [r.token for r in Recorder] == ["qemu", "dm", "none", "hostdm"]
 
 
 def test_lookup_names_the_valid_choices() -> None:
     assert recorder(" QEMU ") is Recorder.QEMU and recorder(Recorder.DM) is Recorder.DM
     with pytest.raises(UnknownRecorder, match="unknown recorder 'tape'; valid recorders: qemu, dm, none"):
         recorder("tape")
-    with pytest.raises(UnknownRecorder, match=r"valid recorders: qemu, dm$"):
+    with pytest.raises(UnknownRecorder, match=r"valid recorders: qemu, dm, host-dm$"):
         recorder("none", LOGGING)
     with pytest.raises(model.ModelError, match="unknown recorder 'none'; valid recorders: qemu, dm"):
         model.config("none", "writeback")

@@ -1,190 +1,369 @@
-"""The checker guest: kernel mounts of crash images inside a disposable QEMU guest.
+"""The checker guest: kernel mounts of crash images inside a long-lived, disposable QEMU guest.
 
 A corrupted image can oops, hang or panic the kernel that mounts it, so by default that kernel is a
-guest's. One boot serves many images: each is attached as a virtio disk (serial `ck<N>`), and the
-guest's `check` job (crashlab.guest.inguest.check) mounts them in turn and runs the workload's
-oracle on each read-only mount, reporting the violations as JSON; only a request without a
-promises file (a callable oracle) or a tree that cannot be read in full has its tree copied into
-the results share.
-If an image kills the guest kernel, that image is recorded as what a reboot would have met (a
-crashed mount: `unmountable`, console kept) and the images after it get a fresh guest. When the
-checker itself fails (the guest does not boot, QEMU is killed without a kernel crash, a disk is not
-found), the images it failed get a fresh guest too, `ATTEMPTS` boots in all; one that never gets
-checked is a checker-error carrying its `checker_fault`, which campaigns count apart and retry.
+guest's. A `CheckerGuest` boots once (per process: a campaign worker keeps its own) and checks
+batch after batch: each image is hard-linked into the guest's results share, where the guest's
+`serve` job (crashlab.guest.inguest.check) attaches it to a loop device, mounts it as asked and runs
+the workload's oracle on the read-only mount, reporting a `start` line before each image and a
+`done` line after it. Only a request without a promises file (a callable oracle) or a tree that
+cannot be read in full has its tree copied into the share.
+
+When the guest dies on an image (a kernel crash, a hang past the image's deadline) it is replaced
+and that image is tried once more, alone, in a fresh guest: only a second death is the image's
+result (`unmountable`, console kept, or a hang). When the checker itself fails (the guest does not
+boot, QEMU is killed without a kernel crash, an image cannot be attached), the images it failed get
+another guest, `ATTEMPTS` in all; one that never gets checked is a checker-error carrying its
+`checker_fault`, which campaigns count apart and retry.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from crashlab.cachemodes import cache_mode
+from crashlab import rundir
 from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec
 from crashlab.check.outcome import ToolRun, clip
-from crashlab.guest.inguest.check import RESULTS
-from crashlab.guest.job import GuestFileError, GuestJob, read_guest_file
-from crashlab.guest.machine import Drive
+from crashlab.guest.inguest.check import READY, batch_name, results_name
+from crashlab.guest.inguest.init import guest_env
+from crashlab.guest.job import GuestFileError, read_guest_file, read_guest_json
+from crashlab.guest.machine import Machine, MachineError, choose_accel
 from crashlab.guest.provision import Guest, provision
-from crashlab.guest.shares import HostView, host_view, visible_in
-from crashlab.guest.transport import VirtiofsTransport, guest_path
+from crashlab.guest.shares import PROJECT, HostView, ResultsShare, Share, host_view, visible_in
+from crashlab.guest.transport import guest_path
 
-MAX_DISKS = 16  # virtio-blk-pci devices per boot (one PCI slot each)
-BOOT_BUDGET_S = 90.0  # boot + Python start under TCG, with margin for a loaded host
+BOOT_BUDGET_S = 120.0  # boot + Python start under TCG, with margin for a loaded host
+LIFETIME_S = 7 * 24 * 3600.0  # the machine's own hard deadline; images have their own
 PANIC_SIGNS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "Call Trace:")
-ATTEMPTS = 2  # boots an image gets when the checker guest, not the image, fails
-# Why the checker, not the image, failed (CheckRecord.checker_fault): the image gets another boot.
+ATTEMPTS = 2  # guests an image gets when the checker guest, not the image, fails
+POLL_S = 0.01
+# Why the checker, not the image, failed (CheckRecord.checker_fault): the image gets another guest.
 FAULT_BOOT = "checker guest failed before any image"  # no boot, no Python, hung or died at start
 FAULT_STOPPED = "checker guest stopped mid-image"  # QEMU killed or exited, no kernel crash, no hang
-FAULT_MISSING = "disk not found in the checker guest"
+FAULT_MISSING = "image could not be attached in the checker guest"
+
+
+class GuestFailed(Exception):
+    """The checker guest did not come up: the checker's fault, never an image's."""
+
+
+@dataclass
+class Batch:
+    """What one batch came back with: events by request index and, if the guest died, how."""
+
+    events: dict[int, dict[str, Any]] = field(default_factory=dict)
+    died: str = ""  # "", "panic", "hung" or "stopped"
+    console: str = ""  # the console since the batch began, when the guest died
+    at: int | None = None  # the request being checked when it died
+    seconds: float = 0.0
+
+
+class CheckerGuest:
+    """One long-lived checker guest: booted once, fed batches through its share until closed."""
+
+    def __init__(self, guest: Guest, memory_mib: int = 512, accel: str = "auto") -> None:
+        self.guest, self.memory_mib = guest, memory_mib
+        self.accel = choose_accel(guest.kernel, guest.initrd, accel)
+        self.machine: Machine | None = None
+        self.share = Path()
+        self.view: HostView = host_view()
+        self.copied: dict[tuple[str, int], str] = {}  # promises files copied into the share
+        self.batches = 0
+        self.images = 0
+        self.boot_seconds = 0.0
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        where = rundir.tmpfs() or rundir.scratch()
+        self.share = Path(tempfile.mkdtemp(prefix="crashlab-checker-", dir=where))
+        (self.share / "guest.env").write_text(guest_env(os.path.realpath(_python()), str(PROJECT)))
+        (self.share / "job.json").write_text(json.dumps({"mode": "serve"}))
+        shares: list[Share] = [self.view, ResultsShare("out", self.share)]
+        self.machine = Machine(self.guest.kernel, self.guest.initrd, shares=shares,
+                               memory_mib=self.memory_mib, accel=self.accel, timeout=LIFETIME_S,
+                               console_log=self.share / "console.log", name="crashlab-check")
+        try:
+            self.machine.launch()
+            while read_guest_json(self.share / "result.json").get("status") != READY:
+                if not self.machine.is_running() or time.monotonic() - t0 > BOOT_BUDGET_S:
+                    said = (read_guest_json(self.share / "result.json").get("error")
+                            or self.machine.console_tail(6))
+                    raise GuestFailed(f"checker guest did not come up ({self.accel}, "
+                                      f"{time.monotonic() - t0:.0f} s): {said or 'no console output'}")
+                time.sleep(0.05)
+        except (MachineError, GuestFailed, OSError) as e:
+            self.close()
+            raise GuestFailed(str(e)) from None
+        self.boot_seconds = time.monotonic() - t0
+
+    def alive(self) -> bool:
+        return self.machine is not None and self.machine.is_running()
+
+    def run(self, requests: Sequence[MountRequest], timeout: float) -> Batch:
+        """Check `requests` (indices are their positions); returns when all are answered or the
+        guest died. An image gets `2 * timeout + 10` s (two mount steps and the oracle)."""
+        assert self.machine is not None
+        k, batch, t0 = self.batches, Batch(), time.monotonic()
+        self.batches += 1
+        base = self.images
+        self.images += len(requests)
+        links, copies, reqs = [], [], []
+        for i, r in enumerate(requests):
+            name = f"image-{base + i}.img"
+            if not _link(Path(r.image), self.share / name):
+                copies.append((self.share / name, Path(r.image)))
+            links.append(self.share / name)
+            reqs.append({"index": base + i, "image": name, "fs": r.fs, "recover": r.recover,
+                         "tree": r.tree_dest is not None, "oracle": self._oracle_job(r.oracle)})
+        console_at = _size(self.share / "console.log")
+        try:
+            _write_atomic(self.share / batch_name(k), {"timeout": timeout, "requests": reqs})
+            deadline_per_image = 2 * timeout + 10
+            started: tuple[int, float] | None = None
+            while True:
+                for ev in _events(self.share / results_name(k)):
+                    i = ev["index"] - base
+                    if 0 <= i < len(reqs):
+                        batch.events[i] = ev
+                        if ev["event"] == "start":
+                            started = (i, time.monotonic()) if started is None or started[0] != i else started
+                open_ = [i for i, e in batch.events.items() if e["event"] == "start"]
+                if len(batch.events) == len(reqs) and not open_:
+                    break
+                hung = started is not None and open_ and time.monotonic() - started[1] > deadline_per_image
+                if hung or not self.machine.is_running():
+                    batch.at = open_[0] if open_ else None
+                    console = _read_from(self.share / "console.log", console_at)
+                    batch.died = ("hung" if hung else
+                                  "panic" if any(sign in console for sign in PANIC_SIGNS) else "stopped")
+                    batch.console = console
+                    break
+                time.sleep(POLL_S)
+            for i, ev in batch.events.items():
+                ev["index"] = i
+                dest = requests[i].tree_dest
+                if ev["event"] == "done" and dest is not None:
+                    _take_tree(self.share / "trees" / str(base + i), dest)
+            for shared, image in copies:  # the guest recovered the copy: it is the image now
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(shared, image)
+        finally:
+            for link in links:
+                with contextlib.suppress(OSError):
+                    link.unlink()
+            if batch.died:
+                self.close()  # after its trees are out of the share: it goes with the guest
+        batch.seconds = time.monotonic() - t0
+        return batch
+
+    def _oracle_job(self, spec: OracleSpec | None) -> dict[str, Any] | None:
+        """The oracle as the guest gets it; a promises file it cannot see is copied into the share,
+        once per file (and version) for the guest's life."""
+        if spec is None:
+            return None
+        src = Path(spec.promises).resolve()
+        present = None if spec.present is None else sorted(spec.present)
+        if visible_in(self.view, src):
+            return {"promises": str(src), "present": present}
+        try:
+            key = (str(src), os.stat(src).st_mtime_ns)
+        except OSError:
+            key = (str(src), 0)
+        if key not in self.copied:
+            name = f"promises-{len(self.copied)}.jsonl"
+            # Unreadable here: left out, so the guest's load fails and says so (a checker-error).
+            with contextlib.suppress(OSError):
+                shutil.copyfile(src, self.share / name)
+            self.copied[key] = guest_path(name)
+        return {"promises": self.copied[key], "present": present}
+
+    def close(self) -> None:
+        if self.machine is not None:
+            m, self.machine = self.machine, None
+            if m.is_running():
+                with contextlib.suppress(OSError):
+                    _write_atomic(self.share / batch_name(self.batches), {"stop": True})
+                with contextlib.suppress(MachineError):
+                    m.wait(10)
+            m._shutdown_quietly(None)
+        if self.share != Path():
+            shutil.rmtree(self.share, ignore_errors=True)
+
+
+def _python() -> str:
+    return os.environ.get("CRASHLAB_GUEST_PYTHON") or sys.executable
+
+
+def _link(src: Path, dest: Path) -> bool:
+    """The image in the share: a hard link where it can be (same filesystem, no copy), else a copy
+    (False) that must be copied back once the guest has recovered it."""
+    try:
+        os.link(src, dest)
+        return True
+    except OSError:
+        shutil.copyfile(src, dest)
+        return False
+
+
+def _write_atomic(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    text = ""
+    with contextlib.suppress(GuestFileError):
+        text = read_guest_file(path) or ""
+    return text[offset:] if len(text) >= offset else text
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = read_guest_file(path) or ""
+    except GuestFileError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:  # a line cut by the guest's death, or still being written
+            continue
+        if isinstance(ev, dict) and isinstance(ev.get("index"), int):
+            out.append(ev)
+    return out
+
+
+def _take_tree(src: Path, dest: Path) -> None:
+    if src.is_dir() and not src.is_symlink():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(str(src), str(dest))
+
+
+# One live checker guest per process and configuration: a campaign worker boots it for its first
+# unit that needs one and keeps it for every later unit. Closed at exit; a worker killed outright
+# takes its QEMU and virtiofsd with it (PR_SET_PDEATHSIG) and its share is reclaimed by rundir.
+_LIVE: dict[tuple[str, int, str], CheckerGuest] = {}
+
+
+def live_guest(guest: Guest, memory_mib: int, accel: str) -> CheckerGuest:
+    key = (guest.key, memory_mib, accel)
+    g = _LIVE.get(key)
+    if g is None or not g.alive():
+        if g is not None:
+            g.close()
+        g = CheckerGuest(guest, memory_mib, accel)
+        g.start()
+        _LIVE[key] = g
+    return g
+
+
+def close_live_guests() -> None:
+    for g in _LIVE.values():
+        g.close()
+    _LIVE.clear()
+
+
+atexit.register(close_live_guests)
 
 
 class GuestMounts:
-    """A `MountBackend` whose mounts happen in a checker guest; a context manager (provisions once)."""
+    """A `MountBackend` whose mounts happen in a long-lived checker guest; a context manager."""
 
     name = "guest"
 
-    def __init__(self, guest: Guest | None = None, *, memory_mib: int = 512, accel: str = "tcg",
-                 max_disks: int = MAX_DISKS, attempts: int = ATTEMPTS) -> None:
-        self.guest, self.memory_mib, self.accel, self.max_disks = guest, memory_mib, accel, max_disks
+    def __init__(self, guest: Guest | None = None, *, memory_mib: int = 512, accel: str = "auto",
+                 attempts: int = ATTEMPTS, batch: int = 64) -> None:
+        self.guest, self.memory_mib, self.accel, self.batch = guest, memory_mib, accel, batch
         self.attempts = max(1, attempts)
-        self.boots: list[dict[str, float]] = []  # per boot: images, seconds (for reports and tests)
+        self.boots: list[dict[str, float]] = []  # per batch: images, seconds (for reports and tests)
 
     def __enter__(self) -> GuestMounts:
-        if self.guest is None:
-            self.guest = provision()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        pass
+        pass  # the guest outlives this backend: the next unit in this process reuses it
+
+    def _live(self) -> CheckerGuest:
+        if self.guest is None:
+            self.guest = provision()
+        return live_guest(self.guest, self.memory_mib, self.accel)
 
     def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
                     ) -> list[MountSteps]:
-        if self.guest is None:
-            self.__enter__()
         results: list[MountSteps | None] = [None] * len(requests)
-        tries = [0] * len(requests)  # boots that said something about each image
-        pending = list(range(len(requests)))
-        while pending:
-            before = list(results)
-            for i in self._boot(requests, pending[:self.max_disks], timeout, results):
-                tries[i] += 1
-                earlier = before[i]
-                if earlier is not None and earlier.checker_fault:
-                    steps = results[i]
-                    assert steps is not None
-                    steps.retries[:0] = [*earlier.retries, _why(earlier)]
-            # Every boot attributes at least one image, so this ends: an image the guest never
-            # reached waits for the next boot, one the checker failed gets `attempts` boots in all.
-            pending = [i for i, r in enumerate(results)
-                       if r is None or (r.checker_fault and tries[i] < self.attempts)]
-        return [r for r in results if r is not None]
-
-    def _boot(self, requests: Sequence[MountRequest], indices: list[int], timeout: float,
-              results: list[MountSteps | None]) -> list[int]:
-        """One boot for `indices`; fills in `results` for the images it can say something about
-        and returns those (all of them when the guest reported nothing at all)."""
-        assert self.guest is not None
-        with tempfile.TemporaryDirectory(prefix="crashlab-checkguest-") as tmp:
-            out = Path(tmp)
-            promises: dict[Path, str] = {}
-            view = host_view()
-            reqs = [{"index": i, "serial": f"ck{i}", "fs": requests[i].fs, "recover": requests[i].recover,
-                     "tree": requests[i].tree_dest is not None,
-                     "oracle": _oracle_job(requests[i].oracle, out, view, promises)} for i in indices]
-            # writeback: the guest's unmount flushes, and the host's fsck reads the same page cache.
-            drives = tuple(Drive(Path(requests[i].image).resolve(), cache_mode("writeback"), serial=f"ck{i}")
-                           for i in indices)
-            job = GuestJob({"mode": "check", "timeout": timeout, "requests": reqs}, share=out,
-                           console=out / "console.log", drives=drives, memory_mib=self.memory_mib,
-                           accel=self.accel, timeout_s=BOOT_BUDGET_S + len(indices) * (2 * timeout + 10),
-                           name="crashlab-check")
-            run = VirtiofsTransport().run(job, self.guest)
-            crash = ("timeout: " if run.timed_out else "") + (run.error or "")
-            if not crash and run.qemu_exit:
-                crash = f"QEMU exit status {run.qemu_exit}"
-            console = run.console_text()
-            events = _events(out / RESULTS)
-            seen = []
-            for i in indices:
-                ev = events.get(i, {})
-                if ev.get("event") == "done":
-                    results[i] = _steps_from(ev, requests[i], out)
-                elif ev.get("event") == "start":
-                    # This image was being mounted when the guest stopped: a kernel that crashed is
-                    # what a reboot would meet, and a hang is charged to the image too; a guest
-                    # that just stopped (QEMU killed, our process dying) says nothing about it.
-                    hung = run.timed_out
-                    panicked = not hung and any(s in console for s in PANIC_SIGNS)
-                    why = ("guest kernel crashed mounting this image" if panicked else
-                           "guest hung mounting this image" if hung else
-                           f"checker guest stopped ({crash or 'no reason given'})")
-                    steps = _failed(requests[i], f"{why}: {_console_tail(console)}", tool=not panicked,
-                                    timed_out=hung, fault="" if panicked or hung else FAULT_STOPPED)
-                    steps.kernel_log = clip(console)
-                    results[i] = steps
-                elif ev.get("event") == "missing":
-                    results[i] = _failed(requests[i], "disk not found in the guest", tool=True,
+        faults = [0] * len(requests)  # guests that failed this image for reasons of their own
+        killed: set[int] = set()  # images that killed a guest once
+        notes: dict[int, list[str]] = {}
+        while pending := [i for i, r in enumerate(results) if r is None]:
+            # An image that killed a guest is retried alone in a fresh one.
+            todo = [i for i in pending if i in killed][:1] or pending[:self.batch]
+            try:
+                g = self._live()
+            except GuestFailed as e:
+                for i in todo:
+                    faults[i] += 1
+                    if faults[i] >= self.attempts:
+                        results[i] = _failed(requests[i], str(e), tool=True, fault=FAULT_BOOT)
+                    else:
+                        notes.setdefault(i, []).append(str(e))
+                continue
+            b = g.run([requests[i] for i in todo], timeout)
+            self.boots.append({"images": float(len(b.events)), "seconds": b.seconds})
+            for j, ev in b.events.items():
+                i = todo[j]
+                if ev["event"] == "done":
+                    results[i] = _steps_from(ev, requests[i])
+                elif ev["event"] == "missing":
+                    results[i] = _failed(requests[i], f"{FAULT_MISSING}: {ev.get('error', '')}", tool=True,
                                          fault=FAULT_MISSING)
-                else:
-                    continue
-                seen.append(i)
-            self.boots.append({"images": float(len(seen)), "seconds": run.host_seconds})
-            if not seen:
-                said = str(run.result.get("error") or "") or _console_tail(console) or "no console output"
-                why = f"checker guest failed ({crash or 'no results'}): {said}"
-                for i in indices:
-                    results[i] = _failed(requests[i], why, tool=True, fault=FAULT_BOOT)
-                seen = list(indices)
-            return seen
+            if b.died and b.at is not None:
+                self._died(todo[b.at], b, requests, results, faults, killed, notes)
+        out = [r for r in results if r is not None]
+        for i, steps in enumerate(out):
+            steps.retries[:0] = notes.get(i, [])
+        return out
 
-
-def _oracle_job(spec: OracleSpec | None, out: Path, view: HostView, copied: dict[Path, str]
-                ) -> dict[str, Any] | None:
-    """The oracle as the guest gets it; a promises file it could not see is copied into `out`,
-    once per file and boot."""
-    if spec is None:
-        return None
-    src = Path(spec.promises).resolve()
-    if visible_in(view, src):
-        path = str(src)
-    else:
-        if src not in copied:
-            name = f"promises-{len(copied)}.jsonl"
-            # Unreadable here: left out, so the guest's load fails and says so (a checker-error).
-            with contextlib.suppress(OSError):
-                shutil.copyfile(src, out / name)
-            copied[src] = guest_path(name)
-        path = copied[src]
-    present = None if spec.present is None else sorted(spec.present)
-    return {"promises": path, "present": present}
-
-
-def _events(path: Path) -> dict[int, dict[str, Any]]:
-    last: dict[int, dict[str, Any]] = {}
-    try:
-        text = read_guest_file(path) or ""
-    except GuestFileError:
-        text = ""
-    for line in text.splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:  # a line cut by the guest's death
-            continue
-        if isinstance(ev, dict) and isinstance(ev.get("index"), int):
-            last[ev["index"]] = ev
-    return last
-
-
-def _why(steps: MountSteps) -> str:
-    run = steps.recovery or steps.tree
-    return run.stderr.strip() if run is not None else steps.checker_fault
+    def _died(self, i: int, b: Batch, requests: Sequence[MountRequest], results: list[MountSteps | None],
+              faults: list[int], killed: set[int], notes: dict[int, list[str]]) -> None:
+        """The guest died checking image `i`: retry it, or record what it did."""
+        results[i] = None
+        tail = _console_tail(b.console) or "no console output"
+        why = {"panic": "guest kernel crashed mounting this image",
+               "hung": "guest hung mounting this image"}.get(b.died, "")
+        if why and i in killed:  # the second guest it killed: the image's own result
+            steps = _failed(requests[i], f"{why}: {tail}", tool=b.died == "hung", timed_out=b.died == "hung")
+            steps.kernel_log = clip(b.console)
+            results[i] = steps
+        elif why:
+            killed.add(i)
+            notes.setdefault(i, []).append(f"{why}; retried in a fresh guest: {tail}")
+        else:
+            faults[i] += 1
+            why = f"{FAULT_STOPPED}: {tail}"
+            if faults[i] >= self.attempts:
+                results[i] = _failed(requests[i], why, tool=True, fault=FAULT_STOPPED)
+            else:
+                notes.setdefault(i, []).append(why)
 
 
 def _console_tail(console: str, lines: int = 8) -> str:
@@ -206,13 +385,8 @@ def _failed(req: MountRequest, why: str, *, tool: bool, timed_out: bool = False,
     return steps
 
 
-def _steps_from(ev: dict[str, Any], req: MountRequest, out: Path) -> MountSteps:
-    steps = MountSteps(recovery=ToolRun.from_dict(ev["recovery"]) if ev.get("recovery") else None,
-                       tree=ToolRun.from_dict(ev["tree"]) if ev.get("tree") else None,
-                       kernel_log=ev.get("kernel_log", ""), timings=dict(ev.get("timings", {})),
-                       violations=ev.get("violations"), oracle_error=ev.get("oracle_error", ""))
-    src = out / "trees" / str(ev["index"])
-    if req.tree_dest is not None and src.is_dir() and not src.is_symlink():
-        shutil.rmtree(req.tree_dest, ignore_errors=True)
-        shutil.move(str(src), str(req.tree_dest))
-    return steps
+def _steps_from(ev: dict[str, Any], req: MountRequest) -> MountSteps:
+    return MountSteps(recovery=ToolRun.from_dict(ev["recovery"]) if ev.get("recovery") else None,
+                      tree=ToolRun.from_dict(ev["tree"]) if ev.get("tree") else None,
+                      kernel_log=ev.get("kernel_log", ""), timings=dict(ev.get("timings", {})),
+                      violations=ev.get("violations"), oracle_error=ev.get("oracle_error", ""))

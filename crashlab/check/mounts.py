@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from crashlab import filesystems
 from crashlab.check.outcome import ToolRun, violation_to_json
 from crashlab.check.tools import run_tool
-from crashlab.oracle import load_promises
+from crashlab.oracle import Promises, load_promises
 
 MOUNT_TIMEOUT = 120.0
 MNT_EX_FAIL = 32  # what mount(8) and umount(8) exit with when the call fails
@@ -44,6 +44,7 @@ class MountSteps:
     oracle_error: str = ""  # the oracle raised (then `violations` is []): a checker-error
     checker_fault: str = ""  # the checker itself failed, not this image (CheckRecord.checker_fault)
     retries: list[str] = field(default_factory=list)  # why earlier attempts at this image failed
+    backend: str = ""  # which backend did this, when a routing backend chose one
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,16 @@ def merge_runs(argv: list[str], runs: list[ToolRun]) -> ToolRun:
     return merged
 
 
-_PROMISES: dict[tuple[str, int, int], Any] = {}  # (path, mtime, size) -> Promises: once per boot
+_PROMISES: dict[tuple[str, int, int], Promises] = {}  # (path, mtime, size) -> Promises: once per process
+
+
+def cached_promises(path: Path) -> Promises:
+    """A promises file, parsed once however many images are judged by it."""
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _PROMISES:
+        _PROMISES[key] = load_promises(path)
+    return _PROMISES[key]
 
 
 def run_oracle(tree: Path, spec: OracleSpec) -> tuple[list[Any], str]:
@@ -95,11 +105,7 @@ def run_oracle(tree: Path, spec: OracleSpec) -> tuple[list[Any], str]:
     loaded or an oracle that raises is workload code failing, the checker's fault, not the image's."""
 
     try:
-        st = os.stat(spec.promises)
-        key = (str(spec.promises), st.st_mtime_ns, st.st_size)
-        if key not in _PROMISES:
-            _PROMISES[key] = load_promises(spec.promises)
-        found = _PROMISES[key].check(tree, spec.present)
+        found = cached_promises(spec.promises).check(tree, spec.present)
         return [violation_to_json(v) for v in found], ""
     except Exception as e:  # the same words as the host-side oracle (runner._run_oracle)
         return [], f"oracle raised {type(e).__name__}: {e}"

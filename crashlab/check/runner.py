@@ -35,15 +35,21 @@ from crashlab.check.mounts import (
     HostMounts,
     MountBackend,
     MountRequest,
+    MountSteps,
     OracleSpec,
 )
 from crashlab.check.outcome import CheckRecord, StepVerdict, Verdict
 from crashlab.check.tools import DEFAULT_TIMEOUT, run_tool
+from crashlab.check.userspace import UserspaceMounts
 from crashlab.oracle import Violation, load_promises
 
 Oracle = Callable[[Path], Sequence[Any]]  # recovered tree -> violated promises (empty: all kept)
 Ext4Recovery = Literal["e2fsck", "mount"]
-CHUNK = 16  # images per guest boot: each is a virtio disk, and PCI slots are finite
+# Where the oracle's reads and any recovery mount happen. `auto`: ext2/3/4 in userspace (debugfs,
+# no kernel touches the image; its journal is replayed by e2fsck), XFS and btrfs in a checker guest,
+# whose kernel alone can replay their logs. `host` mounts on this host's kernel: disposable hosts only.
+CHECKERS = ("auto", "userspace", "guest", "host")
+CHUNK = 64  # images per mount batch: built, then handed to the backend together
 
 
 @dataclass
@@ -179,6 +185,7 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
                              st.item.oracle_spec) for st in todo]
     for st, steps in zip(todo, backend.mount_batch(requests, mount_timeout), strict=True):
         st.record.timings.update(steps.timings)
+        st.record.backend = steps.backend or st.record.backend
         st.record.kernel_log = steps.kernel_log
         st.record.checker_fault = steps.checker_fault
         st.record.notes += [f"checker retried after: {why}" for why in steps.retries]
@@ -200,18 +207,56 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
                 shutil.rmtree(st.tree_dest, ignore_errors=True)
 
 
-def check_batch(items: Iterable[CheckItem], *, host_mount: bool = False, backend: MountBackend | None = None,
+class RoutedMounts:
+    """`auto`: each request to the backend that can serve it without a kernel where one exists."""
+
+    name = "auto"
+
+    def __init__(self, mounting: MountBackend) -> None:
+        self.userspace, self.mounting = UserspaceMounts(), mounting
+
+    def route(self, req: MountRequest) -> MountBackend:
+        readable = req.fs in filesystems.USERSPACE_READABLE and not req.recover
+        return self.userspace if readable else self.mounting
+
+    def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
+                    ) -> list[MountSteps]:
+        out: list[MountSteps | None] = [None] * len(requests)
+        for backend in (self.userspace, self.mounting):
+            mine = [i for i, r in enumerate(requests) if self.route(r) is backend]
+            if mine:
+                for i, steps in zip(mine, backend.mount_batch([requests[i] for i in mine], timeout),
+                                    strict=True):
+                    steps.backend = steps.backend or backend.name
+                    out[i] = steps
+        return [s for s in out if s is not None]
+
+
+def make_backend(checker: str, stack: contextlib.ExitStack, **guest_options: Any) -> MountBackend:
+    """The backend named by `checker` (one of CHECKERS); a guest is provisioned only when an image
+    first needs one."""
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; choose from {', '.join(CHECKERS)}")
+    if checker == "userspace":
+        return UserspaceMounts()
+    mounting: MountBackend = (HostMounts() if checker == "host"
+                              else stack.enter_context(GuestMounts(**guest_options)))
+    return RoutedMounts(mounting) if checker == "auto" else mounting
+
+
+def check_batch(items: Iterable[CheckItem], *, host_mount: bool = False, checker: str = "auto",
+                backend: MountBackend | None = None,
                 ext4_recovery: Ext4Recovery = "e2fsck", timeout: float = DEFAULT_TIMEOUT,
                 mount_timeout: float = MOUNT_TIMEOUT, chunk: int = CHUNK,
                 **guest_options: Any) -> Iterator[CheckRecord]:
-    """Check many disposable images. Mounts happen in a checker guest (one boot per `chunk` images)
-    unless `backend` is given or `host_mount=True` (loop mounts on this host: disposable hosts only).
+    """Check many disposable images, where `checker` says (CHECKERS; `host_mount=True` is `host`),
+    unless `backend` is given.
 
     A generator: records come out chunk by chunk, so a caller can store them as they arrive.
     """
     with contextlib.ExitStack() as stack:
         if backend is None:
-            backend = HostMounts() if host_mount else stack.enter_context(GuestMounts(**guest_options))
+            backend = make_backend("host" if host_mount else checker, stack, **guest_options)
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crashlab-check-")))
         it = iter(items)
         while batch := list(itertools.islice(it, chunk)):

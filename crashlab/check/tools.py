@@ -18,7 +18,7 @@ from crashlab.check.outcome import ToolRun
 DEFAULT_TIMEOUT = 120.0
 
 
-def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> ToolRun:
+def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None) -> ToolRun:
     """Run `argv`, never raising for the tool's own failures: those are data for the record.
 
     crashlab.proc runs it: its own process group (a timeout kills the wrapper's children too), death
@@ -35,7 +35,7 @@ def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> ToolRun:
         run.error = f"{argv[0]} not found"
         return run
     # Pipes, not ptys: a guest has none.
-    done = proc.run([path, *argv[1:]], timeout)
+    done = proc.run([path, *argv[1:]], timeout, cwd=cwd)
     run.timed_out = done.timed_out
     run.rc = done.returncode  # None: killed at the deadline; negative: killed from elsewhere
     run.stdout = _text(done.stdout)

@@ -14,7 +14,7 @@ import click
 from crashlab import campaign, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.check.describe import describe_failure
-from crashlab.cli import CrashlabError
+from crashlab.cli import CrashlabError, shipped
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.record import GuestOutputs
 from crashlab.store import DEFAULT_PATH, Store, StoreError
@@ -183,6 +183,9 @@ def _progress_lines(cells: int, every_s: float = 15.0) -> Callable[[campaign.Pro
 
 
 def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Matrix:
+    """The matrix the options ask for; the shared disk and build options (crashlab.cli.shipped)
+    are taken out of `options` first, a libvirt XML's cache mode included."""
+    drive = shipped.take(options, lists=True)
     overrides: dict[str, Any] = {}
     for key in ("fs", "cache", "barrier", "recorder", "workload", "window", "storage"):
         if (v := _csv(options.get(key))) is not None:
@@ -197,7 +200,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
             overrides[key] = options[key]
     from dataclasses import replace
 
-    return replace(base, **overrides)
+    return replace(base, **{**overrides, **drive})
 
 
 @click.command("matrix", epilog=EXIT_EPILOG)
@@ -210,6 +213,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 @click.option("--workload", help=f"Workloads [default: {','.join(campaign.DEFAULT_WORKLOADS)}].")
 @click.option("--storage", help="local, nbd or local,nbd: the guest's disk a local file, or an NBD export "
                                 "logged on its server [default: local].")
+@shipped.options(lists=True)
 @_common
 def matrix_command(config_file: Path | None, workers: int | None, unit_states: int, host_mount: bool,
                    quiet: bool, store_path: Path, **options: Any) -> None:
@@ -232,12 +236,13 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--storage", default="local", show_default=True,
               help="local, or nbd: the disk an NBD export of a storage server in a network namespace.")
+@shipped.options()
 @_common
 def run_command(workers: int | None, unit_states: int, host_mount: bool, quiet: bool, store_path: Path,
                 **options: Any) -> None:
     """Run (or resume) one configuration."""
-    for key in ("fs", "cache", "barrier", "recorder", "workload", "storage"):
-        if "," in options[key]:
+    for key in ("fs", "cache", "barrier", "recorder", "workload", "storage", "disk", "aio"):
+        if "," in (options[key] or ""):
             raise CrashlabError(f"--{key}: one value for `run`; use `crashlab matrix` for several")
     _run(_matrix_from(options, campaign.Matrix()), store_path, workers, unit_states, host_mount, quiet)
 

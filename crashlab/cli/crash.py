@@ -36,9 +36,9 @@ def command() -> None:
               "(default: the recording's run.json; a qemu log's mode cannot be contradicted).")
 @click.option("--what-if-cache", "what_if", default=None, metavar="MODE",
               help="Read the log under this mode instead of the recorded one: a counterfactual.")
-@click.option("--recorder", type=click.Choice(model.RECORDERS), default=None,
-              help="Who recorded the log: QEMU blklogwrites (qemu) or dm-log-writes in the guest (dm) "
-              "(default: the recording's run.json).")
+@click.option("--recorder", type=click.Choice(model.READABLE), default=None,
+              help="Who recorded the log: QEMU blklogwrites (qemu), dm-log-writes in the guest (dm) or "
+              "on the host (host-dm) (default: the recording's run.json).")
 @click.option("--count", type=click.IntRange(min=0), default=30, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--window", default=None, metavar="S|inf",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
 from crashlab import gate, stats
 from crashlab.campaign import MAX_STATES, MAX_WORKERS, CampaignError, Cell
-from crashlab.cli import CrashlabError
+from crashlab.cli import CrashlabError, shipped
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.store import DEFAULT_PATH, Store, StoreError
 
@@ -56,33 +58,53 @@ Exit status:
               help="States per checker-guest boot.")
 @click.option("--host-mount", is_flag=True,
               help="Mount crash images on this host, not in a checker guest (disposable hosts only).")
+@click.option("--before", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A proposed change: the libvirt domain (or <disk>) XML as it is now (with --after).")
+@click.option("--after", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The XML as proposed: the gate decides on it, and compares it with --before "
+                   "(Fisher's exact test per filesystem, Holm-adjusted).")
+@shipped.options()
 def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, storage: str,
             window: str, seed: int, scale: int, strategy: str, max_rate: float, sensitivity: bool,
-            store_path: Path, workers: int | None, unit_states: int | None, host_mount: bool) -> None:
+            store_path: Path, workers: int | None, unit_states: int | None, host_mount: bool,
+            before: Path | None, after: Path | None, **drive_options: Any) -> None:
     """Refuse a cache policy if any crash state is corrupt or loses fsynced data.
 
     Records the policy's cells (or reuses them from the store), checks STATES crash states each,
     prints each cell's observed failure rate with its exact 95 % upper bound, and lists every
-    failing state with its fsck output and the command that reproduces it.
+    failing state with its fsck output and the command that reproduces it. With --before/--after,
+    the policy is the --after XML's disk, and the --before one is run beside it for comparison.
     """
+    if (before is None) != (after is None):
+        raise CrashlabError("--before and --after go together: the domain XML now and as proposed")
+    if before is not None and (drive_options.get("domain_xml") or drive_options.get("disk_xml")):
+        raise CrashlabError("--before/--after name the disks: leave out --domain-xml/--disk-xml")
+    drive = shipped.take(drive_options)
+    specs = (shipped.xml_spec(before, None), shipped.xml_spec(after, None))
+    pair = (specs[0].cell_fields(), specs[1].cell_fields()) if specs[0] and specs[1] else None
+    if pair and (clash := [k for k in ("cache", *shipped.DISK_KEYS) if k in drive or shipped.explicit(k)]):
+        raise CrashlabError(f"--{clash[0].replace('_', '-')} and --before/--after both set it: give one")
     try:
-        cell = Cell.parse(dict(cache=cache, barrier=barrier, workload=workload, recorder=recorder,
-                               window=window, seed=seed, scale=scale, strategy=strategy, storage=storage))
+        fields = dict(cache=drive.pop("cache", cache), barrier=barrier, workload=workload, recorder=recorder,
+                      window=window, seed=seed, scale=scale, strategy=strategy, storage=storage, **drive)
+        cell = Cell.parse({**fields, **(pair[1] if pair else {})})
         policy = gate.Policy(cell, fs=tuple(f.strip() for f in fs.split(",") if f.strip()), states=states,
                              sensitivity=sensitivity, max_rate=max_rate / 100)
         cells = policy.cells()
+        old = replace(policy, cell=Cell.parse({**fields, **pair[0]})).cells() if pair else []
         reference = policy.sensitivity_cell() if policy.sensitivity else None
     except CampaignError as e:
         raise CrashlabError(str(e)) from None
     try:
-        _gate(cell, barrier, workload, policy, cells, reference, store_path, workers, unit_states, host_mount)
+        _gate(cell, barrier, workload, policy, cells, reference, store_path, workers, unit_states, host_mount,
+              old)
     except StoreError as e:
         raise CrashlabError(str(e)) from None
 
 
 def _gate(cell: Cell, barrier: str, workload: str, policy: gate.Policy, cells: list[Cell],
           reference: Cell | None, store_path: Path, workers: int | None, unit_states: int | None,
-          host_mount: bool) -> None:
+          host_mount: bool, before: list[Cell]) -> None:
     Store(store_path).close()  # a path that cannot hold a store is refused before any guest boots
     click.echo(f"crashlab gate: cache={cell.cache.name} barrier={barrier} on {', '.join(policy.fs)}, "
                f"workload {workload}, {policy.states} crash states per cell, max rate "
@@ -91,17 +113,23 @@ def _gate(cell: Cell, barrier: str, workload: str, policy: gate.Policy, cells: l
         click.echo(f"warning: {policy.states} states without a failure bound the rate only below "
                    f"{100 * stats.upper_bound_zero(policy.states):.1f} %: this gate cannot pass; "
                    f"at --max-rate {gate.percent(policy.max_rate)} it needs --states {need}", err=True)
-    prog = gate.run_cells([*cells, *([reference] if reference else [])], policy.states, store_path,
+    if before:
+        click.echo(f"change: before {', '.join(gate.names(c) for c in before[:1])}; "
+                   f"after {', '.join(gate.names(c) for c in cells[:1])}")
+    prog = gate.run_cells([*before, *cells, *([reference] if reference else [])], policy.states, store_path,
                           command="crashlab " + shlex.join(sys.argv[1:]), workers=workers,
                           host_mount=host_mount, unit_states=unit_states)
     for problem in prog.failed_units:
         click.echo(f"error: {problem}", err=True)
     with Store(store_path) as store:
         checks = [gate.check(store, c, policy.states) for c in cells]
+        old = [gate.check(store, c, policy.states) for c in before]
         decision = gate.decide(checks, gate.check(store, reference, policy.states) if reference else None,
                                policy.max_rate)
     bad = gate.worst_first([row for c in checks for row in c.failures])
-    for line in decision.lines:
+    for line in [f"before   {c.describe()}" for c in old] + decision.lines:
+        click.echo(line)
+    for line in gate.compare(old, checks) if old else []:
         click.echo(line)
     for row in bad[:gate.STATES_DESCRIBED]:
         click.echo("\n" + gate.describe_state(row, store_path, host_mount))

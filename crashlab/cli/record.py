@@ -6,15 +6,17 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
-from crashlab import netfaults
+from crashlab import hostrecord, netfaults
 from crashlab.cachemodes import CACHE_MODES, cache_mode
-from crashlab.cli import CrashlabError
+from crashlab.cli import CrashlabError, shipped
 from crashlab.filesystems import DATA_MODES, FILESYSTEMS
 from crashlab.guest.machine import MachineError
 from crashlab.guest.provision import Guest, ProvisionError, provision
+from crashlab.hostdm import HostDmError
 from crashlab.nbd import STORAGES
 from crashlab.netfaults import Fault, FaultConfig
 from crashlab.record import (
@@ -56,7 +58,8 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
               show_default=True, help="ext4/ext3 data= mode (others have none: leave the default).")
 @click.option("--recorder", "recorder_name", type=click.Choice([r.value for r in LOGGING]), default=None,
               help="qemu: blklogwrites below the virtio disk (with --storage nbd: on the server); dm: "
-                   "dm-log-writes in the guest [default: dm; qemu with --storage nbd].")
+                   "dm-log-writes in the guest; host-dm: dm-log-writes on the host under the image file "
+                   "(what the host page cache wrote) [default: dm; qemu with --storage nbd].")
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale", type=int, default=1, show_default=True)
@@ -88,43 +91,50 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
               help="How project code reaches the guest: virtiofs (the host's Python), or shell (busybox "
                    "only: the built-in sh-smallfiles workload, qemu recorder, ext4); auto = shell only "
                    "when there is no virtiofsd.")
+@click.option("--nested", is_flag=True, default=False,
+              help="host-dm on a host without device-mapper: an outer guest plays the host.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@shipped.options(build=False)
 def command(fs: str, cache: str, barrier: str, data_mode: str, recorder_name: str | None, workload: str,
-            seed: int,
-            scale: int, disk_mib: int | None, memory_mib: int, accel: str, timeout_s: float,
+            seed: int, scale: int, disk_mib: int | None, memory_mib: int, accel: str, timeout_s: float,
             fault: str | None, fault_after: float | None, storage: str, reconnect_delay_s: int,
             net_faults: tuple[str, ...], kernel: Path | None, modules: Path | None,
-            qemu: str | None, transport: str, out_dir: Path) -> None:
+            qemu: str | None, transport: str, nested: bool, out_dir: Path, **drive_options: Any) -> None:
     """Record WORKLOAD in a disposable guest into --out: write.log, data.img, promises.jsonl,
     console.log and run.json (every option and version)."""
+    drive = shipped.take({**drive_options, "kernel": kernel, "modules": modules, "qemu": qemu})
+    cache = drive.pop("cache", cache)
     # click checked every name against its table: these lookups cannot fail.
     # Over NBD the log is the server's: blklogwrites there is the recorder that means anything.
     logged_by = recorder(recorder_name or ("qemu" if storage == "nbd" else "dm"))
     config = RecordConfig(fs=fs, cache=cache_mode(cache), barrier=barrier == "on", data_mode=data_mode,
                           recorder=Recorder.NONE if fault else logged_by, workload=workload,
                           seed=seed, scale=scale, disk_mib=disk_mib, memory_mib=memory_mib, accel=accel,
-                          timeout_s=timeout_s, transport=transport, storage=storage,
-                          reconnect_delay_s=reconnect_delay_s)
+                          timeout_s=timeout_s, transport=transport, nested=nested, storage=storage,
+                          reconnect_delay_s=reconnect_delay_s, **drive)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         config.validate()
         faults = tuple(Fault.parse(f) for f in net_faults)
         plan = FaultConfig(config, faults).validate() if faults else None
-        guest = provision(kernel=kernel, modules=modules)
+        guest = provision(kernel=config.kernel or None, modules=config.modules or None)
         if plan is not None:
-            _net_faults(plan, out_dir, guest, qemu)
+            _net_faults(plan, out_dir, guest, config.qemu or None)
             return
         if fault:
             from crashlab.flakey import FlakeyConfig, inject
 
             res = inject(FlakeyConfig(base=config, mode=fault, after_s=fault_after), out_dir,
-                         guest=guest, qemu=qemu)
+                         guest=guest, qemu=config.qemu or None)
             mk = res.last_marker
             click.echo(f"{fault} {res.fault_after_s:.3f} s after workload-start; last marker on the "
                        f"image: {f'{mk.name} (seq {mk.seq})' if mk else 'none'}; image {res.image}")
             return
-        rec = record(config, out_dir, guest=guest, qemu=qemu)
-    except (ConfigError, ValueError, ProvisionError, MachineError, RecordError) as e:
+        if config.recorder is Recorder.HOST_DM:
+            rec = hostrecord.record(config, out_dir, guest=guest, qemu=config.qemu or None)
+        else:
+            rec = record(config, out_dir, guest=guest)
+    except (ConfigError, ValueError, ProvisionError, MachineError, RecordError, HostDmError) as e:
         raise CrashlabError(str(e)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -134,4 +144,13 @@ def command(fs: str, cache: str, barrier: str, data_mode: str, recorder_name: st
                f"{s.get('flushes', 0)} flushes, {s.get('fua', 0)} FUA, {s.get('markers', 0)} markers; "
                f"workload-start at {t.get('workload_start_s', 0):.1f} s after boot; "
                f"host {rec.run['host_seconds']:.1f} s")
+    if config.recorder is Recorder.HOST_DM:
+        hd = rec.run["host_dm"]
+        mp = hd.get("map", {})
+        click.echo(f"host-dm on {hd['host']}: {mp.get('image_writes', 0)} image writes kept, "
+                   f"{mp.get('host_fs_writes', 0)} host-filesystem writes dropped, "
+                   f"{mp.get('flushes', 0)} host flushes")
+        click.echo(f"wrote {rec.out_dir}/{{write.log,data.img,host-device.log,run.json}} and "
+                   f"{rec.out_dir}/{hostrecord.INNER}/ (the same run through the qemu recorder)")
+        return
     click.echo(f"wrote {rec.out_dir}/{{write.log,data.img,promises.jsonl,console.log,run.json}}")

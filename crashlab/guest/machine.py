@@ -8,7 +8,8 @@ SIGKILLed test runner leaves a QEMU or virtiofsd behind.
 
 Cache modes come from `crashlab.cachemodes` (the one table): `cache.direct` on the file nodes,
 `cache.no-flush` on every node of the disk and in particular on the top (blklogwrites) node, so that
-with `unsafe` a flush never reaches the log, and `write-cache=` on the virtio-blk device.
+with `unsafe` a flush never reaches the log, and `write-cache=` on the guest's disk device, whose
+model and controller come from `crashlab.diskmodels`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from crashlab import proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
+from crashlab.diskmodels import DEFAULT_AIO, DEFAULT_DISK, DETECT_ZEROES, DISCARD, DISK_MODELS, DiskModel
 from crashlab.guest.inguest.init import PROBE_OK
 from crashlab.guest.provision import ProvisionError, cache_root, file_identity, missing, which
 from crashlab.guest.shares import Share
@@ -70,42 +72,59 @@ class NbdClient:
 
 @dataclass(frozen=True)
 class Drive:
-    """A virtio-blk disk backed by a raw host file, optionally logged by a blklogwrites node, or
-    (with `nbd`) by an NBD export, `path` then being the server's image, which QEMU never opens."""
+    """A guest disk backed by a raw host file, optionally logged by a blklogwrites node, or (with
+    `nbd`) by an NBD export, `path` then being the server's image, which QEMU never opens."""
 
     path: Path
     cache: CacheMode
     log: Path | None = None  # blklogwrites log; must be a fresh file (QEMU does not truncate it)
     log_sector_size: int = 512
     serial: str = ""
+    model: DiskModel = DISK_MODELS[DEFAULT_DISK]
+    aio: str = DEFAULT_AIO  # -blockdev aio= of the data file node
+    discard: str = DISCARD[0]  # -blockdev discard= (ignore: guest discards stop at QEMU)
+    detect_zeroes: str = DETECT_ZEROES[0]  # -blockdev detect-zeroes= of the top node
     nbd: NbdClient | None = None
 
 
 def nbd_drive_args(index: int, drive: Drive, nbd: NbdClient) -> list[str]:
     """An NBD-backed disk: the cache mode's direct and write-cache halves are the server's and the
-    device's; no-flush also applies here, so `unsafe` flushes never leave the guest's host."""
+    device's; no-flush also applies here, so `unsafe` flushes never leave the guest's host. The
+    file node's options (aio) are the server's too (crashlab.nbd.Export)."""
     if drive.log is not None:
         raise MachineError("an NBD disk is logged on its server, not by a blklogwrites node here")
+    if drive.aio != DEFAULT_AIO:
+        raise MachineError(f"aio={drive.aio} is an option of the server's file, not of an NBD client")
+    discard = [f"discard={drive.discard}"] if drive.discard != DISCARD[0] else []
+    zeroes = [f"detect-zeroes={drive.detect_zeroes}"] if drive.detect_zeroes != DETECT_ZEROES[0] else []
     node = ",".join(["driver=nbd", f"node-name=disk{index}", "server.type=inet", f"server.host={nbd.host}",
                      f"server.port={nbd.port}", f"export={nbd.export}",
                      f"reconnect-delay={nbd.reconnect_delay_s}",
-                     f"cache.no-flush={drive.cache.blockdev_cache['cache.no-flush']}"])
-    dev = ["virtio-blk-pci", f"drive=disk{index}", f"write-cache={drive.cache.device_write_cache}",
-           "werror=report", "rerror=report", *([f"serial={drive.serial}"] if drive.serial else [])]
-    return ["-blockdev", node, "-device", ",".join(dev)]
+                     f"cache.no-flush={drive.cache.blockdev_cache['cache.no-flush']}", *discard, *zeroes])
+    dev = drive.model.device_args(index, f"disk{index}", drive.cache.device_write_cache)
+    if drive.serial:
+        dev[-1] += f",serial={drive.serial}"
+    return ["-blockdev", node, *dev]
 
 
 def drive_args(index: int, drive: Drive) -> list[str]:
-    """The -blockdev/-device options for one drive (pure: tests check them against the table)."""
+    """The -blockdev/-device options for one drive (pure: tests check them against the tables).
+
+    As libvirt builds them (qemu_command.c): `aio` on the file (storage) node, `discard` on every
+    node of the disk, `detect-zeroes` on the node the device is attached to. Non-default values
+    only, so a default drive's command line is what it always was."""
     if drive.nbd is not None:
         return nbd_drive_args(index, drive, drive.nbd)
     c = drive.cache
     top = f"disk{index}"
     file_node = f"disk{index}-file" if drive.log else top
     cache = c.blockdev_cache
+    extra = [f"aio={drive.aio}"] if drive.aio != DEFAULT_AIO else []
+    discard = [f"discard={drive.discard}"] if drive.discard != DISCARD[0] else []
+    zeroes = [f"detect-zeroes={drive.detect_zeroes}"] if drive.detect_zeroes != DETECT_ZEROES[0] else []
     args = ["-blockdev", ",".join([
         "driver=file", f"node-name={file_node}", f"filename={drive.path}",
-        *(f"{k}={v}" for k, v in cache.items())])]
+        *(f"{k}={v}" for k, v in cache.items()), *extra, *discard, *([] if drive.log else zeroes)])]
     if drive.log:
         # The log's own caching is not under test and must hold every entry when QEMU exits:
         # page cache, flushes kept. Only the top node's no-flush decides whether guest flushes
@@ -115,14 +134,12 @@ def drive_args(index: int, drive: Drive) -> list[str]:
             *(f"{k}={v}" for k, v in CACHE_MODES["writeback"].blockdev_cache.items())])]
         args += ["-blockdev", ",".join([
             "driver=blklogwrites", f"node-name={top}", f"file={file_node}", f"log=disk{index}-log",
-            f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={cache['cache.no-flush']}"])]
-    # werror/rerror=report: a host error (a full disk above all) reaches the guest as EIO. QEMU's
-    # default stops the VM on ENOSPC, and the run would wait out its whole deadline for nothing.
-    dev = ["virtio-blk-pci", f"drive={top}", f"write-cache={c.device_write_cache}", "werror=report",
-           "rerror=report"]
+            f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={cache['cache.no-flush']}",
+            *discard, *zeroes])]
+    dev = drive.model.device_args(index, top, c.device_write_cache)
     if drive.serial:
-        dev.append(f"serial={drive.serial}")
-    return [*args, "-device", ",".join(dev)]
+        dev[-1] += f",serial={drive.serial}"
+    return [*args, *dev]
 
 
 def _pdeathsig() -> None:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crashlab import proc
+from crashlab.diskmodels import DISK_MODELS, kernel_option
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.guest.inguest import init as guest_init
 
@@ -35,11 +36,21 @@ FLAVOUR = "cloud-amd64"
 # What /init loads, by module name; dependencies come from modules.dep.
 GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_blk", "dm_mod", "dm_log_writes", "dm_flakey", "fuse", "virtiofs",
+    "loop",  # the long-lived checker guest attaches each crash image from its share
 )
 # Loaded by the guest only for that filesystem (crashlab.filesystems): under TCG xfs and btrfs (with
 # raid6's boot-time benchmark) cost 2 s of every boot otherwise. Built-in filesystems have no entry.
 FS_MODULES: dict[str, tuple[str, ...]] = {fs.name: fs.modules for fs in FILESYSTEMS.values() if fs.modules}
 OPTIONAL_MODULES = ("crc32c_intel", "blake2b_generic", "xxhash_generic")  # others do the job if absent
+# Loaded by the guest only for that disk model (crashlab.diskmodels): SCSI and ATA probing costs
+# boot time under TCG, and virtio-blk is loaded anyway.
+DISK_MODULES: dict[str, tuple[str, ...]] = {
+    d.name: tuple(m for m in d.guest_modules if m not in GUEST_MODULES) for d in DISK_MODELS.values()}
+# What every guest needs (the virtiofs share, the checker's and the log's virtio disks); a kernel
+# without one of these cannot run crashlab at all. Any other absent driver only rules out the
+# configurations that need it (Guest.lacking).
+BASE_MODULES = ("virtio_pci", "virtio_blk", "fuse", "virtiofs")
+BUILTIN_DRIVERS = ("ext4",)  # not loaded (the Debian kernel builds them in), but checked for
 
 # Host binaries for the initramfs (the busybox-shell path); the virtiofs path uses the host's.
 REQUIRED_BINARIES = tuple(dict.fromkeys(
@@ -182,6 +193,16 @@ class Guest:
     modules: tuple[str, ...]  # insmod order, paths relative to lib/modules/VERSION
     key: str
     directory: Path
+    absent: tuple[str, ...] = ()  # drivers this kernel has neither as a module nor built in
+
+    def lacking(self, needed: Iterable[str]) -> str | None:
+        """The one-line refusal for a configuration needing a driver this kernel lacks, or None."""
+        gone = [m for m in dict.fromkeys(needed) if m in self.absent and m not in OPTIONAL_MODULES]
+        if not gone:
+            return None
+        return (f"guest kernel {self.kernel_version} lacks "
+                + ", ".join(f"{m} ({kernel_option(m)})" for m in gone)
+                + ": build it with that option, or use another --kernel")
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -312,20 +333,24 @@ def provision(kernel: str | Path | None = None, modules: str | Path | None = Non
     deps = parse_modules_dep((moddir / "modules.dep").read_text())
     builtin = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
     builtin_names = {module_name(p) for p in builtin.split()}
-    every = (*GUEST_MODULES, *(m for mods in FS_MODULES.values() for m in mods))
-    absent = sorted({m for m in every if m not in deps and m not in builtin_names
-                     and m not in OPTIONAL_MODULES})
-    if absent:
-        raise ProvisionError(f"kernel {version} lacks modules {', '.join(absent)} "
-                             "(use a Debian cloud kernel)")
+    every = (*GUEST_MODULES, *BUILTIN_DRIVERS,
+             *(m for mods in (*FS_MODULES.values(), *DISK_MODULES.values()) for m in mods))
+    absent = sorted({m for m in every if m not in deps and m not in builtin_names})
+    fatal = [m for m in BASE_MODULES if m in absent]
+    if fatal:
+        named = ", ".join(f"{m} ({kernel_option(m)})" for m in fatal)
+        raise ProvisionError(f"kernel {version} lacks {named}, which every crashlab guest needs")
     order = load_order(deps, [m for m in GUEST_MODULES if m in deps])
     fs_order = {fs: [p for p in load_order(deps, [m for m in mods if m in deps]) if p not in order]
                 for fs, mods in FS_MODULES.items()}
+    disk_order = {d: [p for p in load_order(deps, [m for m in mods if m in deps]) if p not in order]
+                  for d, mods in DISK_MODULES.items()}
     init_text = guest_init.init_script()
     libs = _libraries(binaries)
     inputs = {
         "format": FORMAT, "kernel": file_identity(kernel_path), "modules": order,
         "moddir": str(moddir), "fs_modules": fs_order, "init": init_text,
+        **({"disk_modules": disk_order} if any(disk_order.values()) else {}),
         "files": [file_identity(p) for p in (busybox, *binaries, *libs)],
     }
     key = inputs_key(inputs)
@@ -350,13 +375,16 @@ def provision(kernel: str | Path | None = None, modules: str | Path | None = Non
                 link.symlink_to(b)
         if os.path.exists("/etc/mke2fs.conf"):
             shutil.copy2("/etc/mke2fs.conf", stage / "etc" / "mke2fs.conf")
-        for rel in {*order, *(p for paths in fs_order.values() for p in paths)}:
+        for rel in {*order, *(p for paths in (*fs_order.values(), *disk_order.values()) for p in paths)}:
             dest = stage / "lib" / "modules" / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(moddir / rel, dest)
         (stage / "etc" / "crashlab-modules").write_text("".join(f"{m}\n" for m in order))
         for fs, paths in fs_order.items():
             (stage / "lib" / "modules" / f"crashlab-{fs}.list").write_text("".join(f"{m}\n" for m in paths))
+        for d, paths in disk_order.items():
+            listing = stage / "lib" / "modules" / f"crashlab-disk-{d}.list"
+            listing.write_text("".join(f"{m}\n" for m in paths))
         (stage / "init").write_text(init_text)
         (stage / "init").chmod(0o755)
         # Uncompressed: under TCG the kernel unpacks a plain cpio faster than it inflates a gzip one.
@@ -370,7 +398,8 @@ def provision(kernel: str | Path | None = None, modules: str | Path | None = Non
         shutil.copy2(kernel_path, tmp / "vmlinuz")
         guest = Guest(kernel=guest_dir / "vmlinuz", initrd=guest_dir / "initrd.img",
                       kernel_version=version, kernel_package=pkg, package_version=pkg_version,
-                      modules=tuple(order), key=key, directory=guest_dir)
+                      modules=tuple(order), key=key, directory=guest_dir,
+                      absent=tuple(m for m in absent if m not in OPTIONAL_MODULES))
         (tmp / "guest.json").write_text(json.dumps({**guest.as_dict(), "inputs": inputs}, indent=1))
         if rebuild and guest_dir.exists():
             shutil.rmtree(guest_dir)
@@ -389,4 +418,5 @@ def _guest_from(d: dict[str, object], guest_dir: Path) -> Guest:
                  kernel_version=str(d["kernel_version"]),
                  kernel_package=d["kernel_package"] if d["kernel_package"] else None,  # type: ignore[arg-type]
                  package_version=d["package_version"] if d["package_version"] else None,  # type: ignore[arg-type]
-                 modules=tuple(d["modules"]), key=str(d["key"]), directory=guest_dir)  # type: ignore[arg-type]
+                 modules=tuple(d["modules"]), key=str(d["key"]), directory=guest_dir,  # type: ignore[arg-type]
+                 absent=tuple(d.get("absent") or ()))  # type: ignore[arg-type]

@@ -246,6 +246,8 @@ def check_job(job: dict[str, Any]) -> None:
         raise JobError(f"{why} has no dm-flakey faults; install virtiofsd")
     if job["fs"] != "ext4":
         raise JobError(f"{why} supports only ext4, not {job['fs']}")
+    if job.get("disk", "virtio-blk") != "virtio-blk":
+        raise JobError(f"{why} supports only the virtio-blk disk, not {job['disk']}; install virtiofsd")
     if job["workload"] != WORKLOAD:
         raise JobError(f"{why} runs only the built-in shell workload {WORKLOAD!r}, not "
                        f"{job['workload']!r}; install virtiofsd (qemu-system-common) for Python workloads")

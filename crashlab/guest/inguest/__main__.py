@@ -1,7 +1,8 @@
 """The in-guest entry point: `python -m crashlab.guest.inguest JOB.json`, run by /init in the chroot.
 
 One interpreter per boot does the whole job: `record` (a workload under a recorder or dm-flakey),
-`check` (mount crash images and run their oracles) or `exec` (a command: tests, probes).
+`serve` (mount crash images batch after batch and run their oracles), `hostdm` (play the host for a
+nested host-dm recording) or `exec` (a command: tests, probes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from crashlab.guest.inguest import check
+from crashlab.guest.inguest import check, hostdm
 from crashlab.guest.inguest.init import OUT
 from crashlab.guest.inguest.record import record
 from crashlab.guest.inguest.runtime import Result, redirect_fds
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         mode = job.get("mode", "record")
         if mode == "exec":
             return execute(job, result)
-        if mode == "check":
-            return check.run(job, result)
+        if mode == "serve":
+            return check.serve(job, result)
+        if mode == "hostdm":
+            return hostdm.run(job, result)
         return record(job, result)
     except Exception as e:
         result.set(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

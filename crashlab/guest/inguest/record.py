@@ -20,7 +20,17 @@ import workloads
 from crashlab import markers, workload
 from crashlab.guest.inguest.dm import DmControl, dmsetup_create, flakey_table
 from crashlab.guest.inguest.init import FLAKEY_TARGET, LOG_TARGET, MNT, OUT
-from crashlab.guest.inguest.runtime import Result, load_fs_modules, poweroff, redirect_fds, run, sectors
+from crashlab.guest.inguest.runtime import (
+    Result,
+    disk_facts,
+    find_disk,
+    load_disk_modules,
+    load_fs_modules,
+    poweroff,
+    redirect_fds,
+    run,
+    sectors,
+)
 
 
 def marker_listener(dm: DmControl | None, target: str, started: threading.Event
@@ -60,13 +70,17 @@ def run_workload(job: dict[str, Any], marker_dev: str, result: Result,
 
 
 def record(job: dict[str, Any], result: Result) -> int:
-    data = job["data_dev"]
+    data, log_dev = job["data_dev"], job["log_dev"]
+    if job.get("data_serial"):  # found by serial: which name a SCSI or ATA disk gets is the guest's
+        load_disk_modules(job["disk"])
+        data = find_disk(job["data_serial"])
+        log_dev = find_disk(job["log_serial"]) if job.get("log_serial") else None
     data_sectors = sectors(data)
-    result.set(uname=os.uname().release, data_sectors=data_sectors)
+    result.set(uname=os.uname().release, data_sectors=data_sectors, disk=disk_facts(data))
     dm: DmControl | None = None
     dev = data
     if job["recorder"] == "dm":
-        dev = dmsetup_create(LOG_TARGET, f"0 {data_sectors} log-writes {data} {job['log_dev']}")
+        dev = dmsetup_create(LOG_TARGET, f"0 {data_sectors} log-writes {data} {log_dev}")
         dm = DmControl()
     flakey = job.get("flakey")
     if flakey:
@@ -112,7 +126,7 @@ def record(job: dict[str, Any], result: Result) -> int:
         result.set(status="done")
         return status
     run("umount", str(MNT))
-    result.step("unmounted")
+    result.step("unmounted", disk=disk_facts(data))
     if dm:
         dm.close()
         run("dmsetup", "remove", LOG_TARGET)  # logs the dm-log-writes-end mark
