@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import crashlab
-from crashlab import crashstates, logformat, model, recorders, rundir, signals
+from crashlab import crashstates, logformat, model, nbd, recorders, rundir, signals
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
@@ -112,6 +112,7 @@ class Cell:
     seed: int = 1
     scale: int = 1
     strategy: str = "random"
+    storage: str = "local"  # crashlab.nbd.STORAGES: a local file, or an NBD export logged on its server
     # The data disk (crashlab.diskmodels) and what the user ships: their kernel (an image and its
     # lib/modules/VERSION) and QEMU binary; "" = crashlab's Debian kernel, the QEMU on PATH.
     disk: str = DEFAULT_DISK
@@ -161,6 +162,8 @@ class Cell:
                 v["cache"] = cache_mode(v["cache"])
             if "recorder" in v:
                 v["recorder"] = recorders.recorder(v["recorder"])
+            if "storage" in v:
+                v["storage"] = nbd.storage(v["storage"])
         except ValueError as e:
             raise CampaignError(str(e)) from None
         if "barrier" in v:
@@ -207,7 +210,7 @@ class Cell:
                  f"torn={self.torn}" if self.torn else "",
                  f"recorder={self.recorder.value}" if self.recorder is not Recorder.QEMU else "",
                  f"strategy={self.strategy}" if self.strategy != "random" else "",
-                 *(f"{k}={getattr(self, k)}" for k in ("disk", "aio", "discard", "detect_zeroes")
+                 *(f"{k}={getattr(self, k)}" for k in ("storage", "disk", "aio", "discard", "detect_zeroes")
                    if getattr(self, k) != self.OPTIONAL[k]),
                  f"kernel={Path(self.kernel).name}" if self.kernel else "",
                  f"qemu={Path(self.qemu).name}" if self.qemu else ""]
@@ -222,9 +225,9 @@ class Cell:
 
         return RecordConfig(fs=self.fs, cache=self.cache, barrier=self.barrier,
                             data_mode=self.data_mode, recorder=self.recorder, workload=self.workload,
-                            seed=self.seed, scale=self.scale, disk=self.disk, aio=self.aio,
-                            discard=self.discard, detect_zeroes=self.detect_zeroes, kernel=self.kernel,
-                            modules=self.modules, qemu=self.qemu)
+                            seed=self.seed, scale=self.scale, storage=self.storage, disk=self.disk,
+                            aio=self.aio, discard=self.discard, detect_zeroes=self.detect_zeroes,
+                            kernel=self.kernel, modules=self.modules, qemu=self.qemu)
 
     def validate(self) -> Cell:
         try:
@@ -263,6 +266,7 @@ class Matrix:
     seed: int = 1
     scale: int = 1
     strategy: str = "random"
+    storage: tuple[str, ...] = (CELL_OPTIONAL["storage"],)
     disk: tuple[str, ...] = (DEFAULT_DISK,)
     aio: tuple[str, ...] = (DEFAULT_AIO,)
     discard: str = DISCARD[0]
@@ -298,18 +302,18 @@ class Matrix:
         drive = {k: getattr(self, k) for k in ("discard", "detect_zeroes", "kernel", "modules", "qemu")}
         return [Cell.parse(dict(fs=fs, cache=cache, barrier=barrier, recorder=rec, workload=wl, window=window,
                                 torn=torn, seed=self.seed, scale=self.scale, strategy=self.strategy,
-                                disk=disk, aio=aio, **drive)).validate()
+                                storage=where, disk=disk, aio=aio, **drive)).validate()
                 for rec in self.recorder for wl in self.workload for window in self.window
-                for torn in self.torn]
+                for torn in self.torn for where in self.storage]
 
     def command(self) -> str:
         """The `crashlab matrix` command that runs exactly this matrix, every default spelled out, so
-        a report's reader can rerun it whatever later versions choose as defaults (the disk options,
-        added later, only when set, so earlier runs' commands read as they always did)."""
+        a report's reader can rerun it whatever later versions choose as defaults (the storage and
+        disk options, added later, only when set, so earlier runs' commands read as they always did)."""
         lists = ("fs", "cache", "barrier", "recorder", "workload", "window", "torn")
         args = [f"--{k} {','.join(str(v) for v in getattr(self, k))}" for k in lists]
         args += [f"--{k} {getattr(self, k)}" for k in ("states", "seed", "scale", "strategy")]
-        args += [f"--{k} {','.join(getattr(self, k))}" for k in ("disk", "aio")
+        args += [f"--{k} {','.join(getattr(self, k))}" for k in ("storage", "disk", "aio")
                  if getattr(self, k) != (CELL_OPTIONAL[k],)]
         args += [f"--{k.replace('_', '-')} {shlex.quote(getattr(self, k))}"
                  for k in ("discard", "detect_zeroes", "kernel", "modules", "qemu")
@@ -416,6 +420,7 @@ MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
     "seed": _int_in("seed", None, None),
     "scale": _int_in("scale", 1, None),
     "strategy": _strategy,
+    "storage": lambda v: _items("storage", v, _name),
     "disk": lambda v: _items("disk", v, _name),
     "aio": lambda v: _items("aio", v, _name),
     "discard": lambda v: _text("discard", v),

@@ -50,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "is below this [default: 1: 299 states without a failure].")
     g.addoption("--crashlab-seed", type=int, default=1, help="Workload and crash-state seed [default: 1].")
     g.addoption("--crashlab-workload", default="smallfiles", help="Workload [default: smallfiles].")
+    g.addoption("--crashlab-storage", default="local", choices=("local", "nbd"),
+                help="The guest's disk: a local file, or an NBD export logged on its server "
+                     "[default: local].")
     g.addoption("--crashlab-strategy", default="random",
                 help="Crash-state strategy; 'prefix' is a deliberately blind model [default: random].")
     g.addoption("--crashlab-store", default=None, metavar="PATH",
@@ -138,6 +141,7 @@ class Options:
     host_mount: bool
     workers: int | None
     command: str
+    storage: str = "local"
     drive: dict[str, str] = field(default_factory=dict)  # cell fields of the disk, kernel and QEMU
 
     @classmethod
@@ -150,7 +154,8 @@ class Options:
                    workload=opt("crashlab_workload"), strategy=opt("crashlab_strategy"),
                    store=Path(store).absolute() if store else config.rootpath / "results" / "crashlab.sqlite",
                    host_mount=opt("crashlab_host_mount"), workers=opt("crashlab_workers"),
-                   command="pytest " + shlex.join(config.invocation_params.args), drive=_drive(config))
+                   command="pytest " + shlex.join(config.invocation_params.args),
+                   storage=opt("crashlab_storage"), drive=_drive(config))
 
     @property
     def policy(self) -> gate.Policy:
@@ -159,7 +164,8 @@ class Options:
         from crashlab.campaign import Cell
 
         cell = Cell.parse({"cache": self.cache, "barrier": self.barrier, "workload": self.workload,
-                           "seed": self.seed, "strategy": self.strategy, **self.drive}, gate.DEFAULT_CELL)
+                           "seed": self.seed, "strategy": self.strategy, "storage": self.storage,
+                           **self.drive}, gate.DEFAULT_CELL)
         return gate.Policy(cell, fs=self.fs, states=self.states, max_rate=self.max_rate)
 
 

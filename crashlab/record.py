@@ -18,6 +18,7 @@ the whole data disk with dm-log-writes in the guest, the log on a second, sparse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,7 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 import crashlab
-from crashlab import logformat, proc
+from crashlab import logformat, nbd, proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.diskmodels import (
     DEFAULT_AIO,
@@ -49,6 +50,7 @@ from crashlab.guest import transport as transports
 from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
 from crashlab.guest.machine import Drive, Machine, choose_accel, find_qemu, qemu_version
 from crashlab.guest.provision import Guest, provision
+from crashlab.netns import NetnsError
 from crashlab.recorders import Recorder
 
 TRANSPORTS = transports.TRANSPORT_NAMES
@@ -62,13 +64,15 @@ class RecordError(RuntimeError):
     """The guest did not complete the recording."""
 
 
-# Fields added after run.json and the store existed, with their defaults: the disk (crashlab.diskmodels)
-# and the user's kernel and QEMU. Left out of run.json, cell keys and slugs at these defaults.
+# Fields added after run.json and the store existed, with their defaults: the disk (crashlab.diskmodels),
+# the user's kernel and QEMU, where the disk lives (crashlab.nbd). Left out of run.json, cell keys and
+# slugs at these defaults.
 OPTIONAL_FIELDS: Mapping[str, str] = MappingProxyType({
     "disk": DEFAULT_DISK, "aio": DEFAULT_AIO, "discard": DISCARD[0], "detect_zeroes": DETECT_ZEROES[0],
-    "kernel": "", "modules": "", "qemu": ""})
-# Left out of run.json at their defaults too, but not cell fields: host-dm's outer guest.
-_RECORD_ONLY_DEFAULTS: Mapping[str, object] = MappingProxyType({"nested": False})
+    "kernel": "", "modules": "", "qemu": "", "storage": "local"})
+# Left out of run.json at their defaults too, but not cell fields: host-dm's outer guest, and how
+# long an NBD client waits for its server.
+_RECORD_ONLY_DEFAULTS: Mapping[str, object] = MappingProxyType({"nested": False, "reconnect_delay_s": 0})
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,11 @@ class RecordConfig:
     # virtiofs), "shell" (the busybox fallback: one built-in shell workload, qemu recorder, ext4), or
     # "auto": virtiofs when virtiofsd is found, else shell.
     transport: str = "auto"
+    # Where the data disk lives (crashlab.nbd.STORAGES): "local", or "nbd", an export of a storage
+    # server in a network namespace, logged on the server.
+    storage: str = "local"
+    # nbd: seconds the guest's QEMU waits for a lost server to come back before failing requests.
+    reconnect_delay_s: int = 0
     # The data disk as the guest sees it and as QEMU backs it (crashlab.diskmodels).
     disk: str = DEFAULT_DISK
     aio: str = DEFAULT_AIO
@@ -152,12 +161,23 @@ class RecordConfig:
         if self.nested and self.recorder is not Recorder.HOST_DM:
             raise ConfigError("--nested runs the host-dm recorder one level down; it means nothing for "
                               f"recorder {self.recorder}")
+        try:
+            nbd.storage(self.storage)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.storage == "nbd" and self.recorder in (Recorder.DM, Recorder.HOST_DM):
+            raise ConfigError("storage nbd is logged on its server: use recorder qemu (or none)")
+        if self.reconnect_delay_s and self.storage != "nbd":
+            raise ConfigError("reconnect-delay applies to storage nbd only")
+        if not 0 <= self.reconnect_delay_s <= 3600:
+            raise ConfigError(f"reconnect-delay must be 0 to 3600 seconds, not {self.reconnect_delay_s}")
         return self
 
     def describe(self) -> str:
         opts = mount_options(self) or "defaults"
         drive = "".join(f" {k}={v}" for k, v, default in (
-            ("disk", self.disk, DEFAULT_DISK), ("aio", self.aio, DEFAULT_AIO),
+            ("storage", self.storage, "local"), ("disk", self.disk, DEFAULT_DISK),
+            ("aio", self.aio, DEFAULT_AIO),
             ("discard", self.discard, DISCARD[0]), ("detect_zeroes", self.detect_zeroes, DETECT_ZEROES[0]),
             ("kernel", self.kernel, ""), ("qemu", self.qemu, "")) if v != default)
         return (f"{self.fs} ({opts}) cache={self.cache.name} recorder={self.recorder} "
@@ -184,9 +204,11 @@ def resolve_transport(config: RecordConfig) -> str:
     return transports.resolve(config.transport)
 
 
-def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The guest's job.json (pure)."""
-    return {
+def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None,
+            live_fault: bool = False) -> dict[str, Any]:
+    """The guest's job.json (pure); `live_fault`: the disk may fail under the workload (a network
+    storage fault), so the guest reports what its kernel saw and does not give up on a failed umount."""
+    job = {
         "mode": "record", "recorder": config.recorder.value, "fs": config.fs,
         "mkfs": mkfs_argv(config), "mount_opts": mount_options(config),
         "data_dev": "/dev/vda", "log_dev": "/dev/vdb" if config.recorder.in_guest else None,
@@ -198,6 +220,9 @@ def job_for(config: RecordConfig, flakey: dict[str, Any] | None = None) -> dict[
         "disk": config.disk, "data_serial": DATA_SERIAL,
         "log_serial": LOG_SERIAL if config.recorder.in_guest else None,
     }
+    if live_fault:
+        job["live_fault"] = True
+    return job
 
 
 DATA_SERIAL, LOG_SERIAL = "data", "log"
@@ -280,6 +305,8 @@ def versions(config: RecordConfig, guest: Guest, qemu: str | None = None) -> dic
     }
     for argv in tools:
         v[argv[0]] = tool_version(*argv)
+    if config.storage == "nbd":
+        v["qemu-storage-daemon"] = tool_version("qemu-storage-daemon", "--version")
     if config.recorder in (Recorder.DM, Recorder.NONE):  # none: dm-flakey
         v["dmsetup"] = tool_version("dmsetup", "--version")
     return v
@@ -298,16 +325,24 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+ServerHook = Callable[[nbd.StorageServer], contextlib.AbstractContextManager[Any]]
+
+
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
-              observer: Callable[[Machine], None] | None = None, image: Path | None = None) -> dict[str, Any]:
+              observer: Callable[[Machine], None] | None = None, image: Path | None = None,
+              during: ServerHook | None = None) -> dict[str, Any]:
     """Boot one guest for `config` and return run.json's contents (also written to out_dir).
 
     `image`: a data disk made beforehand, used in place of out_dir/data.img and never truncated
-    (host-dm: written in full on the logged host filesystem, so its blocks stay where they are)."""
+    (host-dm: written in full on the logged host filesystem, so its blocks stay where they are).
+    With storage nbd, the disk is served for the boot's length (crashlab.nbd.serve) and `during`,
+    if given, runs around the boot with the server in hand (crashlab.netfaults' schedule)."""
     config.validate()
+    if during is not None and config.storage != "nbd":
+        raise ConfigError("network faults need storage nbd")
     transport = transports.transport(config.transport)
-    payload = job_for(config, flakey)
+    payload = job_for(config, flakey, live_fault=during is not None)
     outs = GuestOutputs(Path(out_dir).resolve())
     qemu_log = outs.log if config.recorder is Recorder.QEMU else None
     drives = [Drive(image or outs.image, config.cache, log=qemu_log, serial=DATA_SERIAL,
@@ -345,7 +380,10 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
                                               "accel": accel, "flakey": flakey},
         "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    gr = transport.run(job, guest, observer)
+    if config.storage == "nbd":
+        gr = _run_served(config, outs, job, transport, guest, observer, during, run)
+    else:
+        gr = transport.run(job, guest, observer)
     record_run(run, gr)
     for name in ("promises.jsonl", "workload.out"):
         move_guest_file(job.share / name, outs.out_dir / name)
@@ -358,6 +396,30 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
         raise RecordError(f"recording {config.describe()} failed: {why}; cannot write run.json "
                           f"({e.strerror}){full_disk_hint(outs.out_dir)}") from e
     return run
+
+
+def _run_served(config: RecordConfig, outs: GuestOutputs, job: GuestJob, transport: transports.Transport,
+                guest: Guest, observer: Callable[[Machine], None] | None, during: ServerHook | None,
+                run: dict[str, Any]) -> GuestRun:
+    """The boot with its data disk an NBD export; the server's facts go into run.json's options."""
+    local = job.drives[0]
+    # The file's own options (aio, discard) are the server's; the guest's device and the client's
+    # node keep the disk model, discard and detect-zeroes.
+    export = nbd.Export(local.path, config.cache, log=local.log, aio=config.aio, discard=config.discard)
+    try:
+        with nbd.serve(export) as server:
+            drive = dataclasses.replace(local, log=None, aio=DEFAULT_AIO,
+                                        nbd=server.client(config.reconnect_delay_s))
+            served = dataclasses.replace(job, drives=(drive, *job.drives[1:]))
+            run["options"]["nbd"] = {**server.describe(), "reconnect_delay_s": config.reconnect_delay_s,
+                                     "network": server.ns.state()}
+            t0 = time.monotonic()
+            with during(server) if during is not None else contextlib.nullcontext():
+                gr = transport.run(served, guest, observer)
+            run["options"]["nbd"]["events"] = [(round(t - t0, 3), what) for t, what in server.events]
+    except (nbd.StorageError, NetnsError) as e:
+        raise RecordError(f"recording {config.describe()}: storage server: {e}") from e
+    return gr
 
 
 def record_run(run: dict[str, Any], gr: GuestRun) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from crashlab import stats
 from crashlab.check.outcome import Outcome
+from crashlab.record import OPTIONAL_FIELDS
 from crashlab.store import Store
 
 OUTCOMES = tuple(Outcome)  # the column order of every format
@@ -27,6 +28,15 @@ OUTCOMES = tuple(Outcome)  # the column order of every format
 SHORT = {Outcome.CONSISTENT: "ok", Outcome.DATA_LOSS: "loss", Outcome.FS_INCONSISTENT: "bad",
          Outcome.UNMOUNTABLE: "unm", Outcome.CHECKER_ERROR: "err"}
 CELL_KEYS = ("fs", "cache", "barrier", "recorder", "workload", "window")
+# Axes added after reports existed: a column only when some cell is off its default, so a report of
+# cells that do not use them reads as it always did. Defaults from the one table of them.
+LATER_KEYS = {k: OPTIONAL_FIELDS[k] for k in ("storage",)}
+
+
+def cell_keys(cells: list[CellResult]) -> tuple[str, ...]:
+    later = (k for k, default in LATER_KEYS.items()
+             if any(c.config.get(k, default) != default for c in cells))
+    return (*CELL_KEYS, *later)
 MAIL_WIDTH = 72
 
 
@@ -96,8 +106,9 @@ def _short_rate(r: stats.Rate) -> str:
 
 def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
     rows = []
+    keys = cell_keys(cells)
     for c in cells:
-        row: dict[str, Any] = {k: c.config.get(k, "") for k in CELL_KEYS}
+        row: dict[str, Any] = {k: c.config.get(k, LATER_KEYS.get(k, "")) for k in keys}
         row.update({"states": c.checked, **{str(o): c.counts[o] for o in OUTCOMES}})
         for name, r in (("corrupt", c.corrupt), ("lost", c.lost)):
             row[f"{name}_rate"] = round(r.value, 4) if r.n else None
@@ -112,8 +123,8 @@ def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
 def split_keys(cells: list[CellResult]) -> tuple[list[str], dict[str, str]]:
     """The config keys that vary between cells (columns) and those that do not (said once)."""
     varying, fixed = [], {}
-    for k in CELL_KEYS:
-        values = {str(c.config.get(k, "")) for c in cells}
+    for k in cell_keys(cells):
+        values = {str(c.config.get(k, LATER_KEYS.get(k, ""))) for c in cells}
         if len(values) > 1:
             varying.append(k)
         else:
@@ -142,11 +153,11 @@ def terminal(cells: list[CellResult]) -> None:
 
 
 def markdown(cells: list[CellResult], env: dict[str, Any] | None = None) -> str:
-    head = ["fs", "cache", "barrier", "recorder", "workload", "window", "states", *OUTCOMES,
-            "corrupt (95 % CI)", "fsync data lost (95 % CI)"]
+    keys = cell_keys(cells)
+    head = [*keys, "states", *OUTCOMES, "corrupt (95 % CI)", "fsync data lost (95 % CI)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
-        cols = [str(c.config.get(k, "")) for k in CELL_KEYS] + [str(c.checked)]
+        cols = [str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in keys] + [str(c.checked)]
         cols += [str(c.counts[o]) for o in OUTCOMES] + [str(c.corrupt), str(c.lost)]
         lines.append("| " + " | ".join(cols) + " |")
     if env:

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import click
 
-from crashlab import __version__, logformat, rundir, signals
+from crashlab import __version__, logformat, netns, rundir, signals
 
 # Exit statuses of the log and crash commands (README.md, "Exit status"); gate and check keep theirs.
 EXIT_OK = 0
@@ -74,6 +74,7 @@ def main() -> None:
     """Exit statuses: 0 done, 1 a finding (damage, failures: per command), 2 bad input, 130 Ctrl-C,
     143 SIGTERM; after an interrupt everything this run started is stopped and removed first."""
     rundir.enter()
+    netns.reclaim()  # a killed run's storage-server namespaces, as rundir does its files
     try:
         with signals.sigterm_raises():
             status = cli.main(prog_name="crashlab", standalone_mode=False)

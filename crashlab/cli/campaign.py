@@ -191,7 +191,7 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
     are taken out of `options` first, a libvirt XML's cache mode included."""
     drive = shipped.take(options, lists=True)
     overrides: dict[str, Any] = {}
-    for key in ("fs", "cache", "barrier", "recorder", "workload", "window"):
+    for key in ("fs", "cache", "barrier", "recorder", "workload", "window", "storage"):
         if (v := _csv(options.get(key))) is not None:
             overrides[key] = v
     if (v := _csv(options.get("torn"))) is not None:
@@ -215,6 +215,8 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
 @click.option("--barrier", help="on, off or on,off [default: on,off].")
 @click.option("--recorder", help="qemu, dm [default: qemu].")
 @click.option("--workload", help=f"Workloads [default: {','.join(campaign.DEFAULT_WORKLOADS)}].")
+@click.option("--storage", help="local, nbd or local,nbd: the guest's disk a local file, or an NBD export "
+                                "logged on its server [default: local].")
 @shipped.options(lists=True)
 @_common
 def matrix_command(config_file: Path | None, workers: int | None, unit_states: int, host_mount: bool,
@@ -237,12 +239,14 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
 @click.option("--barrier", default="on", show_default=True)
 @click.option("--recorder", default="qemu", show_default=True)
 @click.option("--workload", default="smallfiles", show_default=True)
+@click.option("--storage", default="local", show_default=True,
+              help="local, or nbd: the disk an NBD export of a storage server in a network namespace.")
 @shipped.options()
 @_common
 def run_command(workers: int | None, unit_states: int, host_mount: bool, checker: str, quiet: bool,
                 store_path: Path, **options: Any) -> None:
     """Run (or resume) one configuration."""
-    for key in ("fs", "cache", "barrier", "recorder", "workload", "disk", "aio"):
+    for key in ("fs", "cache", "barrier", "recorder", "workload", "storage", "disk", "aio"):
         if "," in (options[key] or ""):
             raise CrashlabError(f"--{key}: one value for `run`; use `crashlab matrix` for several")
     _run(_matrix_from(options, campaign.Matrix()), store_path, workers, unit_states,

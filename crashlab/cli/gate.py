@@ -34,6 +34,8 @@ Exit status:
               help="Crash states per cell (0 of 32 bounds the rate below 9 % at 95 %).")
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--recorder", default="qemu", show_default=True)
+@click.option("--storage", default="local", show_default=True,
+              help="local, or nbd: the policy's disks are NBD exports, logged on their server.")
 @click.option("--window", default="default", show_default=True,
               help="Volatility window of the policy's cells: seconds, 'inf' or the cache mode's default.")
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -62,10 +64,10 @@ Exit status:
               help="The XML as proposed: the gate decides on it, and compares it with --before "
                    "(Fisher's exact test per filesystem, Holm-adjusted).")
 @shipped.options()
-def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, window: str,
-            seed: int, scale: int, strategy: str, max_rate: float, sensitivity: bool, store_path: Path,
-            workers: int | None, unit_states: int | None, host_mount: bool, before: Path | None,
-            after: Path | None, **drive_options: Any) -> None:
+def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, storage: str,
+            window: str, seed: int, scale: int, strategy: str, max_rate: float, sensitivity: bool,
+            store_path: Path, workers: int | None, unit_states: int | None, host_mount: bool,
+            before: Path | None, after: Path | None, **drive_options: Any) -> None:
     """Refuse a cache policy if any crash state is corrupt or loses fsynced data.
 
     Records the policy's cells (or reuses them from the store), checks STATES crash states each,
@@ -84,7 +86,7 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         raise CrashlabError(f"--{clash[0].replace('_', '-')} and --before/--after both set it: give one")
     try:
         fields = dict(cache=drive.pop("cache", cache), barrier=barrier, workload=workload, recorder=recorder,
-                      window=window, seed=seed, scale=scale, strategy=strategy, **drive)
+                      window=window, seed=seed, scale=scale, strategy=strategy, storage=storage, **drive)
         cell = Cell.parse({**fields, **(pair[1] if pair else {})})
         policy = gate.Policy(cell, fs=tuple(f.strip() for f in fs.split(",") if f.strip()), states=states,
                              sensitivity=sensitivity, max_rate=max_rate / 100)

@@ -60,8 +60,20 @@ class AbnormalShutdown(MachineError):
 
 
 @dataclass(frozen=True)
+class NbdClient:
+    """Where an NBD export is, as QEMU's nbd block driver reaches it."""
+
+    host: str
+    port: int
+    export: str
+    # Seconds QEMU holds requests while it reconnects to a lost server; 0: they fail at once (EIO).
+    reconnect_delay_s: int = 0
+
+
+@dataclass(frozen=True)
 class Drive:
-    """A guest disk backed by a raw host file, optionally logged by a blklogwrites node."""
+    """A guest disk backed by a raw host file, optionally logged by a blklogwrites node, or (with
+    `nbd`) by an NBD export, `path` then being the server's image, which QEMU never opens."""
 
     path: Path
     cache: CacheMode
@@ -72,6 +84,27 @@ class Drive:
     aio: str = DEFAULT_AIO  # -blockdev aio= of the data file node
     discard: str = DISCARD[0]  # -blockdev discard= (ignore: guest discards stop at QEMU)
     detect_zeroes: str = DETECT_ZEROES[0]  # -blockdev detect-zeroes= of the top node
+    nbd: NbdClient | None = None
+
+
+def nbd_drive_args(index: int, drive: Drive, nbd: NbdClient) -> list[str]:
+    """An NBD-backed disk: the cache mode's direct and write-cache halves are the server's and the
+    device's; no-flush also applies here, so `unsafe` flushes never leave the guest's host. The
+    file node's options (aio) are the server's too (crashlab.nbd.Export)."""
+    if drive.log is not None:
+        raise MachineError("an NBD disk is logged on its server, not by a blklogwrites node here")
+    if drive.aio != DEFAULT_AIO:
+        raise MachineError(f"aio={drive.aio} is an option of the server's file, not of an NBD client")
+    discard = [f"discard={drive.discard}"] if drive.discard != DISCARD[0] else []
+    zeroes = [f"detect-zeroes={drive.detect_zeroes}"] if drive.detect_zeroes != DETECT_ZEROES[0] else []
+    node = ",".join(["driver=nbd", f"node-name=disk{index}", "server.type=inet", f"server.host={nbd.host}",
+                     f"server.port={nbd.port}", f"export={nbd.export}",
+                     f"reconnect-delay={nbd.reconnect_delay_s}",
+                     f"cache.no-flush={drive.cache.blockdev_cache['cache.no-flush']}", *discard, *zeroes])
+    dev = drive.model.device_args(index, f"disk{index}", drive.cache.device_write_cache)
+    if drive.serial:
+        dev[-1] += f",serial={drive.serial}"
+    return ["-blockdev", node, *dev]
 
 
 def drive_args(index: int, drive: Drive) -> list[str]:
@@ -80,6 +113,8 @@ def drive_args(index: int, drive: Drive) -> list[str]:
     As libvirt builds them (qemu_command.c): `aio` on the file (storage) node, `discard` on every
     node of the disk, `detect-zeroes` on the node the device is attached to. Non-default values
     only, so a default drive's command line is what it always was."""
+    if drive.nbd is not None:
+        return nbd_drive_args(index, drive, drive.nbd)
     c = drive.cache
     top = f"disk{index}"
     file_node = f"disk{index}-file" if drive.log else top

@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import workloads
@@ -112,6 +113,18 @@ def record(job: dict[str, Any], result: Result) -> int:
         fault.join()
         poweroff()
 
+    if job.get("live_fault"):
+        # The disk may have failed under the workload (a storage server killed, a link down):
+        # what the kernel said is the outcome's evidence, and a failed umount is part of it.
+        result.set(kernel=kernel_evidence(MNT))
+        try:
+            run("umount", str(MNT))
+            result.step("unmounted")
+        except RuntimeError as e:
+            result.set(umount_error=str(e))
+        os.sync()
+        result.set(status="done")
+        return status
     run("umount", str(MNT))
     result.step("unmounted", disk=disk_facts(data))
     if dm:
@@ -121,6 +134,42 @@ def record(job: dict[str, Any], result: Result) -> int:
     os.sync()
     result.set(status="done")
     return status
+
+
+# Kernel messages that say the disk failed under the filesystem, and what the filesystem did.
+EIO_WORDS = ("I/O error", "error -5")
+READ_ONLY_WORDS = ("Remounting filesystem read-only", "Aborting journal", "Detected aborted journal",
+                   "Filesystem has been shut down", "forced shutdown", "forced readonly")
+
+
+def kernel_evidence(mnt: Path, limit: int = 60) -> dict[str, Any]:
+    """What /dev/kmsg holds about I/O errors and the filesystem's reaction, and how `mnt` is mounted."""
+    lines: list[str] = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return {"error": f"/dev/kmsg: {e.strerror}"}
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: the ring buffer overwrote what we were reading
+                continue
+            text = rec.partition(";")[2].strip()
+            if any(w in text for w in (*EIO_WORDS, *READ_ONLY_WORDS)):
+                lines.append(text)
+    finally:
+        os.close(fd)
+    mode = ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[1] == str(mnt):
+            mode = parts[3].split(",")[0]
+    said_ro = any(w in ln for ln in lines for w in READ_ONLY_WORDS)
+    return {"eio": any(w in ln for ln in lines for w in EIO_WORDS), "mount": mode or "not mounted",
+            "remounted_ro": said_ro or mode == "ro", "lines": lines[-limit:]}
 
 
 def inject(flakey: dict[str, Any], started: threading.Event, result: Result) -> None:
