@@ -68,6 +68,7 @@ def pipeline(rec: Path, states: int, jobs: int, checker: str, unit: int = 50
     """States per second of run_check units on `jobs` workers, as a campaign runs them."""
     cell = cell_of(rec)
     ids = campaign.generate_states(cell, rec, states)
+    unit = unit or -(-len(ids) // jobs)  # 0: one unit a worker (a log with few distinct states)
     units = [campaign.CheckUnit(cell, str(rec), tuple(ids[k:k + unit]), checker=checker)
              for k in range(0, len(ids), unit)]
     t0 = time.monotonic()
@@ -142,7 +143,7 @@ def same_check(tmp: Path, jobs: int) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--states", type=int, default=400)
-    ap.add_argument("--fs-states", type=int, default=60)
+    ap.add_argument("--fs-states", type=int, default=300)
     ap.add_argument("--hand-states", type=int, default=100)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--recordings", type=Path, default=None)
@@ -169,8 +170,7 @@ def main() -> int:
     if not args.skip_guest:
         for fs in ("xfs", "btrfs"):
             rec = recording(recs, fs, barrier=True)
-            unit = max(1, args.fs_states // args.jobs)
-            frate, fn, fcounts = pipeline(rec, args.fs_states, args.jobs, "auto", unit=unit)
+            frate, fn, fcounts = pipeline(rec, args.fs_states, args.jobs, "auto", unit=0)
             checkguest.close_live_guests()
             print(f"{fs:5} full pipeline, checker guest     : {frate:7.1f} states/s ({fn} states, {fcounts})")
     sc = same_check(tmp, args.jobs)
