@@ -520,7 +520,10 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
                 # mount; the callable judges a copy when that mount cannot be read in full.
                 items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),
                                        promises=promises_path, present=present))
-        for record in check_batch(items, host_mount=unit.host_mount, checker=unit.checker):
+        # The cell's own kernel and QEMU, if it names them, boot the checker guest too: XFS and
+        # btrfs recovery is that kernel's code.
+        for record in check_batch(items, host_mount=unit.host_mount, checker=unit.checker,
+                                  kernel=unit.cell.kernel, modules=unit.cell.modules, qemu=unit.cell.qemu):
             results.append(StateResult(record.state_id, record.outcome, record.to_dict()))
             if keep_dir is None:
                 Path(record.image).unlink(missing_ok=True)

@@ -75,7 +75,7 @@ class FakeGuests:
         self.given: list[list[int]] = []
         self.requests: list[MountRequest] = []
 
-    def __call__(self, guest: Guest, memory_mib: int, accel: str) -> FakeGuests:
+    def __call__(self, guest: Guest, memory_mib: int, accel: str, qemu: str | None = None) -> FakeGuests:
         if self.script and self.script[0] is no_boot:
             self.script.pop(0)
             self.given.append([])
@@ -236,3 +236,25 @@ def test_a_real_qemu_killed_mid_batch_costs_a_retry_not_a_result(tmp_path: Path)
         assert r.outcome is Outcome.CONSISTENT and not r.checker_fault, json.dumps(r.to_dict())[:2000]
     cut = records[f"s{killed[0]}"]
     assert any(FAULT_STOPPED in n for n in cut.notes), cut.notes
+
+
+def test_a_cells_own_kernel_and_qemu_boot_its_checker_guest(monkeypatch: pytest.MonkeyPatch,
+                                                            images: list[Path]) -> None:
+    provisioned: list[tuple[object, object]] = []
+    booted: list[object] = []
+
+    def fake_provision(kernel: object = None, modules: object = None) -> Guest:
+        provisioned.append((kernel, modules))
+        return GUEST
+
+    def fake_live(guest: Guest, memory_mib: int, accel: str, qemu: str | None = None) -> FakeGuests:
+        booted.append(qemu)
+        return fake
+
+    fake = FakeGuests([all_done])
+    fake.requests = [MountRequest(p, "xfs", True, None) for p in images]
+    monkeypatch.setattr(checkguest, "provision", fake_provision)
+    monkeypatch.setattr(checkguest, "live_guest", fake_live)
+    backend = GuestMounts(kernel="/k/bzImage", modules="/k/modules", qemu="/opt/qemu")
+    backend.mount_batch(fake.requests, timeout=5)
+    assert provisioned == [("/k/bzImage", "/k/modules")] and booted == ["/opt/qemu"]

@@ -72,9 +72,10 @@ class Batch:
 class CheckerGuest:
     """One long-lived checker guest: booted once, fed batches through its share until closed."""
 
-    def __init__(self, guest: Guest, memory_mib: int = 512, accel: str = "auto") -> None:
-        self.guest, self.memory_mib = guest, memory_mib
-        self.accel = choose_accel(guest.kernel, guest.initrd, accel)
+    def __init__(self, guest: Guest, memory_mib: int = 512, accel: str = "auto", qemu: str | None = None
+                 ) -> None:
+        self.guest, self.memory_mib, self.qemu = guest, memory_mib, qemu
+        self.accel = choose_accel(guest.kernel, guest.initrd, accel, qemu)
         self.machine: Machine | None = None
         self.share = Path()
         self.view: HostView = host_view()
@@ -91,7 +92,8 @@ class CheckerGuest:
         (self.share / "job.json").write_text(json.dumps({"mode": "serve"}))
         shares: list[Share] = [self.view, ResultsShare("out", self.share)]
         self.machine = Machine(self.guest.kernel, self.guest.initrd, shares=shares,
-                               memory_mib=self.memory_mib, accel=self.accel, timeout=LIFETIME_S,
+                               memory_mib=self.memory_mib, accel=self.accel, qemu=self.qemu,
+                               timeout=LIFETIME_S,
                                console_log=self.share / "console.log", name="crashlab-check")
         try:
             self.machine.launch()
@@ -261,16 +263,16 @@ def _take_tree(src: Path, dest: Path) -> None:
 # One live checker guest per process and configuration: a campaign worker boots it for its first
 # unit that needs one and keeps it for every later unit. Closed at exit; a worker killed outright
 # takes its QEMU and virtiofsd with it (PR_SET_PDEATHSIG) and its share is reclaimed by rundir.
-_LIVE: dict[tuple[str, int, str], CheckerGuest] = {}
+_LIVE: dict[tuple[str, int, str, str | None], CheckerGuest] = {}
 
 
-def live_guest(guest: Guest, memory_mib: int, accel: str) -> CheckerGuest:
-    key = (guest.key, memory_mib, accel)
+def live_guest(guest: Guest, memory_mib: int, accel: str, qemu: str | None = None) -> CheckerGuest:
+    key = (guest.key, memory_mib, accel, qemu)
     g = _LIVE.get(key)
     if g is None or not g.alive():
         if g is not None:
             g.close()
-        g = CheckerGuest(guest, memory_mib, accel)
+        g = CheckerGuest(guest, memory_mib, accel, qemu)
         g.start()
         _LIVE[key] = g
     return g
@@ -291,8 +293,12 @@ class GuestMounts:
     name = "guest"
 
     def __init__(self, guest: Guest | None = None, *, memory_mib: int = 512, accel: str = "auto",
-                 attempts: int = ATTEMPTS, batch: int = 64) -> None:
+                 attempts: int = ATTEMPTS, batch: int = 64, kernel: str = "", modules: str = "",
+                 qemu: str = "") -> None:
+        """`kernel`/`modules`/`qemu`: the user's own (a cell's): recovery mounts are their kernel's,
+        as a reboot on their machine would be; provisioned only when an image needs the guest."""
         self.guest, self.memory_mib, self.accel, self.batch = guest, memory_mib, accel, batch
+        self.kernel, self.modules, self.qemu = kernel, modules, qemu
         self.attempts = max(1, attempts)
         self.boots: list[dict[str, float]] = []  # per batch: images, seconds (for reports and tests)
 
@@ -305,8 +311,8 @@ class GuestMounts:
 
     def _live(self) -> CheckerGuest:
         if self.guest is None:
-            self.guest = provision()
-        return live_guest(self.guest, self.memory_mib, self.accel)
+            self.guest = provision(self.kernel or None, self.modules or None)
+        return live_guest(self.guest, self.memory_mib, self.accel, self.qemu or None)
 
     def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
                     ) -> list[MountSteps]:

@@ -6,6 +6,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -326,11 +327,22 @@ def _one(cells: list[report.CellResult], spec: str) -> report.CellResult:
 @click.option("--keep", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Leave the rebuilt image here and print how to inspect it.")
 @click.option("--host-mount", is_flag=True, help="Mount on this host instead of in a checker guest.")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Boot the checker guest on this kernel (with --modules) [default: the cell's, else "
+                   "crashlab's].")
+@click.option("--modules", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Its lib/modules/VERSION directory.")
+@click.option("--qemu", default=None, help="qemu-system-x86_64 for the checker guest [default: the cell's].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the check record as JSON (alone on stdout: --keep's hint goes to stderr).")
 def reproduce_command(state_id: str, store_path: Path, keep: Path | None, host_mount: bool,
-                      as_json: bool) -> None:
-    """Rebuild a crash state's image from its id, rerun recovery and checks, print what was found."""
+                      kernel: str | None, modules: str | None, qemu: str | None, as_json: bool) -> None:
+    """Rebuild a crash state's image from its id, rerun recovery and checks, print what was found.
+
+    XFS and btrfs states recover in a checker guest booted on the cell's kernel and QEMU (or
+    --kernel/--qemu): the recovery is that kernel's code."""
+    if (kernel is None) != (modules is None):
+        raise click.UsageError("--kernel and --modules go together (the modules must match the kernel)")
     try:
         with Store(store_path, readonly=True) as store:
             rows = store.find_state(state_id)
@@ -340,6 +352,10 @@ def reproduce_command(state_id: str, store_path: Path, keep: Path | None, host_m
     if not found:
         raise CrashlabError(f"state {state_id} is not in {store_path} (or its cell has no recording)")
     cell, recording = found[0]
+    if kernel is not None:
+        cell = replace(cell, kernel=kernel, modules=modules or "")
+    if qemu is not None:
+        cell = replace(cell, qemu=qemu)
     if not (log := GuestOutputs(recording).log).is_file():
         raise CrashlabError(f"state {state_id}: its recording {recording} has no {log.name}")
     if keep is not None and not keep.parent.is_dir():
