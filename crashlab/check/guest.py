@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -36,12 +35,11 @@ from crashlab import rundir
 from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec
 from crashlab.check.outcome import ToolRun, clip
 from crashlab.guest.inguest.check import READY, batch_name, results_name
-from crashlab.guest.inguest.init import guest_env
 from crashlab.guest.job import GuestFileError, read_guest_file, read_guest_json
 from crashlab.guest.machine import Machine, MachineError, choose_accel
 from crashlab.guest.provision import Guest, provision
-from crashlab.guest.shares import PROJECT, HostView, ResultsShare, Share, host_view, visible_in
-from crashlab.guest.transport import guest_path
+from crashlab.guest.shares import HostView, host_view, visible_in
+from crashlab.guest.transport import guest_path, virtiofs_shares
 
 BOOT_BUDGET_S = 120.0  # boot + Python start under TCG, with margin for a loaded host
 LIFETIME_S = 7 * 24 * 3600.0  # the machine's own hard deadline; images have their own
@@ -88,9 +86,7 @@ class CheckerGuest:
         t0 = time.monotonic()
         where = rundir.tmpfs() or rundir.scratch()
         self.share = Path(tempfile.mkdtemp(prefix="crashlab-checker-", dir=where))
-        (self.share / "guest.env").write_text(guest_env(_python(), str(PROJECT)))
-        (self.share / "job.json").write_text(json.dumps({"mode": "serve"}))
-        shares: list[Share] = [self.view, ResultsShare("out", self.share)]
+        shares = virtiofs_shares(self.share, {"mode": "serve"}, self.view)
         self.machine = Machine(self.guest.kernel, self.guest.initrd, shares=shares,
                                memory_mib=self.memory_mib, accel=self.accel, qemu=self.qemu,
                                timeout=LIFETIME_S,
@@ -201,10 +197,6 @@ class CheckerGuest:
             m._shutdown_quietly(None)
         if self.share != Path():
             shutil.rmtree(self.share, ignore_errors=True)
-
-
-def _python() -> str:
-    return os.environ.get("CRASHLAB_GUEST_PYTHON") or sys.executable
 
 
 def _link(src: Path, dest: Path) -> bool:

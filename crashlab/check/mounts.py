@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from crashlab import filesystems
 from crashlab.check.outcome import ToolRun, violation_to_json
 from crashlab.check.tools import run_tool
-from crashlab.oracle import Promises, load_promises
+from crashlab.oracle import Promises, Tree, load_promises
 
 MOUNT_TIMEOUT = 120.0
 MNT_EX_FAIL = 32  # what mount(8) and umount(8) exit with when the call fails
@@ -100,15 +100,20 @@ def cached_promises(path: Path) -> Promises:
     return _PROMISES[key]
 
 
-def run_oracle(tree: Path, spec: OracleSpec) -> tuple[list[Any], str]:
+def oracle_failure(e: Exception) -> str:
+    """The words for workload code that failed, wherever the oracle ran (runner._run_oracle too)."""
+    return f"oracle raised {type(e).__name__}: {e}"
+
+
+def run_oracle(tree: Path | Tree, spec: OracleSpec) -> tuple[list[Any], str]:
     """Violations (as the record keeps them, JSON) and an error: a promises file that cannot be
     loaded or an oracle that raises is workload code failing, the checker's fault, not the image's."""
 
     try:
         found = cached_promises(spec.promises).check(tree, spec.present)
         return [violation_to_json(v) for v in found], ""
-    except Exception as e:  # the same words as the host-side oracle (runner._run_oracle)
-        return [], f"oracle raised {type(e).__name__}: {e}"
+    except Exception as e:
+        return [], oracle_failure(e)
 
 
 def unreadable(root: Path) -> str | None:

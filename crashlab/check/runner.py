@@ -37,6 +37,7 @@ from crashlab.check.mounts import (
     MountRequest,
     MountSteps,
     OracleSpec,
+    oracle_failure,
 )
 from crashlab.check.outcome import CheckRecord, StepVerdict, Verdict
 from crashlab.check.tools import DEFAULT_TIMEOUT, run_tool
@@ -93,7 +94,7 @@ def _run_oracle(oracle: Oracle, tree: Path) -> tuple[list[Any], StepVerdict | No
     try:
         return list(oracle(tree)), None
     except Exception as e:  # the oracle is workload code: its crash is ours, not the filesystem's
-        return [], StepVerdict(Verdict.TOOL_ERROR, f"oracle raised {type(e).__name__}: {e}")
+        return [], StepVerdict(Verdict.TOOL_ERROR, oracle_failure(e))
 
 
 def _copy_oracle(item: CheckItem) -> Oracle:

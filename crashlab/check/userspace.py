@@ -21,15 +21,25 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec, cached_promises
-from crashlab.check.outcome import ToolRun, violation_to_json
+from crashlab import rundir
+from crashlab.check.mounts import (
+    MNT_EX_FAIL,
+    MOUNT_TIMEOUT,
+    MountRequest,
+    MountSteps,
+    OracleSpec,
+    cached_promises,
+    oracle_failure,
+    run_oracle,
+)
+from crashlab.check.outcome import ToolRun
 from crashlab.check.tools import run_tool
 from crashlab.filesystems import USERSPACE_READABLE
 from crashlab.oracle import Stat
@@ -127,22 +137,20 @@ def read_tree(image: Path, paths: Sequence[str], attrs: Sequence[tuple[str, str]
     libext2fs could not open the image)."""
     sc = script(paths, attrs)
     tree = ImageTree()
-    with tempfile.TemporaryDirectory(prefix="crashlab-debugfs-", dir=_scratch()) as tmp:
+    with tempfile.TemporaryDirectory(prefix="crashlab-debugfs-", dir=rundir.tmpfs()) as tmp:
         cmds = Path(tmp) / "commands"
         cmds.write_text(sc.text)
         # cwd is the output directory: dump and ea_get write relative names, so no host path
         # longer than a name is in the script, and none outside it can be written.
-        run = run_tool(["debugfs", "-f", str(cmds), str(image.resolve())], timeout, cwd=tmp)
+        run = _debugfs(["-f", str(cmds), str(image.resolve())], timeout, cwd=tmp)
         run.argv = ["debugfs", "-f", "<oracle reads>", str(image)]
-        if OPEN_FAILED in run.stderr and run.rc == 0:
-            run.rc = 32
         if run.rc != 0:
             return tree, run
         tree.entries = parse_listings(run.stdout, sc.parents)
         for rel, name in sc.dumps.items():
             st = tree.entries.get(rel)
             out = Path(tmp) / name
-            if st is None or not _is_reg(st) or not out.is_file():
+            if st is None or not stat.S_ISREG(st.st_mode) or not out.is_file():
                 continue
             data = out.read_bytes()
             if len(data) == st.st_size:  # shorter: a read error part way through
@@ -155,12 +163,12 @@ def read_tree(image: Path, paths: Sequence[str], attrs: Sequence[tuple[str, str]
     return tree, run
 
 
-def _is_reg(st: Stat) -> bool:
-    return (st.st_mode & 0o170000) == 0o100000
-
-
-def _scratch() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+def _debugfs(args: list[str], timeout: float, cwd: str | None = None) -> ToolRun:
+    """debugfs exits 0 even when libext2fs cannot open the image: that is a refused mount."""
+    run = run_tool(["debugfs", *args], timeout, cwd=cwd)
+    if OPEN_FAILED in run.stderr and run.rc == 0:
+        run.rc = MNT_EX_FAIL
+    return run
 
 
 class UserspaceMounts:
@@ -192,30 +200,20 @@ class UserspaceMounts:
             steps.tree = self._oracle(req.image, req.oracle, steps, timeout)
         elif req.tree_dest is not None:
             req.tree_dest.mkdir(parents=True, exist_ok=True)
-            steps.tree = run_tool(["debugfs", "-R", f"rdump / {_quote(str(req.tree_dest))}",
-                                   str(req.image)], timeout)
-            if OPEN_FAILED in steps.tree.stderr and steps.tree.rc == 0:
-                steps.tree.rc = 32
+            steps.tree = _debugfs(["-R", f"rdump / {_quote(str(req.tree_dest))}", str(req.image)], timeout)
         steps.timings["tree"] = time.monotonic() - t0
         return steps
 
     def _oracle(self, image: Path, spec: OracleSpec, steps: MountSteps, timeout: float) -> ToolRun:
         try:
             promises = cached_promises(spec.promises)
-        except Exception as e:  # the same words as the mount backends' oracle (mounts.run_oracle)
-            steps.violations, steps.oracle_error = [], f"oracle raised {type(e).__name__}: {e}"
+        except Exception as e:
+            steps.violations, steps.oracle_error = [], oracle_failure(e)
             return ToolRun(argv=["oracle", str(spec.promises)], rc=0)
         paths, attrs = promises.reads(spec.present)
         tree, run = read_tree(image, sorted(paths), sorted(attrs), timeout)
         if run.rc == 0:
             t0 = time.monotonic()
-            try:
-                steps.violations = [violation_to_json(v) for v in promises.check(tree, spec.present)]
-            except Exception as e:
-                steps.violations, steps.oracle_error = [], f"oracle raised {type(e).__name__}: {e}"
+            steps.violations, steps.oracle_error = run_oracle(tree, spec)
             steps.timings["oracle"] = time.monotonic() - t0
         return run
-
-
-def available() -> bool:
-    return shutil.which("debugfs", path=os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin") is not None

@@ -14,13 +14,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from crashlab.guest.inguest.init import OUT, guest_env
 from crashlab.guest.job import GuestJob, GuestRun, boot, read_guest_file, read_guest_json
 from crashlab.guest.machine import Machine, find_virtiofsd
 from crashlab.guest.provision import Guest
-from crashlab.guest.shares import PROJECT, ResultsShare, Share, host_view
+from crashlab.guest.shares import PROJECT, HostView, ResultsShare, Share, host_view
 from crashlab.guest.shell import ShellTransport
 
 
@@ -43,9 +44,7 @@ class VirtiofsTransport:
     def run(self, job: GuestJob, guest: Guest, observer: Callable[[Machine], None] | None = None
             ) -> GuestRun:
         share = job.share
-        (share / "guest.env").write_text(guest_env(sys.executable, str(PROJECT)))
-        (share / "job.json").write_text(json.dumps(job.payload, indent=1))
-        shares: list[Share] = [host_view(extra=job.view_extra), ResultsShare("out", share)]
+        shares = virtiofs_shares(share, job.payload, host_view(extra=job.view_extra))
         b = boot(job, guest, shares=shares, observer=observer)
         exit_text = (read_guest_file(share / "exit-status") or "").strip()
         init_error = (read_guest_file(share / "init-error") or "").strip()
@@ -54,6 +53,14 @@ class VirtiofsTransport:
                         int(exit_text) if exit_text.lstrip("-").isdigit() else None,
                         b.qemu_exit, b.qemu_argv, b.host_seconds, error, job.console,
                         timed_out=b.timed_out)
+
+
+def virtiofs_shares(share: Path, payload: dict[str, Any], view: HostView) -> list[Share]:
+    """Write what the guest's /init and job read into the results `share` (the interpreter and
+    project to chroot into, the job), and return the shares a virtiofs guest boots with."""
+    (share / "guest.env").write_text(guest_env(sys.executable, str(PROJECT)))
+    (share / "job.json").write_text(json.dumps(payload, indent=1))
+    return [view, ResultsShare("out", share)]
 
 
 def guest_path(name: str) -> str:
