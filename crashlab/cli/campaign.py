@@ -227,11 +227,15 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
     Rerunning the same command resumes: recordings and stored outcomes are reused.
     """
     try:
-        base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
+        bases = campaign.load_matrices(config_file) if config_file else [campaign.Matrix()]
+        # Every block's cells are checked before the first one runs.
+        matrices = [_matrix_from(dict(options), base) for base in bases]
+        for m in matrices:
+            m.cells()
     except campaign.CampaignError as e:
         raise CrashlabError(str(e)) from None
-    _run(_matrix_from(options, base), store_path, workers, unit_states, "host" if host_mount else checker,
-         quiet)
+    for m in matrices:  # one after the other, each resumable as a matrix of its own
+        _run(m, store_path, workers, unit_states, "host" if host_mount else checker, quiet)
 
 
 @click.command("run", epilog=EXIT_EPILOG)
