@@ -30,7 +30,7 @@ SHORT = {Outcome.CONSISTENT: "ok", Outcome.DATA_LOSS: "loss", Outcome.FS_INCONSI
 CELL_KEYS = ("fs", "cache", "barrier", "recorder", "workload", "window")
 # Axes added after reports existed: a column only when some cell is off its default, so a report of
 # cells that do not use them reads as it always did. Defaults from the one table of them.
-LATER_KEYS = {k: OPTIONAL_FIELDS[k] for k in ("storage",)}
+LATER_KEYS = {k: OPTIONAL_FIELDS[k] for k in ("storage", "disk")}
 
 
 def cell_keys(cells: list[CellResult]) -> tuple[str, ...]:
@@ -209,7 +209,17 @@ def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str]) -> s
            "k rate [95% Wilson interval]; 0 (<=x%) = 95% upper bound.", ""]
     out.append("".join(name.ljust(w) for name, w in cols).rstrip())
     out.append("-" * (sum(w for _, w in cols) - 1))
-    for c in cells:
+    # What else tells rows apart (a disk model, a window sweep) heads a group of rows: the columns
+    # are as wide as 72 columns allow.
+    # A default window follows from the cache mode (said below the table).
+    swept = any(c.config.get("window_spec", "default") != "default" for c in cells)
+    shown = ("fs", "cache", "barrier", "workload", *(() if swept else ("window",)))
+    extra = [k for k in split_keys(cells)[0] if k not in shown]
+    group = None
+    for c in sorted(cells, key=lambda c: tuple(str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in extra)):
+        if extra and group != (group := " ".join(f"{k}={c.config.get(k, LATER_KEYS.get(k, ''))}"
+                                                 for k in extra)):
+            out.append(f"{group}:")
         vals = (c.config.get("fs", ""), c.config.get("cache", ""), c.config.get("barrier", ""),
                 c.config.get("workload", ""), c.checked, _short_rate(c.corrupt), _short_rate(c.lost))
         out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
