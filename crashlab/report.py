@@ -163,9 +163,11 @@ def terminal(cells: list[CellResult], file: IO[str] | None = None) -> None:
     for c in cells:
         table.add_row(*(str(c.config.get(k, "")) for k in varying), str(c.checked),
                       *(str(c.counts[o]) for o in OUTCOMES), _short_rate(c.corrupt), _short_rate(c.lost))
-    console = Console(file=file)
-    if not console.is_terminal:  # a file, a log or a pipe: no reason to squeeze the table
-        console = Console(file=file, width=160)
+    console = Console()
+    if file is not None:  # plain text whatever the environment asks of terminals (FORCE_COLOR)
+        console = Console(file=file, width=160, color_system=None, force_terminal=False)
+    elif not console.is_terminal:  # a log or a pipe: no reason to squeeze the table
+        console = Console(width=160)
     console.print(table)
 
 
