@@ -10,12 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from crashlab import stats
 
-if TYPE_CHECKING:
-    from crashlab.report import CellResult
+
+class CellResult(Protocol):
+    """A cell as a report counts it (crashlab.report.CellResult, which imports this module)."""
+
+    @property
+    def cell(self) -> str: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def failed(self) -> stats.Rate: ...
 
 ALPHA = 0.05
 # Config keys that never make two cells "the same configuration" or not: derived or a label.
