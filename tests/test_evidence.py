@@ -72,3 +72,24 @@ def test_a_bad_block_is_refused_before_any_block_runs(tmp_path: Path, toml: str,
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml"]
+
+
+def test_every_block_runs_though_an_earlier_one_failed_units(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[tuple[str, ...]] = []
+
+    def fake_run_matrix(cells: list[campaign.Cell], states: int, *args: object,
+                        **kw: object) -> campaign.Progress:
+        ran.append(tuple(sorted({c.fs for c in cells})))
+        prog = campaign.Progress(cells=len(cells), states=states)
+        if len(ran) == 1:
+            prog.failed_units.append("record ext4: the guest did not boot")
+        return prog
+
+    monkeypatch.setattr(campaign, "run_matrix", fake_run_matrix)
+    (tmp_path / "m.toml").write_text('cache = ["none"]\nbarrier = ["on"]\nworkload = ["smallfiles"]\n'
+                                     '[[matrix]]\nfs = ["ext4"]\n[[matrix]]\nfs = ["ext3"]\n')
+    res = CliRunner().invoke(cli, ["matrix", "-q", "--config", str(tmp_path / "m.toml"),
+                                   "--store", str(tmp_path / "s.sqlite")])
+    assert ran == [("ext4",), ("ext3",)]
+    assert res.exit_code == 1 and "the guest did not boot" in res.stderr

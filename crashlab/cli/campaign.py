@@ -236,8 +236,16 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
             m.cells()
     except campaign.CampaignError as e:
         raise CrashlabError(str(e)) from None
+    status = 0
     for m in matrices:  # one after the other, each resumable as a matrix of its own
-        _run(m, store_path, workers, unit_states, "host" if host_mount else checker, quiet)
+        try:
+            _run(m, store_path, workers, unit_states, "host" if host_mount else checker, quiet)
+        except SystemExit as e:  # a block's failed units or unchecked states: the next block still runs
+            if e.code not in (EXIT_FAILED_UNITS, EXIT_UNCHECKED) or len(matrices) == 1:
+                raise
+            status = EXIT_FAILED_UNITS if EXIT_FAILED_UNITS in (status, e.code) else EXIT_UNCHECKED
+    if status:
+        raise SystemExit(status)
 
 
 @click.command("run", epilog=EXIT_EPILOG)
