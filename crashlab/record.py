@@ -643,34 +643,38 @@ def record_many(configs: Sequence[RecordConfig], out_dirs: Sequence[str | os.Pat
     config is validated (ConfigError) before anything is written."""
     if len(configs) != len(out_dirs):
         raise ConfigError(f"{len(configs)} configs but {len(out_dirs)} out_dirs")
+    guests: dict[tuple[str, str], Guest] = {}
     for c in configs:
         recordable(c)
         c.validate()
+        key = (c.kernel, c.modules)
+        if key not in guests:
+            guests[key] = guest or provision(kernel=c.kernel or None, modules=c.modules or None)
+        g = guests[key]
+        if lacking := g.lacking(needed_drivers(c)):
+            raise ConfigError(lacking)
     results: list[Recording | RecordError | None] = [None] * len(configs)
     virtiofs = transports.resolve("auto") == "virtiofs"
     for group in series(configs, max_cells):
+        g = guests[(configs[group[0]].kernel, configs[group[0]].modules)]
         if len(group) == 1 or not virtiofs:
             for i in group:
                 try:
-                    results[i] = record(configs[i], out_dirs[i], guest=guest, qemu=qemu)
+                    results[i] = record(configs[i], out_dirs[i], guest=g, qemu=qemu)
                 except RecordError as e:
                     results[i] = e
             continue
         cells = [configs[i] for i in group]
-        done = _record_series(cells, [Path(out_dirs[i]) for i in group], guest, qemu)
+        done = _record_series(cells, [Path(out_dirs[i]) for i in group], g, qemu)
         for i, r in zip(group, done, strict=True):
             results[i] = r
     return [r for r in results if r is not None]
 
 
-def _record_series(configs: Sequence[RecordConfig], out_dirs: Sequence[Path], guest: Guest | None,
+def _record_series(configs: Sequence[RecordConfig], out_dirs: Sequence[Path], guest: Guest,
                    qemu: str | None) -> list[Recording | RecordError]:
     first = configs[0]
     qemu = qemu or first.qemu or None
-    guest = guest or provision(kernel=first.kernel or None, modules=first.modules or None)
-    for c in configs:
-        if lacking := guest.lacking(needed_drivers(c)):
-            raise ConfigError(lacking)
     accel = choose_accel(guest.kernel, guest.initrd, first.accel, qemu)
     results: list[Recording | RecordError | None] = [None] * len(configs)
     deaths = [0] * len(configs)

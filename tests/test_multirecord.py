@@ -160,6 +160,23 @@ def test_a_dead_guest_costs_a_retry_and_a_cell_that_kills_two_fails_alone(
     assert [r.run["series"]["boot"] for r in out if isinstance(r, Recording)] == [1, 3, 4]
 
 
+def test_record_cells_publishes_finished_cells_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    stale = tmp_path / "a.partial-999999999-0"  # a dead campaign's half-written cell: reclaimed
+    stale.mkdir()
+
+    def fake_many(configs: list[RecordConfig], dirs: list[Path], **kw: object
+                  ) -> list[Recording | RecordError]:
+        for d in dirs:
+            assert ".partial-" in d.name and d.is_dir() and not (tmp_path / d.name.partition(".")[0]).exists()
+            (d / "run.json").write_text(json.dumps({"seed": d.name}))
+        return [Recording(dirs[0], configs[0], {"ok": 1}), RecordError("boom")]
+
+    monkeypatch.setattr(record, "record_many", fake_many)
+    out = record.record_cells([RecordConfig(), RecordConfig(seed=1)], [tmp_path / "a", tmp_path / "b"])
+    assert out[0] == {"ok": 1} and isinstance(out[1], RecordError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and (tmp_path / "a" / "run.json").exists()
+
+
 # --- real series (CI set) --------------------------------------------------------------------------
 
 def structure(rec: Recording) -> dict[str, object]:
