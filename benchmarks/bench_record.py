@@ -11,7 +11,8 @@ for the whole run, and each recorder's workload time as a ratio to the unrecorde
 Then (`--cells N`, 0 to skip) N cells that differ in recorder, cache mode and barrier, recorded
 side by side in one run: one boot per cell (`record`) against all N in one guest over hot-plugged
 disks (`record_many`), with the wall time of each way, the series' boot and per-cell seconds, and
-the ratio.
+the ratio. `plug s` is a cell's host time outside its guest job: hot-plug, the guest picking up
+its request, unplug (the guest's eject) and closing the log.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def in_series(args: argparse.Namespace, guest: Guest) -> None:
         t0 = time.monotonic()
         many = record_many(configs, [Path(tmp) / f"series-{i}" for i in range(len(configs))], guest=guest)
         series_s = time.monotonic() - t0
+        alone_init = userspace_s(alone[0].console)  # before the directory goes
     failed = [r for r in many if not isinstance(r, Recording)]
     if failed:
         raise SystemExit(f"series failed: {failed[0]}")
@@ -115,12 +117,15 @@ def in_series(args: argparse.Namespace, guest: Guest) -> None:
     print(f"\n{len(configs)} cells, workload {args.workload} scale {args.scale}, ext4: one boot each vs one "
           f"guest ({boots} boot{'s' if boots > 1 else ''}, first boot to ready "
           f"{recs[0].run['series']['boot_seconds']:.1f} s)")
-    print(f"{'cell':<34}{'alone host s':>13}{'series host s':>15}  series guest steps (s)")
+    print(f"{'cell':<34}{'alone host s':>13}{'series host s':>15}{'plug s':>8}  series guest steps (s)")
     for a, r in zip(alone, recs, strict=True):
         c = r.config
         name = f"{c.recorder} cache={c.cache.name} barrier={int(c.barrier)}"
-        print(f"{name:<34}{a.run['host_seconds']:>13.1f}{r.run['host_seconds']:>15.1f}  {cell_steps(r)}")
-    print(f"alone, first cell's guest steps (s since boot: /init {userspace_s(alone[0].console):.1f}): "
+        steps = r.run["guest"]["steps"]
+        plug = r.run["host_seconds"] - (max(steps.values()) - steps["cell_start"])  # outside the job
+        print(f"{name:<34}{a.run['host_seconds']:>13.1f}{r.run['host_seconds']:>15.1f}{plug:>8.1f}  "
+              f"{cell_steps(r)}")
+    print(f"alone, first cell's guest steps (s since boot: /init {alone_init:.1f}): "
           f"{cell_steps(alone[0])}")
     n = len(configs)
     print(f"wall: one boot per cell {alone_s:.1f} s, one guest {series_s:.1f} s, ratio "
