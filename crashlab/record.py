@@ -725,6 +725,7 @@ class SeriesGuest:
             shutil.rmtree(self.base, ignore_errors=True)
             raise
         self.cells = 0
+        self.idle = True  # no cell under way
         self.console_at = 0  # the first cell's console excerpt starts with the boot
         self.boot_seconds = 0.0
         self.qemu_argv: list[str] | None = None
@@ -757,6 +758,7 @@ class SeriesGuest:
         outs = GuestOutputs(Path(out_dir).resolve())
         k = self.cells
         self.cells += 1
+        self.idle = False
         start_outputs(config, outs)
         drives = cell_drives(config, outs, serials=(f"{DATA_SERIAL}{k}", f"{LOG_SERIAL}{k}"))
         payload = {**job_for(config), "data_serial": drives[0].serial,
@@ -784,6 +786,8 @@ class SeriesGuest:
                 self.machine.unplug(index, d, UNPLUG_S)
         except (GuestDied, MachineError) as e:
             why = str(e)
+        else:
+            self.idle = True
         exit_text = (read_guest_file(cell / "exit-status") or "").strip() if not why else ""
         self._excerpt(outs.console)
         gr = GuestRun("virtiofs", read_guest_json(cell / "result.json"),
@@ -793,8 +797,9 @@ class SeriesGuest:
         run["options"]["hotplug"] = hotplug
         run["series"] = {"cell": k, "boot": boot, "boot_seconds": self.boot_seconds}
         if why:
-            self.close()
+            self.stop()  # nothing may still write the log it summarizes
             finish_run(config, outs, run, cell)
+            self.close()
             raise GuestDied(why)
         finish_run(config, outs, run, cell)
         rec = Recording(outs.out_dir, config, run)
@@ -812,14 +817,19 @@ class SeriesGuest:
         self.console_at += len(data)
         dest.write_bytes(data)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the guest: asked to power off between cells; mid-cell (a death, an interrupt) not,
+        as it would not hear the request until its cell ends."""
         m = self.machine
-        if m.is_running():
+        if m.is_running() and self.idle:
             with contextlib.suppress(OSError):
                 write_json_atomic(self.share / cell_request(self.cells), {"stop": True})
             with contextlib.suppress(MachineError):
                 m.wait(10)
         m._shutdown_quietly(None)
+
+    def close(self) -> None:
+        self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
