@@ -1,6 +1,7 @@
 """The in-guest entry point: `python -m crashlab.guest.inguest JOB.json`, run by /init in the chroot.
 
 One interpreter per boot does the whole job: `record` (a workload under a recorder or dm-flakey),
+`record-serve` (record cell after cell on hot-plugged disks),
 `serve` (mount crash images batch after batch and run their oracles), `hostdm` (play the host for a
 nested host-dm recording) or `exec` (a command: tests, probes).
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from crashlab.guest.inguest import check, hostdm
 from crashlab.guest.inguest.init import OUT
-from crashlab.guest.inguest.record import record
+from crashlab.guest.inguest.record import record, serve
 from crashlab.guest.inguest.runtime import Result, redirect_fds
 
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return execute(job, result)
         if mode == "serve":
             return check.serve(job, result)
+        if mode == "record-serve":
+            return serve(job, result)
         if mode == "hostdm":
             return hostdm.run(job, result)
         return record(job, result)
