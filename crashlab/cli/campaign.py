@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -168,7 +169,7 @@ def _progress_lines(cells: int, every_s: float = 15.0) -> Callable[[campaign.Pro
     """Progress for a log file or a CI console: every state that did not come out consistent as
     it arrives; a plain progress line when something changed, at most every `every_s` seconds, and
     always when the work is done."""
-    last_at, last_state = [0.0], [(-1, -1)]
+    last_at, last_state = [-math.inf], [(-1, -1)]  # the first line at once, however long the host is up
 
     def show(p: campaign.Progress) -> None:
         for f in p.arrived:
