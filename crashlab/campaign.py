@@ -273,6 +273,9 @@ class Matrix:
     kernel: str = ""
     modules: str = ""
     qemu: str = ""
+    # Where the matrix runs, not what it is: never part of `command()` or a cell.
+    scheduler: str = ""  # tcp://HOST:PORT of a Dask scheduler; "" = a cluster on this machine
+    shared_recordings: str = ""  # a directory every worker sees at the same path; "" = ship them
 
     def cells(self) -> list[Cell]:
         """The matrix's cells, its names parsed (CampaignError says what is valid)."""
@@ -405,6 +408,13 @@ def _strategy(v: object) -> str:
     return v
 
 
+def _scheduler(v: str) -> str:
+    try:
+        return cluster.parse_address(v)
+    except cluster.ClusterError as e:
+        raise _BadValue(str(e)) from None
+
+
 # The keys a matrix TOML may hold (the fields of Matrix), each with what takes its value apart;
 # names are checked as names when the matrix's cells are made, before anything runs.
 MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
@@ -427,6 +437,8 @@ MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
     "kernel": lambda v: _text("kernel", v),
     "modules": lambda v: _text("modules", v),
     "qemu": lambda v: _text("qemu", v),
+    "scheduler": lambda v: _scheduler(_text("scheduler", v)),
+    "shared_recordings": lambda v: _text("shared_recordings", v),
 }
 
 
@@ -598,6 +610,7 @@ class Progress:
     arrived: list[Finding] = field(default_factory=list)  # not consistent, from the latest unit
     unchecked: Counter[str] = field(default_factory=Counter)  # checker-errors this run, by cause
     failed_units: list[str] = field(default_factory=list)
+    dashboard: str = ""  # the Dask dashboard's address, when one is running
 
     @property
     def total(self) -> int:
@@ -684,7 +697,8 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
            on_progress: Callable[[Progress], None]) -> Progress:
     run_id = store.begin_run(command, {"cells": [c.key for c in cells], "states": states},
                              versions(c.fs for c in cells))
-    prog = Progress(cells=len(cells), states=states, workers=on.workers, unscheduled=len(cells))
+    prog = Progress(cells=len(cells), states=states, workers=on.workers, unscheduled=len(cells),
+                    dashboard=on.dashboard or "")
     # Workers on this machine read and write the client's recordings in place; remote ones get
     # them as bundles, unless every host sees one shared directory.
     recordings = on.shared or results_dir / "recordings"

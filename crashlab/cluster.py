@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +59,16 @@ def parse_address(text: str) -> str:
     if not m or (m.group(3) and not 0 < int(m.group(3)) < 65536):
         raise ClusterError(f"scheduler {text!r}: expected tcp://HOST:PORT")
     return f"{m.group(1) or 'tcp'}://{m.group(2)}:{m.group(3) or DEFAULT_PORT}"
+
+
+def probe(address: str, timeout: float = 5.0) -> None:
+    """Refuse a scheduler that does not answer, before anything is written (a plain TCP connect:
+    Dask's client would take its whole timeout and print its own traceback-laden warnings)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"scheduler {address}: cannot connect: {e.strerror or e}") from None
 
 
 # --- what a worker has ---------------------------------------------------------------------------
