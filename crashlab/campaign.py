@@ -22,6 +22,7 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -787,7 +788,9 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
             kind, cell, what = pending.pop(fut)
             try:
                 seconds, result = fut.result()
-            except Exception as e:  # every try of the unit failed (a worker died under it, too)
+            except Exception as e:  # every try failed (a worker died under it, too)
+                if isinstance(e, CancelledError) and (gone := on.lost()) is not None:
+                    raise gone from None  # what is stored stays; a rerun resumes
                 failed(kind, cell, what, _error(e))
                 show()
                 continue

@@ -246,6 +246,7 @@ class Cluster:
     local: Any = None
     shared: Path | None = None  # recordings every worker reads at the same path; None: ship them
     held: dict[str, Any] = field(default_factory=dict)  # bundle digest -> its future
+    seen: set[str] = field(default_factory=set)  # resources some worker offers
 
     @property
     def workers(self) -> int:
@@ -263,8 +264,20 @@ class Cluster:
         return str(self.client.dashboard_link) if "dashboard" in services else None
 
     def offered(self, resource: str) -> bool:
+        if resource in self.seen:
+            return True
         info = self.client.scheduler_info(n_workers=-1).get("workers", {})
-        return any(w.get("resources", {}).get(resource, 0) >= 1 for w in info.values())
+        if any(w.get("resources", {}).get(resource, 0) >= 1 for w in info.values()):
+            self.seen.add(resource)  # once offered, taken as offered: one query per resource
+            return True
+        return False
+
+    def lost(self) -> ClusterError | None:
+        """Why futures were cancelled under us, when it is the scheduler that went away."""
+        if self.client.status in ("running", "connecting"):
+            return None
+        return ClusterError(f"scheduler {self.client.scheduler.address}: connection lost; rerun the same "
+                            "command to resume")
 
     def submit(self, fn: Callable[..., Any], *args: Any, resources: dict[str, float] | None = None,
                retries: int = RETRIES) -> Any:

@@ -151,10 +151,12 @@ def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: S
         rec_task = bar.add_task("cells recorded", total=len(cells), rate="")
         st_task = bar.add_task("states checked", total=len(cells) * matrix.states, rate="")
 
+        told = [False]
+
         def show(p: campaign.Progress) -> None:
-            if p.dashboard and not bar.tasks[rec_task].fields.get("told"):
+            if p.dashboard and not told[0]:
                 bar.console.print(f"dask dashboard: {p.dashboard}", markup=False, highlight=False)
-                bar.update(rec_task, told=True)
+                told[0] = True
             for f in p.arrived:
                 bar.console.print(finding_line(f), markup=False, highlight=False)
             bar.update(rec_task, completed=p.recorded, rate=f"now: {p.current}" if p.current else "")
