@@ -59,7 +59,10 @@ def main() -> None:
             campaign.run_record(campaign.RecordUnit(CELL, str(recordings / CELL.recording_slug)))
         print(f"host: {platform.node()}, {len(os.sched_getaffinity(0))} usable cores; cell {CELL.label}; "
               f"{args.states} states, {args.unit_states} a unit")
+        # A shared machine's other load caps what a second worker can add: say what it was.
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
         got = {n: one(n, args.states, args.unit_states, recordings, Path(tmp)) for n in counts}
+        print(f"load average after:  {os.getloadavg()[0]:.2f}")
     print(f"{'workers':>8} {'start s':>8} {'check s':>8} {'states/s':>9}")
     for n, r in got.items():
         print(f"{n:>8} {r['start_s']:>8.1f} {r['wall_s']:>8.1f} {r['states_per_s']:>9.2f}")

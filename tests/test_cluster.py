@@ -198,3 +198,21 @@ def test_a_remote_worker_ships_the_recording_both_ways(fakes: Fakes, tmp_path: P
     assert len(set(fakes.recordings)) == 1 and fakes.recordings[0] != str(rec)
     shipped = cluster.pack(rec, campaign.CHECK_FILES, holes=("data.img",))
     assert Path(fakes.recordings[0]).name == shipped.digest
+
+
+def test_crash_check_on_two_workers_judges_the_same_states_as_on_one() -> None:
+    """`crash check -j 2` runs its slices on the local Dask cluster; -j 1 in this process."""
+    import json
+    import subprocess
+    import sys
+
+    log = Path(__file__).parent / "data" / "logs" / "ext4-dm-barrier-on.log.xz"
+    args = [sys.executable, "-m", "crashlab", "crash", "check", str(log), "--fs", "ext4", "--recorder", "dm",
+            "--cache", "none", "--strategy", "prefix-fua", "--check-cmd", "e2fsck -fn {image}", "--read-only",
+            "--json"]
+    one, two = (subprocess.run([*args, "-j", j], capture_output=True, text=True, timeout=600) for j in "12")
+    assert one.returncode == two.returncode, one.stderr + two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert (b["jobs"], a["jobs"]) == (2, 1) and a["states"] == b["states"] > 1
+    assert a["outcomes"] == b["outcomes"] and a["failed"] == b["failed"]
+    assert not two.stderr.strip(), two.stderr  # no Dask chatter
