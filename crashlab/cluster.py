@@ -303,6 +303,11 @@ class Cluster:
         return as_completed(futures, loop=self.client.loop)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
+        if self.local is not None:  # our own workers: their units unwind first (guests, mounts)
+            from crashlab.daskworker import interrupt
+
+            with contextlib.suppress(Exception):
+                self.client.run(interrupt)
         with contextlib.suppress(Exception):
             self.client.close(timeout=10)
         if self.local is not None:

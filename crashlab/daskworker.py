@@ -18,7 +18,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from crashlab import rundir
+from crashlab import rundir, signals
 
 UNWIND_TIMEOUT_S = 30.0  # a closing worker waits this long for its units to remove guests and mounts
 
@@ -32,20 +32,27 @@ def quiet() -> None:
 
 def _interrupt_units(worker: Any, timeout: float = UNWIND_TIMEOUT_S) -> None:
     """Make the units running on `worker` unwind, as a SIGTERM made the old pool's workers unwind:
-    SystemExit raised in each unit's thread, and this process's children (QEMU, fsck) ended so a
+    signals.Terminated raised in each unit's thread, and this process's children (QEMU, fsck) ended so a
     thread waiting on one wakes to it; their context managers then remove guests, mounts and files."""
     threads = dict(getattr(worker, "active_threads", {}))
     if not threads:
         return
     for ident in threads:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(SystemExit))
+        # Terminated, not SystemExit: no `except Exception` swallows it, and Dask takes it for the
+        # unit's failure, where a SystemExit would take the whole worker down.
+        terminated = ctypes.py_object(signals.Terminated)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), terminated)
     _terminate_children()
+    # The threads are the worker's pool: they live on, and leave active_threads as a unit ends.
     deadline = time.monotonic() + timeout
-    alive = {t.ident: t for t in threading.enumerate()}
-    for ident in threads:
-        t = alive.get(ident)
-        if t is not None:
-            t.join(max(0.0, deadline - time.monotonic()))
+    while set(threads) & set(getattr(worker, "active_threads", {})) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def interrupt(dask_worker: Any) -> None:
+    """Run by a closing client on each of its local workers (`Client.run`): the units unwind
+    before the nanny's few seconds of grace are up and it kills the process."""
+    _interrupt_units(dask_worker)
 
 
 def _terminate_children() -> None:
