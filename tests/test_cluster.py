@@ -105,8 +105,11 @@ def test_the_worker_command_runs_one_unit_a_worker_with_its_resources() -> None:
 
 def test_a_bad_or_silent_scheduler_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     store = tmp_path / "s.sqlite"
-    for address, says in [("http://x", "expected tcp://HOST:PORT"), ("tcp://127.0.0.1:1", "cannot connect")]:
-        out = CliRunner().invoke(cli.run_command, ["-q", "--scheduler", address, "--store", str(store)])
+    for args, says in [(["--scheduler", "http://x"], "expected tcp://HOST:PORT"),
+                       (["--scheduler", "tcp://127.0.0.1:1"], "cannot connect"),
+                       (["--scheduler", "s", "-j", "2"], "-j sizes the cluster started on this machine"),
+                       (["--shared-recordings", str(tmp_path)], "--shared-recordings goes with --scheduler")]:
+        out = CliRunner().invoke(cli.run_command, ["-q", *args, "--store", str(store)])
         assert out.exit_code == 2, out.output
         assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not store.exists()

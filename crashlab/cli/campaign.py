@@ -86,8 +86,6 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
     try:
         cells = matrix.cells()
         scheduler = cluster.parse_address(matrix.scheduler) if matrix.scheduler else None
-        if scheduler:
-            cluster.probe(scheduler)  # before the store is written
     except (campaign.CampaignError, cluster.ClusterError) as e:
         raise CrashlabError(str(e)) from None
     if scheduler and workers:
@@ -96,6 +94,11 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
     shared = Path(matrix.shared_recordings).absolute() if matrix.shared_recordings else None
     if shared and not scheduler:
         raise CrashlabError("--shared-recordings goes with --scheduler (workers here share this disk)")
+    if scheduler:
+        try:
+            cluster.probe(scheduler)  # before the store is written
+        except cluster.ClusterError as e:
+            raise CrashlabError(str(e)) from None
     # The store keeps the matrix as an explicit command: what was typed may lean on defaults.
     command = matrix.command()
     where = {"scheduler": scheduler, "workers": workers, "shared_recordings": shared}
