@@ -219,3 +219,39 @@ def test_crash_check_on_two_workers_judges_the_same_states_as_on_one() -> None:
     assert (b["jobs"], a["jobs"]) == (2, 1) and a["states"] == b["states"] > 1
     assert a["outcomes"] == b["outcomes"] and a["failed"] == b["failed"]
     assert not two.stderr.strip(), two.stderr  # no Dask chatter
+
+
+def _long_unit(marker: str) -> str:
+    """A unit waiting on a child process, as a check waits on QEMU or fsck."""
+    import subprocess
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="unit-")  # in the worker's run directory
+    Path(marker + ".started").touch()
+    try:
+        subprocess.run(["sleep", "300"], check=False)
+        return "finished"
+    finally:
+        os.rmdir(d)
+        Path(marker).write_text(d)
+
+
+def test_closing_the_local_cluster_unwinds_running_units_and_leaves_nothing(tmp_path: Path) -> None:
+    from crashlab import rundir
+
+    before = {p.name for root in rundir.roots() for p in root.glob(rundir.PREFIX + "*")}
+    marker = tmp_path / "unwound"
+    t0 = time.monotonic()
+    with cluster.connect(None, 1, resources={}) as c:
+        fut = c.submit(_long_unit, str(marker))
+        pid = next(iter(c.client.run(os.getpid).values()))
+        deadline = time.monotonic() + 60
+        while not Path(f"{marker}.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the unit is in its `sleep`
+        assert not fut.done()
+    assert time.monotonic() - t0 < 60
+    assert f"{rundir.PREFIX}{pid}-" in marker.read_text()  # its `finally` ran, in the worker's run dir
+    left = {p.name for root in rundir.roots() for p in root.glob(rundir.PREFIX + "*")} - before
+    assert not [n for n in left if n.startswith(f"{rundir.PREFIX}{pid}-")], left
+    assert not Path(f"/proc/{pid}").exists()
