@@ -18,6 +18,7 @@ units of one cell unpack it once per worker. Images are built on the worker, nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import io
@@ -133,8 +134,10 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left
-            break
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            return [(0, size)]  # a filesystem that cannot say where holes are: all of it
         end = os.lseek(fd, start, os.SEEK_HOLE)
         out.append((start, end - start))
         pos = end
@@ -285,8 +288,8 @@ class Cluster:
         worker offers them, instead of waiting for one forever."""
         missing = [r for r in (resources or {}) if not self.offered(r)]
         if missing:
-            raise ClusterError(f"no worker offers {', '.join(missing)} (start workers where QEMU is "
-                               "installed: crashlab worker --scheduler ...)")
+            raise ClusterError(f"no worker offers {', '.join(missing)}: no qemu-system-x86_64 where the "
+                               "workers run (crashlab worker declares it where it finds one)")
         return self.client.submit(fn, *args, resources=resources or None, retries=retries, pure=False)
 
     def hold(self, bundle: Bundle) -> Any:

@@ -255,3 +255,12 @@ def test_closing_the_local_cluster_unwinds_running_units_and_leaves_nothing(tmp_
     left = {p.name for root in rundir.roots() for p in root.glob(rundir.PREFIX + "*")} - before
     assert not [n for n in left if n.startswith(f"{rundir.PREFIX}{pid}-")], left
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_unit_no_worker_can_take_fails_at_once_instead_of_waiting(fakes: Fakes, tmp_path: Path) -> None:
+    with cluster.connect(None, 1, processes=False, resources={}) as bare, \
+            Store(tmp_path / "s.sqlite") as store:
+        prog = campaign.run_matrix([CELL], 2, store, tmp_path, command="t", on=bare)
+    assert prog.failed_units == [f"record {CELL.key}: no worker offers qemu: no qemu-system-x86_64 where "
+                                 "the workers run (crashlab worker declares it where it finds one)"]
+    assert prog.unscheduled == 0 and not fakes.tries
