@@ -136,14 +136,14 @@ def test_a_matrix_on_a_remote_cluster_counts_add_up(dask_cluster: Cluster, resul
 
 def test_a_worker_killed_mid_run_loses_and_doubles_nothing(dask_cluster: Cluster, results: Path) -> None:
     store = results / "killed.sqlite"  # the recording is there: check units alone, on both workers
-    states = 16
+    states = 40
     p = subprocess.Popen([*CRASHLAB, "run", *CELL, "--states", str(states), "--unit-states", "2", "-q",
                           "--scheduler", dask_cluster.address, "--store", str(store)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dask_cluster.env)
     from distributed import Client
 
     client = Client(dask_cluster.address, timeout=30, set_as_default=False)  # type: ignore[no-untyped-call]
-    killed = None
+    killed, at = None, 0
     try:
         deadline = time.monotonic() + 300
         while killed is None and time.monotonic() < deadline and p.poll() is None:
@@ -152,6 +152,7 @@ def test_a_worker_killed_mid_run_loses_and_doubles_nothing(dask_cluster: Cluster
                 pids = client.run(os.getpid, workers=busy[:1])
                 killed = next(iter(pids.values()))
                 os.killpg(os.getpgid(killed), signal.SIGKILL)  # the host is gone: nanny, worker, guests
+                at = count(store)
             time.sleep(0.1)
         out, err = p.communicate(timeout=600)
     finally:
@@ -159,6 +160,7 @@ def test_a_worker_killed_mid_run_loses_and_doubles_nothing(dask_cluster: Cluster
         if p.poll() is None:
             p.kill()
     assert killed is not None, "the run ended before a worker could be killed"
+    assert at < states - 2, f"killed too late to matter: {at} of {states} states were stored"
     assert p.returncode == 0, out + err
     got = rows(store)
     assert len(got) == states and len({sid for _, sid, _ in got}) == states
