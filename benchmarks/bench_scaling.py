@@ -56,7 +56,7 @@ def main() -> None:
         recordings.mkdir(parents=True, exist_ok=True)
         if not (recordings / CELL.recording_slug / "run.json").exists():
             print(f"recording {CELL.label} (once) ...", flush=True)
-            campaign.run_record(campaign.RecordUnit(CELL, str(recordings / CELL.recording_slug)))
+            campaign.run_record(campaign.RecordUnit((CELL,), (str(recordings / CELL.recording_slug),)))
         print(f"host: {platform.node()}, {len(os.sched_getaffinity(0))} usable cores; cell {CELL.label}; "
               f"{args.states} states, {args.unit_states} a unit")
         # A shared machine's other load caps what a second worker can add: say what it was.

@@ -21,7 +21,7 @@ import tempfile
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -38,7 +38,8 @@ from crashlab.filesystems import FILESYSTEMS, USERSPACE_READABLE
 from crashlab.guest.machine import find_qemu
 from crashlab.guest.provision import ProvisionError, file_identity
 from crashlab.oracle import load_promises
-from crashlab.record import OPTIONAL_FIELDS, GuestOutputs, RecordConfig, record, tool_version
+from crashlab.record import OPTIONAL_FIELDS, GuestOutputs, RecordConfig, record_cells, tool_version
+from crashlab.record import series as record_series
 from crashlab.recorders import Recorder
 from crashlab.store import Store
 from crashlab.workload import available
@@ -470,8 +471,11 @@ MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
 
 @dataclass(frozen=True)
 class RecordUnit:
-    cell: Cell
-    out_dir: str
+    """One guest boot that records one cell, or several that can share it (record.series): a
+    guest hot-plugs each cell's disk in turn, so a boot and a Python start are paid once."""
+
+    cells: tuple[Cell, ...]
+    out_dirs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -494,31 +498,23 @@ class StateResult:
         return CheckRecord.from_dict(self.detail)
 
 
-def run_record(unit: RecordUnit) -> dict[str, Any]:
-    """Record one cell; returns its run.json. Records into a temporary sibling named for this
-    process and renames, so a half-written recording is never mistaken for a finished one and two
-    campaigns recording the same cell do not share a directory (the first to finish wins)."""
-    final = Path(unit.out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f"{final.name}.partial-*"):  # left by a killed campaign
-        if not rundir.owner_alive(rundir.PREFIX + stale.name.rpartition(".partial-")[2]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f"{final.name}.partial-{rundir.owner_tag()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        rec = record(unit.cell.record_config(), tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "run.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another campaign recorded it first: use theirs
-        return _read_json(final / "run.json")
-    return rec.run
+def run_record(unit: RecordUnit) -> list[dict[str, Any] | str]:
+    """Record the unit's cells; per cell its run.json, or why it failed. Each records into a
+    sibling named for this process and is renamed when finished (record.record_cells), so a
+    half-written recording is never mistaken for a finished one and two campaigns recording the
+    same cell do not share a directory (the first to finish wins)."""
+    for d in unit.out_dirs:
+        Path(d).parent.mkdir(parents=True, exist_ok=True)
+    runs = record_cells([c.record_config() for c in unit.cells], unit.out_dirs)
+    return [str(r) if isinstance(r, Exception) else r for r in runs]
+
+
+def record_units(cells: Sequence[Cell], out_dirs: Sequence[Path], workers: int) -> list[RecordUnit]:
+    """The recordings to make, as units: cells that can share a guest share one, in at most as
+    many cells a guest as keeps every worker recording (pure)."""
+    per_guest = -(-len(cells) // max(1, workers)) if cells else 0
+    groups = record_series([c.record_config() for c in cells], max_cells=per_guest)
+    return [RecordUnit(tuple(cells[i] for i in g), tuple(str(out_dirs[i]) for i in g)) for g in groups]
 
 
 def run_check(unit: CheckUnit, keep_dir: Path | None = None,
@@ -775,8 +771,12 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
         if kind == "check":  # every try failed: its states are stored as unchecked, with why
             stored([failed_check(cell, sid, error) for sid in what.state_ids], cell)
             return
-        sharers = waiting.pop(what, [])
-        prog.failed_units += [f"{kind} {c.key}: {error}" for c in (cell, *sharers)]
+        for c, rec_dir in zip(what.cells, what.out_dirs, strict=True):
+            record_failed(c, Path(rec_dir), error)
+
+    def record_failed(cell: Cell, rec_dir: Path, error: str) -> None:
+        sharers = waiting.pop(rec_dir, [])
+        prog.failed_units += [f"record {c.key}: {error}" for c in (cell, *sharers)]
         prog.unscheduled -= 1 + len(sharers)
 
     def stored(results: list[StateResult], cell: Cell) -> None:
@@ -802,6 +802,7 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
     # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored; leaving `connect` tears
     # the local cluster down, its workers unwinding their units first.
     with signals.sigterm_raises():
+        to_record: list[Cell] = []
         for cell in cells:
             store.put_cell(cell.key, cell.config(), run_id)
             rec_dir = recordings / cell.recording_slug
@@ -813,7 +814,9 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
                 waiting[rec_dir].append(cell)
             else:
                 waiting[rec_dir] = []
-                submit("record", cell, rec_dir, _record_unit, RecordUnit(cell, str(rec_dir)), ship)
+                to_record.append(cell)
+        for unit in record_units(to_record, [recordings / c.recording_slug for c in to_record], on.workers):
+            submit("record", unit.cells[0], unit, _record_unit, unit, ship)
         show()
         for fut in done:
             kind, cell, what = pending.pop(fut)
@@ -826,9 +829,13 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
                 show()
                 continue
             if kind == "record":
-                if ship:
-                    cluster.unpack(result[1], what)  # a recording already there (another campaign) wins
-                recorded(cell, what)
+                for c, rec_dir, run in zip(what.cells, what.out_dirs, result, strict=True):
+                    if isinstance(run, str):  # this cell failed; the unit's others are recorded
+                        record_failed(c, Path(rec_dir), run)
+                        continue
+                    if ship:  # a recording already there (another campaign) wins
+                        cluster.unpack(run[1], Path(rec_dir))
+                    recorded(c, Path(rec_dir))
             else:
                 prog.check_seconds += seconds
                 stored(result, cell)
@@ -836,19 +843,21 @@ def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, re
     return prog
 
 
-def _record_unit(unit: RecordUnit, ship: bool) -> tuple[float, Any]:
-    """On a worker: record one cell, into its recording directory when the worker sees it, else
-    into the worker's scratch and back to the client as a bundle (the whole recording: the client
-    keeps it, as it keeps the store)."""
+def _record_unit(unit: RecordUnit, ship: bool) -> tuple[float, list[Any]]:
+    """On a worker: record the unit's cells, into their recording directories when the worker sees
+    them, else into the worker's scratch and back to the client as bundles (the whole recording:
+    the client keeps it, as it keeps the store); per cell the run (with its bundle) or why not."""
     t0 = time.monotonic()
     if not ship:
         return time.monotonic() - t0, run_record(unit)
-    here = rundir.scratch() / "recordings" / Path(unit.out_dir).name
+    here = [rundir.scratch() / "recordings" / Path(d).name for d in unit.out_dirs]
     try:
-        run = run_record(RecordUnit(unit.cell, str(here)))
-        return time.monotonic() - t0, (run, cluster.pack(here))
+        runs = run_record(replace(unit, out_dirs=tuple(map(str, here))))
+        return time.monotonic() - t0, [r if isinstance(r, str) else (r, cluster.pack(h))
+                                       for r, h in zip(runs, here, strict=True)]
     finally:
-        shutil.rmtree(here, ignore_errors=True)
+        for h in here:
+            shutil.rmtree(h, ignore_errors=True)
 
 
 def _check_unit(unit: CheckUnit, bundle: cluster.Bundle | None) -> tuple[float, list[StateResult]]:

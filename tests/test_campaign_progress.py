@@ -38,11 +38,12 @@ class Fakes:
         self.outcomes: dict[str, tuple[Outcome, str, str]] = {}
         self.checked: list[tuple[str, ...]] = []
 
-    def record(self, unit: RecordUnit) -> dict[str, Any]:
+    def record(self, unit: RecordUnit) -> list[dict[str, Any] | str]:
         time.sleep(RECORD_S)
-        Path(unit.out_dir).mkdir(parents=True)
-        (Path(unit.out_dir) / "run.json").write_text("{}")
-        return {"recorded": unit.cell.key}
+        for d in unit.out_dirs:
+            Path(d).mkdir(parents=True)
+            (Path(d) / "run.json").write_text("{}")
+        return [{"recorded": c.key} for c in unit.cells]
 
     def check(self, unit: CheckUnit) -> list[StateResult]:
         self.checked.append(unit.state_ids)

@@ -93,3 +93,19 @@ def test_a_cell_reads_its_recording_only_as_recorded(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"config": {"recorder": "qemu", "cache": "none"}}))
     with pytest.raises(campaign.CampaignError, match="recorded under cache none"):
         campaign.generate_states(cell, tmp_path, 3)
+
+
+def test_cells_that_can_share_a_guest_are_recorded_in_one_spread_over_the_workers() -> None:
+    """Hot-plug recording (record.series) pays one boot for several cells; the driver still cuts
+    them into as many guests as there are workers, and a cell that cannot share records alone."""
+    cells = [campaign.Cell.parse({"cache": m, "barrier": b})
+             for m in ("writeback", "none", "unsafe") for b in ("on", "off")]
+    ide = campaign.Cell.parse({"disk": "ide"})
+    dirs = [Path(f"/r/{n}") for n in range(7)]
+    units = campaign.record_units([*cells, ide], dirs, workers=2)
+    assert sorted(len(u.cells) for u in units) == [1, 2, 4]  # at most ceil(7 / 2) a guest
+    assert [c for u in units for c in u.cells] == [*cells, ide]
+    assert [d for u in units for d in u.out_dirs] == [str(d) for d in dirs]
+    assert next(u for u in units if len(u.cells) == 1).cells == (ide,)
+    assert len(campaign.record_units(cells, dirs[:6], workers=1)) == 1
+    assert campaign.record_units([], [], workers=2) == []

@@ -87,7 +87,7 @@ def test_a_bundle_never_writes_outside_its_directory(tmp_path: Path) -> None:
 
 def test_units_ask_for_qemu_only_when_they_boot_a_guest() -> None:
     xfs = Cell(fs="xfs")
-    assert campaign.unit_resources(RecordUnit(CELL, "/r")) == {"qemu": 1}
+    assert campaign.unit_resources(RecordUnit((CELL,), ("/r",))) == {"qemu": 1}
     assert campaign.unit_resources(CheckUnit(CELL, "/r", ("s",))) == {}  # ext4 in userspace
     assert campaign.unit_resources(CheckUnit(CELL, "/r", ("s",), checker="guest")) == {"qemu": 1}
     assert campaign.unit_resources(CheckUnit(xfs, "/r", ("s",))) == {"qemu": 1}
@@ -133,9 +133,10 @@ class Fakes:
         self.tries: list[tuple[str, ...]] = []
         self.recordings: list[str] = []
 
-    def record(self, unit: RecordUnit) -> dict[str, Any]:
-        recording(Path(unit.out_dir))
-        return {}
+    def record(self, unit: RecordUnit) -> list[dict[str, Any] | str]:
+        for d in unit.out_dirs:
+            recording(Path(d))
+        return [{} for _ in unit.out_dirs]
 
     def check(self, unit: CheckUnit) -> list[StateResult]:
         self.tries.append(unit.state_ids)
