@@ -254,7 +254,7 @@ def run_command(workers: int | None, unit_states: int, host_mount: bool, checker
          "host" if host_mount else checker, quiet)
 
 
-FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png")
+FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png", "cost-png")
 
 
 @click.command("report")
@@ -270,7 +270,8 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
     try:
         with Store(store_path, readonly=True) as store:
             cells = report.results(store, _parse_where(where))
-            if not cells:
+            costs = report.cost_results(store, cells, _parse_where(where))
+            if not cells and not (costs and fmt in ("mail", "markdown", "terminal", "cost-png")):
                 raise CrashlabError("no stored states match")
             if compare:
                 a, b = (_one(cells, spec) for spec in compare)
@@ -281,6 +282,12 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
     except StoreError as e:
         raise CrashlabError(str(e)) from None
     commands = sorted({r["command"] for r in runs})
+    if fmt == "cost-png":
+        if output is None or not costs:
+            raise CrashlabError("--format cost-png needs -o FILE.png and a store with costs (crashlab cost)")
+        report.plot_cost(costs, output, "; ".join(f"{k}: {env[k]}" for k in ("qemu", "fio") if k in env))
+        click.echo(f"wrote {output}")
+        return
     if fmt == "png":
         if output is None:
             raise CrashlabError("--format png needs -o FILE.png")
@@ -289,13 +296,16 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
         click.echo(f"wrote {output}")
         return
     if fmt == "terminal" and output is None:
-        report.terminal(cells)
+        if cells:
+            report.terminal(cells)
+        if costs:
+            click.echo(report.cost_markdown(costs), nl=False)
         return
-    text = {"mail": lambda: report.mail(cells, env, commands),
-            "markdown": lambda: report.markdown(cells, env),
+    text = {"mail": lambda: report.mail(cells, env, commands, costs),
+            "markdown": lambda: report.markdown(cells, env, costs),
             "csv": lambda: report.csv_text(cells),
             "json": lambda: report.json_text(cells, env),
-            "terminal": lambda: report.markdown(cells, env)}[fmt]()
+            "terminal": lambda: report.markdown(cells, env, costs)}[fmt]()
     if output:
         output.write_text(text)
         click.echo(f"wrote {output}")
