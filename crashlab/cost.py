@@ -203,8 +203,11 @@ def measure(config: CostConfig, out_dir: Path, *, guest: Guest | None = None) ->
     from crashlab.guest.inguest.init import MNT
 
     argvs = config.argvs(str(MNT))
-    run = run_guest(gc, out_dir, guest=guest, extra={"mode": "cost", "fio": [
-        {"name": n, "argv": [fio, *a[1:]]} for n, a in argvs.items()]})
+    try:
+        run = run_guest(gc, out_dir, guest=guest, extra={"mode": "cost", "fio": [
+            {"name": n, "argv": [fio, *a[1:]]} for n, a in argvs.items()]})
+    finally:
+        (Path(out_dir) / "data.img").unlink(missing_ok=True)  # fio's bytes, up to twice --size: not evidence
     g = run.get("guest", {})
     if run.get("error") or g.get("status") != "done":
         why = run.get("error") or g.get("error") or f"guest status {g.get('status', 'unknown')}"
@@ -227,7 +230,6 @@ def measure(config: CostConfig, out_dir: Path, *, guest: Guest | None = None) ->
               "mount": run["options"]["mount"], "mkfs": run["options"]["mkfs"],
               "qemu_argv": run["options"].get("qemu_argv"), "guest": g.get("steps", {}),
               "disk": g.get("disk"), "host_seconds": run.get("host_seconds")}
-    (Path(out_dir) / "data.img").unlink(missing_ok=True)  # fio's bytes: nothing to keep
     return Measured(cost_key(fields), fields, figs, detail)
 
 

@@ -231,3 +231,27 @@ def test_a_stored_figure_is_not_measured_again(tmp_path: Path) -> None:
     assert lines[2].startswith("ext4 cache=unsafe") and lines[2].endswith("(stored)")
     assert lines[3].startswith("TCG: an emulated CPU")
     assert not (tmp_path / "cost").exists()  # no guest was booted
+
+
+def test_report_command_shows_costs_and_plots_them(tmp_path: Path) -> None:
+    store = tmp_path / "r.sqlite"
+    with store_with_cells(store, costs=True):
+        pass
+    runner = CliRunner()
+    md = runner.invoke(cli, ["report", "--store", str(store), "--format", "markdown"])
+    assert md.exit_code == 0 and "Cost of safety: fio in the guest" in md.output, md.output
+    png = tmp_path / "cost.png"
+    r = runner.invoke(cli, ["report", "--store", str(store), "--format", "cost-png", "-o", str(png)])
+    assert r.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.output
+
+
+def test_a_store_with_costs_only_reports_them_and_refuses_what_needs_cells(tmp_path: Path) -> None:
+    store = tmp_path / "r.sqlite"
+    with Store(store) as s:
+        s.put_cost(cost.cost_key(FIELDS), FIELDS, detail(3.0))
+    runner = CliRunner()
+    md = runner.invoke(cli, ["report", "--store", str(store), "--format", "markdown"])
+    assert md.exit_code == 0 and "| ext4 | writeback | on | virtio-blk | TCG | 3.0 |" in md.output
+    assert "no cells" in md.output
+    csv_out = runner.invoke(cli, ["report", "--store", str(store), "--format", "csv"])
+    assert csv_out.exit_code == 2 and "no stored states match" in csv_out.output
