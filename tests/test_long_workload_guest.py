@@ -42,8 +42,8 @@ def marker_span_s(es: list[Entry]) -> float:
     return (clock[markers.WORKLOAD_END] - clock[markers.WORKLOAD_START]) / 1e9
 
 
-def stable_prefixes(es: list[Entry], window: str, points: list[int]) -> list[int]:
-    m = model.LogModel(es, model.config("qemu", "writeback", window))
+def stable_prefixes(es: list[Entry], window: str, points: list[int], mode: str = "writeback") -> list[int]:
+    m = model.LogModel(es, model.config("qemu", mode, window))
     return [m.crash(p).stable for p in points]
 
 
@@ -81,11 +81,22 @@ def test_sixty_seconds_of_writeback_separate_every_window(tmp_path: Path, guest:
     es = entries(rec)
     print(report(rec, es))
     assert marker_span_s(es) >= 60
+    check_windows(es, barrier)
+
+
+def check_windows(es: list[Entry], barrier: bool) -> None:
+    """What the windows do to a 60 s mailserver log (measured, DESIGN.md "The long workload")."""
     points = crash_points(es)
-    one, thirty, inf = (stable_prefixes(es, w, points) for w in ("1", "30", "inf"))
-    assert all(a >= b >= c for a, b, c in zip(one, thirty, inf, strict=True))
-    assert any(a > b for a, b in zip(one, thirty, strict=True))
-    if not barrier:
-        # Without flushes, only age makes a write durable: 30 s separates from inf once the
-        # run is older than the window.
-        assert any(b > c for b, c in zip(thirty, inf, strict=True))
+    for mode in ("writeback", "unsafe"):  # unsafe: the qemu log read as if the host dropped its flushes
+        one, thirty, inf = (stable_prefixes(es, w, points, mode) for w in ("1", "30", "inf"))
+        assert all(a >= b >= c for a, b, c in zip(one, thirty, inf, strict=True))
+        if barrier and mode == "writeback":
+            # ext4 with barriers flushes every few seconds whenever anything is dirty (journal
+            # commits, each fsync): no write stays unflushed for 1 s, so no window of 1 s or more
+            # changes anything.
+            assert one == thirty == inf
+        else:
+            # Without flushes (barrier=0, or read as if the host dropped them) only age makes a
+            # write durable: every window gives its own stable prefixes once the run is older than 30 s.
+            assert sum(a > b for a, b in zip(one, thirty, strict=True)) > len(points) // 2
+            assert sum(b > c for b, c in zip(thirty, inf, strict=True)) > len(points) // 4
