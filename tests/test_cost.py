@@ -255,3 +255,14 @@ def test_a_store_with_costs_only_reports_them_and_refuses_what_needs_cells(tmp_p
     assert "no cells" in md.output
     csv_out = runner.invoke(cli, ["report", "--store", str(store), "--format", "csv"])
     assert csv_out.exit_code == 2 and "no stored states match" in csv_out.output
+
+
+def test_an_out_that_is_a_file_is_one_line_before_any_guest(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    r = CliRunner().invoke(cli, ["cost", "--store", str(tmp_path / "r.sqlite"), "--out",
+                                 str(tmp_path / "file" / "sub"), "--cache", "unsafe", "--barrier", "off",
+                                 "--accel", "tcg"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 2, r.output  # the note, then the error
+    assert "Not a directory" in r.output and "Traceback" not in r.output
+    with Store(tmp_path / "r.sqlite", readonly=True) as s:
+        assert s.costs() == []

@@ -82,12 +82,12 @@ def command(fs: str, caches: str, barriers: str, size_mib: int | None, runtime_s
     except (UnknownCacheMode, ConfigError, cost.CostError, ProvisionError) as e:
         raise CrashlabError(str(e)) from None
     click.echo(f"cost of safety: {cost.NOTE}")
+    work = out_dir or Path(store_path).parent / "cost"
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        guest = provision()
-        resolved = choose_accel(guest.kernel, guest.initrd, accel)
-        work = out_dir or Path(store_path).parent / "cost"
         with Store(store_path) as store:
+            guest = provision()
+            resolved = choose_accel(guest.kernel, guest.initrd, accel)
             for c in configs:
                 fields = c.key_fields(resolved)
                 key = cost.cost_key(fields)
@@ -103,6 +103,8 @@ def command(fs: str, caches: str, barriers: str, size_mib: int | None, runtime_s
                 click.echo(line(m.fields, m.figures.as_dict(), took))
     except (StoreError, ConfigError, cost.CostError, ProvisionError, MachineError, RecordError) as e:
         raise CrashlabError(str(e)) from None
+    except OSError as e:  # --out not a directory we can make, a full disk
+        raise CrashlabError(f"{e.filename or work}: {e.strerror}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     if resolved == "tcg":
