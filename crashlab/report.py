@@ -156,13 +156,13 @@ def markdown(cells: list[CellResult], env: dict[str, Any] | None = None,
              costs: list[CostResult] | None = None) -> str:
     keys = cell_keys(cells)
     head = [*keys, "states", *OUTCOMES, "corrupt (95 % CI)", "fsync data lost (95 % CI)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if cells or not costs else []
     for c in cells:
         cols = [str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in keys] + [str(c.checked)]
         cols += [str(c.counts[o]) for o in OUTCOMES] + [str(c.corrupt), str(c.lost)]
         lines.append("| " + " | ".join(cols) + " |")
     if costs:
-        lines += ["", cost_markdown(costs).rstrip("\n")]
+        lines += [*([""] if lines else []), cost_markdown(costs).rstrip("\n")]
     if env:
         lines += ["", "Environment:", ""] + [f"- {k}: `{v}`" for k, v in sorted(env.items())]
     return "\n".join(lines) + "\n"
