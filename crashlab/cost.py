@@ -179,6 +179,18 @@ def command(fields: Mapping[str, Any]) -> str:
     return " ".join(["crashlab cost", *words, "--again"])
 
 
+def mount_of(path: Path, mounts: str) -> dict[str, str]:
+    """The /proc/mounts entry holding the resolved `path` (the deepest mount point above it): where the
+    guest's image lives decides what a host fdatasync costs, so every figure names it."""
+    best: list[str] = []
+    for line in mounts.splitlines():
+        parts = line.split()
+        deeper = len(parts) >= 4 and len(parts[1]) >= len(best[1] if best else "")
+        if deeper and path.is_relative_to(parts[1]):
+            best = parts
+    return {"device": best[0], "mount": best[1], "fstype": best[2], "options": best[3]} if best else {}
+
+
 def fio_version() -> str:
     """The host's fio, which the guest runs too (it sees the host's /usr over virtiofs)."""
     try:
@@ -229,7 +241,8 @@ def measure(config: CostConfig, out_dir: Path, *, guest: Guest | None = None) ->
               "jobs": {j.name: j.what for j in FIO_JOBS.values()}, "note": NOTE,
               "mount": run["options"]["mount"], "mkfs": run["options"]["mkfs"],
               "qemu_argv": run["options"].get("qemu_argv"), "guest": g.get("steps", {}),
-              "disk": g.get("disk"), "host_seconds": run.get("host_seconds")}
+              "disk": g.get("disk"), "host_seconds": run.get("host_seconds"),
+              "host_storage": mount_of(Path(out_dir).resolve(), Path("/proc/mounts").read_text())}
     return Measured(cost_key(fields), fields, figs, detail)
 
 

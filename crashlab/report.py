@@ -331,6 +331,13 @@ def cost_results(store: Store, cells: list[CellResult], match: dict[str, str] | 
     return sorted(out, key=lambda r: tuple(str(r.config.get(k, "")) for k in (*COST_MATCH, "accel")))
 
 
+def host_storage(costs: list[CostResult]) -> str:
+    """Where the measured guests' images lived: what a host fdatasync cost them."""
+    seen = sorted({f"{h.get('fstype')} on {h.get('device')}" for r in costs
+                   if (h := r.detail.get("host_storage"))})
+    return ", ".join(seen) or "(storage not recorded)"
+
+
 def _cost_values(r: CostResult) -> list[str]:
     return [fmt.format(r.figures[key]) for key, _, fmt in COST_FIGURES]
 
@@ -341,7 +348,8 @@ def cost_markdown(costs: list[CostResult]) -> str:
         return ""
     head = ["fs", "cache", "barrier", "disk", "accel", *(name for _, name, _ in COST_FIGURES),
             "fio size, runtime", "corrupt (95 % CI)"]
-    lines = ["Cost of safety: " + COST_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"Cost of safety: {COST_NOTE} Guest images on the host's {host_storage(costs)}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in costs:
         cols = [str(r.config.get(k, "")) for k in COST_MATCH] + [r.accel, *_cost_values(r)]
         cols += [f"{r.config.get('size_mib')} MiB, {r.config.get('runtime_s')} s",
@@ -367,7 +375,8 @@ def cost_mail(costs: list[CostResult]) -> list[str]:
         out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
     sizes = sorted({f"{r.config.get('size_mib')} MiB file, {r.config.get('runtime_s')} s a job"
                     for r in costs})
-    out += ["", f"fio: {', '.join(sizes)}; measured with:"]
+    said = f"fio: {', '.join(sizes)}; guest images on the host's {host_storage(costs)}; measured with:"
+    out += ["", *textwrap.wrap(said, MAIL_WIDTH)]
     for cmd in sorted({str(r.command) for r in costs}):
         out += shell_lines(cmd, MAIL_WIDTH, indent="  ")
     return out

@@ -125,7 +125,8 @@ def old_store(path: Path) -> Path:
 
 def detail(seq: float, **extra: object) -> dict[str, object]:
     figs = {"seq_mb_s": seq, "rand_iops": 150.0, "fsync_p50_ms": 20.0, "fsync_p99_ms": 70.0}
-    return {"figures": figs, "accel": "tcg", "command": "crashlab cost --fs ext4 --again", **extra}
+    return {"figures": figs, "accel": "tcg", "command": "crashlab cost --fs ext4 --again",
+            "host_storage": {"device": "/dev/vda", "mount": "/", "fstype": "ext4", "options": "rw"}, **extra}
 
 
 FIELDS = {"fs": "ext4", "cache": "writeback", "barrier": "on", "disk": "virtio-blk", "accel": "tcg",
@@ -189,6 +190,8 @@ def test_cost_table_sits_beside_the_pooled_corruption_rate(tmp_path: Path) -> No
     text = report.mail(cells, env, ["crashlab matrix"], costs)
     assert all(len(line) <= report.MAIL_WIDTH for line in text.splitlines())
     assert "TCG = emulated CPU" in text and "crashlab cost --fs ext4 --again" in text
+    assert "guest images on the host's ext4 on /dev/vda" in text.replace("\n", " ")
+    assert "host's ext4 on /dev/vda." in md
     assert any(line.startswith("ext4 unsafe       on  TCG   9.0    150") for line in text.splitlines())
 
 
@@ -266,3 +269,12 @@ def test_an_out_that_is_a_file_is_one_line_before_any_guest(tmp_path: Path) -> N
     assert "Not a directory" in r.output and "Traceback" not in r.output
     with Store(tmp_path / "r.sqlite", readonly=True) as s:
         assert s.costs() == []
+
+
+def test_the_host_storage_is_the_deepest_mount_holding_the_image(tmp_path: Path) -> None:
+    mounts = ("/dev/vda / ext4 rw,relatime 0 0\ntmpfs /tmp tmpfs rw 0 0\n"
+              "/dev/vdb /tmpdata xfs rw 0 0\n")
+    assert cost.mount_of(Path("/tmp/x/y"), mounts) == {"device": "tmpfs", "mount": "/tmp", "fstype": "tmpfs",
+                                                       "options": "rw"}
+    assert cost.mount_of(Path("/tmpdata2"), mounts)["device"] == "/dev/vda"  # a prefix is not a parent
+    assert cost.mount_of(Path("/x"), "") == {}
