@@ -189,8 +189,10 @@ class Cell:
 
     def config(self) -> dict[str, Any]:
         """For the store and reports: the fields, with the window as it applies ('30s') and as
-        written ('default'), so a report names the window and a cell can be rebuilt from a row."""
-        return {**self.stored(), "window": self.window_label, "window_spec": self.window}
+        written ('default'), so a report names the window and a cell can be rebuilt from a row,
+        and the seed its crash states are drawn with (derived: `sampling_seed`)."""
+        return {**self.stored(), "window": self.window_label, "window_spec": self.window,
+                "sampling_seed": sampling_seed(self)}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Cell:
@@ -322,28 +324,49 @@ class Matrix:
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> Matrix:
-        """The matrix a TOML file describes, every key and value checked (MATRIX_KEYS) before
-        anything runs: keys as the options of `crashlab matrix`, at the top level or in [matrix]."""
-        try:
-            data: dict[str, Any] = tomllib.loads(path.read_bytes().decode("utf-8"))
-        except OSError as e:
-            raise CampaignError(f"{path}: cannot read: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise CampaignError(f"{path}: not a TOML file (not UTF-8 text)") from None
-        except tomllib.TOMLDecodeError as e:
-            raise CampaignError(f"{path}: not valid TOML: {e}") from None
-        if "matrix" in data:
-            if not isinstance(data["matrix"], dict) or len(data) > 1:
-                raise CampaignError(f"{path}: [matrix] must be a table and the only one in the file")
-            data = data["matrix"]
-        if unknown := sorted(set(data) - set(MATRIX_KEYS)):
-            raise CampaignError(f"{path}: unknown keys {', '.join(unknown)}; "
+        """The one matrix a TOML file describes (see `load_matrices`); a file of several is refused."""
+        blocks = load_matrices(path, **overrides)
+        if len(blocks) > 1:
+            raise CampaignError(f"{path}: holds {len(blocks)} [[matrix]] blocks where one was expected")
+        return blocks[0]
+
+
+def load_matrices(path: Path, **overrides: Any) -> list[Matrix]:
+    """The matrices a TOML file describes, every key and value checked (MATRIX_KEYS) before anything
+    runs: keys as the options of `crashlab matrix`, at the top level or in [matrix], or several
+    cross products as [[matrix]] tables, the top-level keys being every block's defaults.
+    `overrides` (the command line's options) apply to every block."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CampaignError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CampaignError(f"{path}: not a TOML file (not UTF-8 text)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CampaignError(f"{path}: not valid TOML: {e}") from None
+    blocks: list[tuple[str, dict[str, Any]]]
+    block = data.pop("matrix", None)
+    if isinstance(block, list):
+        if not block or not all(isinstance(b, dict) for b in block):
+            raise CampaignError(f"{path}: [[matrix]] must be one or more tables")
+        blocks = [(f"[[matrix]] {i + 1}: ", {**data, **b}) for i, b in enumerate(block)]
+    elif block is not None:
+        if not isinstance(block, dict) or data:
+            raise CampaignError(f"{path}: [matrix] must be a table and the only one in the file")
+        blocks = [("", block)]
+    else:
+        blocks = [("", data)]
+    out = []
+    for where, values in blocks:
+        if unknown := sorted(set(values) - set(MATRIX_KEYS)):
+            raise CampaignError(f"{path}: {where}unknown keys {', '.join(unknown)}; "
                                 f"known: {', '.join(sorted(MATRIX_KEYS))}")
         try:
-            values = {k: MATRIX_KEYS[k](v) for k, v in data.items()}
+            parsed = {k: MATRIX_KEYS[k](v) for k, v in values.items()}
         except _BadValue as e:
-            raise CampaignError(f"{path}: {e}") from None
-        return replace(cls(**values), **{k: v for k, v in overrides.items() if v is not None})
+            raise CampaignError(f"{path}: {where}{e}") from None
+        out.append(replace(Matrix(**parsed), **{k: v for k, v in overrides.items() if v is not None}))
+    return out
 
 
 class _BadValue(ValueError):
@@ -557,12 +580,20 @@ def cell_model(cell: Cell, recording: Path, entries: list[logformat.Entry]) -> m
         raise CampaignError(f"cell {cell.key}: {e}") from None
 
 
+def sampling_seed(cell: Cell) -> int:
+    """The seed a cell's crash states are drawn with: its key (which holds the run seed) hashed, so
+    each cell is an independent sample whatever else the matrix holds, and two cells that share a
+    recording (window, torn writes) do not share draws. The workload still runs with `cell.seed`."""
+    return int.from_bytes(hashlib.sha256(f"states {cell.key}".encode()).digest()[:8], "big")
+
+
 def generate_states(cell: Cell, recording: Path, count: int) -> list[str]:
-    """The cell's first `count` crash-state ids, deterministic from its seed."""
+    """The cell's first `count` crash-state ids, deterministic from its sampling seed."""
 
     with logformat.open_log(GuestOutputs(recording).log) as reader:
         m = cell_model(cell, recording, reader.index())
-        camp = crashstates.generate(m, crashstates.log_digest(reader), count, cell.seed, cell.strategy)
+        camp = crashstates.generate(m, crashstates.log_digest(reader), count, sampling_seed(cell),
+                                    cell.strategy)
         return [s.id for s in camp.states]
 
 

@@ -195,12 +195,10 @@ def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None,
 def compare(before: Sequence[CellCheck], after: Sequence[CellCheck]) -> list[str]:
     """A proposed change, cell by cell (one per filesystem, in the same order): both failure rates
     and Fisher's exact two-sided p that they differ, Holm-adjusted when there are several cells."""
-    pvalues = [stats.fisher_exact(b.failed.k, b.failed.n - b.failed.k, a.failed.k, a.failed.n - a.failed.k)
-               for b, a in zip(before, after, strict=True)]
-    adjusted = stats.holm(pvalues) if len(pvalues) > 1 else pvalues
+    tests = stats.compare_many([(b.failed, a.failed) for b, a in zip(before, after, strict=True)])
     lines = []
-    for b, a, p, q in zip(before, after, pvalues, adjusted, strict=True):
-        holm = f", Holm-adjusted over {len(pvalues)} cells p = {q:.4g}" if len(pvalues) > 1 else ""
+    for b, a, (p, q) in zip(before, after, tests, strict=True):
+        holm = f", Holm-adjusted over {len(tests)} cells p = {q:.4g}" if len(tests) > 1 else ""
         verdict = "differ at 5 %" if q < 0.05 else "no significant difference at 5 %"
         lines.append(f"change   {b.cell.fs}: before {b.failed.k}/{b.failed.n}, after "
                      f"{a.failed.k}/{a.failed.n}; Fisher exact two-sided p = {p:.4g}{holm}: {verdict}")

@@ -16,9 +16,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from crashlab import stats
+from crashlab import claims, stats
 from crashlab.check.outcome import Outcome
 from crashlab.record import OPTIONAL_FIELDS
 from crashlab.store import Store
@@ -30,7 +30,7 @@ SHORT = {Outcome.CONSISTENT: "ok", Outcome.DATA_LOSS: "loss", Outcome.FS_INCONSI
 CELL_KEYS = ("fs", "cache", "barrier", "recorder", "workload", "window")
 # Axes added after reports existed: a column only when some cell is off its default, so a report of
 # cells that do not use them reads as it always did. Defaults from the one table of them.
-LATER_KEYS = {k: OPTIONAL_FIELDS[k] for k in ("storage",)}
+LATER_KEYS = {k: OPTIONAL_FIELDS[k] for k in ("storage", "disk")}
 
 
 def cell_keys(cells: list[CellResult]) -> tuple[str, ...]:
@@ -38,6 +38,8 @@ def cell_keys(cells: list[CellResult]) -> tuple[str, ...]:
              if any(c.config.get(k, default) != default for c in cells))
     return (*CELL_KEYS, *later)
 MAIL_WIDTH = 72
+# The bound a cell with no failure is read against: "how many states for < 0.3 %" (about 1000).
+TARGET_BOUND = 0.003
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,19 @@ class CellResult:
 
     def label(self, keys: tuple[str, ...] = CELL_KEYS) -> str:
         return " ".join(f"{k}={self.config[k]}" for k in keys if k in self.config)
+
+    @property
+    def states_for_bound(self) -> int | None:
+        """States that, none failing, bound the failure rate below TARGET_BOUND; None once a state
+        has failed (a bound on zero no longer applies)."""
+        return stats.states_needed(TARGET_BOUND) if self.failed.n and not self.failed.k else None
+
+    @property
+    def bound_text(self) -> str:
+        need = self.states_for_bound
+        if need is None:
+            return "-"
+        return "met" if self.failed.n >= need else f"{need} ({need - self.failed.n} more)"
 
 
 def results(store: Store, match: dict[str, str] | None = None) -> list[CellResult]:
@@ -110,10 +125,12 @@ def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
     for c in cells:
         row: dict[str, Any] = {k: c.config.get(k, LATER_KEYS.get(k, "")) for k in keys}
         row.update({"states": c.checked, **{str(o): c.counts[o] for o in OUTCOMES}})
+        row["sampling_seed"] = c.config.get("sampling_seed")
         for name, r in (("corrupt", c.corrupt), ("lost", c.lost)):
             row[f"{name}_rate"] = round(r.value, 4) if r.n else None
             row[f"{name}_low"], row[f"{name}_high"] = round(r.low, 4), round(r.high, 4)
             row[f"{name}_upper95"] = round(r.upper95, 4)
+        row[f"states_for_{100 * TARGET_BOUND:g}pct"] = c.states_for_bound
         rows.append(row)
     return rows
 
@@ -132,7 +149,7 @@ def split_keys(cells: list[CellResult]) -> tuple[list[str], dict[str, str]]:
     return varying, fixed
 
 
-def terminal(cells: list[CellResult]) -> None:
+def terminal(cells: list[CellResult], file: IO[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -147,19 +164,23 @@ def terminal(cells: list[CellResult]) -> None:
         table.add_row(*(str(c.config.get(k, "")) for k in varying), str(c.checked),
                       *(str(c.counts[o]) for o in OUTCOMES), _short_rate(c.corrupt), _short_rate(c.lost))
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # a log file or a pipe: no reason to squeeze the table
+    if file is not None:  # plain text whatever the environment asks of terminals (FORCE_COLOR)
+        console = Console(file=file, width=160, color_system=None, force_terminal=False)
+    elif not console.is_terminal:  # a log or a pipe: no reason to squeeze the table
+        console = Console(width=160)
     console.print(table)
 
 
 def markdown(cells: list[CellResult], env: dict[str, Any] | None = None,
              costs: list[CostResult] | None = None) -> str:
     keys = cell_keys(cells)
-    head = [*keys, "states", *OUTCOMES, "corrupt (95 % CI)", "fsync data lost (95 % CI)"]
+    head = [*keys, "states", *OUTCOMES, "corrupt (95 % CI)", "fsync data lost (95 % CI)",
+            f"states for < {100 * TARGET_BOUND:g} %", "sampling seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if cells or not costs else []
     for c in cells:
         cols = [str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in keys] + [str(c.checked)]
-        cols += [str(c.counts[o]) for o in OUTCOMES] + [str(c.corrupt), str(c.lost)]
+        cols += [str(c.counts[o]) for o in OUTCOMES] + [str(c.corrupt), str(c.lost), c.bound_text,
+                                                      f"{c.config.get('sampling_seed', '-')}"]
         lines.append("| " + " | ".join(cols) + " |")
     if costs:
         lines += [*([""] if lines else []), cost_markdown(costs).rstrip("\n")]
@@ -179,7 +200,8 @@ def csv_text(cells: list[CellResult]) -> str:
 
 
 def json_text(cells: list[CellResult], env: dict[str, Any] | None = None) -> str:
-    return json.dumps({"cells": table_rows(cells), "environment": env or {}}, indent=2, sort_keys=True)
+    return json.dumps({"cells": table_rows(cells), "claims": claims.as_json(claims.evaluate(cells)),
+                       "environment": env or {}}, indent=2, sort_keys=True)
 
 
 def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str],
@@ -193,7 +215,17 @@ def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str],
            "k rate [95% Wilson interval]; 0 (<=x%) = 95% upper bound.", ""]
     out.append("".join(name.ljust(w) for name, w in cols).rstrip())
     out.append("-" * (sum(w for _, w in cols) - 1))
-    for c in cells:
+    # What else tells rows apart (a disk model, a window sweep) heads a group of rows: the columns
+    # are as wide as 72 columns allow.
+    # A default window follows from the cache mode (said below the table).
+    swept = any(c.config.get("window_spec", "default") != "default" for c in cells)
+    shown = ("fs", "cache", "barrier", "workload", *(() if swept else ("window",)))
+    extra = [k for k in split_keys(cells)[0] if k not in shown]
+    group = None
+    for c in sorted(cells, key=lambda c: tuple(str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in extra)):
+        if extra and group != (group := " ".join(f"{k}={c.config.get(k, LATER_KEYS.get(k, ''))}"
+                                                 for k in extra)):
+            out.append(f"{group}:")
         vals = (c.config.get("fs", ""), c.config.get("cache", ""), c.config.get("barrier", ""),
                 c.config.get("workload", ""), c.checked, _short_rate(c.corrupt), _short_rate(c.lost))
         out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
@@ -204,6 +236,15 @@ def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str],
     windows = sorted({str(c.config.get("window", "")) for c in cells})
     recorders = sorted({str(c.config.get("recorder", "")) for c in cells})
     out += ["", f"Volatility window(s): {', '.join(windows)}; recorder(s): {', '.join(recorders)}."]
+    need = stats.states_needed(TARGET_BOUND)
+    out += textwrap.wrap(f"Each cell's states are drawn with its own seed (sha256 of its key: report.csv "
+                         f"lists them). {need} states without a failure bound a rate below "
+                         f"{100 * TARGET_BOUND:g} % at 95 %.", MAIL_WIDTH)
+    out += ["", "The thread, point by point (failed = corrupt or fsync-lost;",
+            "Fisher exact two-sided, Holm-adjusted over each claim's pairs):", ""]
+    for line in [*claims.lines(claims.evaluate(cells)), *claims.assumptions(cells)]:
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        out += textwrap.wrap(line, MAIL_WIDTH, subsequent_indent=indent, break_on_hyphens=False) or [""]
     out += ["", "Environment:"]
     for k, v in sorted(env.items()):
         out += textwrap.wrap(f"{k}: {v}", MAIL_WIDTH, initial_indent="  ", subsequent_indent="    ")
@@ -268,9 +309,72 @@ def plot(cells: list[CellResult], path: Path, title: str = "") -> None:
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """The PNG with no Software/date text: the same cells give the same bytes (results/ is rebuilt
+    and compared byte for byte)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+def window_cells(cells: list[CellResult]) -> list[CellResult]:
+    """The cells of a window sweep: an explicit window, cache writeback or none."""
+    return [c for c in cells if c.config.get("window_spec", "default") != "default"
+            and c.config.get("cache") in ("writeback", "none")]
+
+
+def _window_seconds(c: CellResult) -> float:
+    spec = str(c.config.get("window_spec"))
+    return float("inf") if spec == "inf" else float(spec)
+
+
+def _axes(c: CellResult, *keys: str) -> tuple[str, ...]:
+    return tuple(str(c.config.get(k)) for k in keys)
+
+
+def plot_windows(cells: list[CellResult], path: Path, title: str = "") -> None:
+    """Failure rate (corrupt or fsynced data lost) against the volatility window, 95 % intervals as
+    bars: one line per cache mode and barrier setting, one panel per filesystem and workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = window_cells(cells)
+    panels = sorted({_axes(c, "fs", "workload") for c in sweep})
+    if not panels:
+        raise ValueError("no window-sweep cells (an explicit --window, cache writeback or none)")
+    windows = sorted({_window_seconds(c) for c in sweep})
+    where = {w: i for i, w in enumerate(windows)}  # even spacing: inf has no place on a log axis
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)
+    for ax, (fs, workload) in zip(axes[0], panels, strict=True):
+        mine = [c for c in sweep if _axes(c, "fs", "workload") == (fs, workload)]
+        lines = sorted({_axes(c, "cache", "barrier") for c in mine})
+        for offset, (cache, barrier) in enumerate(lines):
+            line = sorted((c for c in mine if _axes(c, "cache", "barrier") == (cache, barrier)),
+                          key=_window_seconds)
+            rates = [c.failed for c in line]
+            ys = [100 * r.value for r in rates]
+            err = [[max(0.0, y - 100 * r.low) for y, r in zip(ys, rates, strict=True)],
+                   [max(0.0, 100 * r.high - y) for y, r in zip(ys, rates, strict=True)]]
+            xs = [where[_window_seconds(c)] + (offset - (len(lines) - 1) / 2) * 0.08 for c in line]
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=f"{cache} barrier={barrier}")
+        ax.set_xticks(range(len(windows)), [w if w == "inf" else f"{w:g} s"
+                                            for w in ("inf" if w == float("inf") else w for w in windows)])
+        ax.set_xlabel("volatility window")
+        ax.set_ylim(-2, 102)
+        ax.set_ylabel("% of crash states failed (95 % Wilson interval)")
+        ax.set_title(f"{fs}, {workload}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)
 
 
 def compare(a: CellResult, b: CellResult) -> str:
@@ -278,9 +382,71 @@ def compare(a: CellResult, b: CellResult) -> str:
     lines = [f"A: {a.label()}", f"B: {b.label()}"]
     for name, ra, rb in (("corrupt", a.corrupt, b.corrupt), ("fsync data lost", a.lost, b.lost),
                          ("either", a.failed, b.failed)):
-        p = stats.fisher_exact(ra.k, ra.n - ra.k, rb.k, rb.n - rb.k)
+        p = stats.fisher_rates(ra, rb)
         lines.append(f"{name}: A {ra}  vs  B {rb}  (Fisher exact, two-sided p = {p:.4g})")
     return "\n".join(lines)
+
+
+def compare_runs(first: list[CellResult], second: list[CellResult]) -> str:
+    """Two runs of the same matrix (two stores or exports), cell by cell: each cell's failure rate in
+    both, Fisher's exact p that they differ, Holm-adjusted over the cells both hold; which differ."""
+    theirs = {c.cell: c for c in second}
+    both = [(c, theirs[c.cell]) for c in first if c.cell in theirs and c.checked and theirs[c.cell].checked]
+    tests = stats.compare_many([(a.failed, b.failed) for a, b in both])
+    keys = cell_keys([c for pair in both for c in pair])
+    out = [f"{len(both)} cells in both runs ({len(first) - len(both)} only in the first, "
+           f"{len(second) - len(both)} only in the second); failed = corrupt or fsync data lost;",
+           "Fisher exact two-sided p, Holm-adjusted over the cells.", ""]
+    differ = []
+    for (a, b), (p, q) in zip(both, tests, strict=True):
+        mark = "DIFFERS" if q < claims.ALPHA else "same"
+        out.append(f"{a.label(keys)}: {a.failed} vs {b.failed}; p = {p:.3g}, Holm {q:.3g}: {mark}")
+        differ += [a.label(keys)] if q < claims.ALPHA else []
+    out += ["", f"{len(differ)} of {len(both)} cells differ significantly at {claims.ALPHA:g} (Holm)"
+            + (": " + "; ".join(differ) if differ else ".")]
+    return "\n".join(out) + "\n"
+
+
+# --- every format, to a file ---------------------------------------------------------------------
+
+FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png", "window-png", "cost-png")
+# What `report --all DIR` writes (results/ ships them): one file a format.
+SHIPPED = {"report.txt": "mail", "report.md": "markdown", "report.csv": "csv", "report.json": "json",
+           "report-terminal.txt": "terminal", "rates.png": "png", "window.png": "window-png"}
+PLOT_VERSIONS = ("guest_kernel", "qemu", "e2fsck", "crashlab")  # named in a plot's title
+
+
+def text(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list[str],
+         costs: list[CostResult] | None = None) -> str:
+    """One text format; the cost-of-safety table joins mail, markdown and terminal when there are costs."""
+    if fmt == "terminal":
+        buf = io.StringIO()
+        if cells or not costs:
+            terminal(cells, buf)
+        return buf.getvalue() + cost_markdown(costs or [])
+    return {"mail": lambda: mail(cells, env, commands, costs),
+            "markdown": lambda: markdown(cells, env, costs),
+            "csv": lambda: csv_text(cells), "json": lambda: json_text(cells, env)}[fmt]()
+
+
+def write(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list[str], path: Path,
+          costs: list[CostResult] | None = None) -> bool:
+    """One format to `path`; False (nothing written) for a window plot with no sweep cells, or a
+    cost plot with no costs."""
+    title = "; ".join(f"{k}: {env[k]}" for k in PLOT_VERSIONS if k in env)
+    if fmt == "png":
+        plot(cells, path, title)
+    elif fmt == "window-png":
+        if not window_cells(cells):
+            return False
+        plot_windows(cells, path, title)
+    elif fmt == "cost-png":
+        if not costs:
+            return False
+        plot_cost(costs, path, title)
+    else:
+        path.write_text(text(fmt, cells, env, commands, costs))
+    return True
 
 
 # --- the cost of safety (crashlab.cost) ----------------------------------------------------------
@@ -406,6 +572,4 @@ def plot_cost(costs: list[CostResult], path: Path, title: str = "") -> None:
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     fig.suptitle((title + "\n" if title else "") + "cost of safety: " + COST_NOTE.split(";")[0], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -129,3 +129,15 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted
+
+
+def fisher_rates(a: Rate, b: Rate) -> float:
+    """Fisher's exact two-sided p that two rates (k of n each) differ."""
+    return fisher_exact(a.k, a.n - a.k, b.k, b.n - b.k)
+
+
+def compare_many(pairs: list[tuple[Rate, Rate]]) -> list[tuple[float, float]]:
+    """Each pair's Fisher p and its Holm adjustment over all the pairs (the p itself when there is
+    one): what a report that makes several comparisons at once quotes."""
+    pvalues = [fisher_rates(a, b) for a, b in pairs]
+    return list(zip(pvalues, holm(pvalues) if len(pvalues) > 1 else pvalues, strict=True))

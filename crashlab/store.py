@@ -222,6 +222,37 @@ class Store:
         for r in self._rows(sql + " ORDER BY cell, state_id", args):
             yield _state(r)
 
+    # --- whole store, as an export writes and reads it (crashlab.export) ----------------------
+
+    def raw_states(self) -> Iterator[tuple[str, str, str, str, int | None, float]]:
+        """Every state's row as stored (detail as its JSON text), in key order."""
+        yield from self._rows("SELECT cell, state_id, outcome, detail, run_id, checked FROM states "
+                              "ORDER BY cell, state_id")
+
+    def restore(self, runs: list[dict[str, Any]], cells: list[CellRow],
+                states: Iterator[tuple[str, str, str, str, int | None, float]]) -> None:
+        """Fill an empty store with exported rows, run ids kept (cells and states name their runs),
+        in one transaction: a store half restored is never left looking whole."""
+        if any(next(self._rows(f"SELECT count(*) FROM {t}"))[0] for t in sorted(TABLES)):
+            raise StoreError(f"{self.path}: not empty: restore only into a new store")
+        self._execute("BEGIN")
+        try:
+            for r in runs:
+                self._execute("INSERT INTO runs (run_id, started, command, config, versions) "
+                              "VALUES (?, ?, ?, ?, ?)", (r["run_id"], r["started"], r["command"],
+                                                         _dump(r["config"]), _dump(r["versions"])))
+            for c in cells:
+                self._execute("INSERT INTO cells (cell, config, recording, record, run_id) "
+                              "VALUES (?, ?, ?, ?, ?)", (c.cell, _dump(c.config), c.recording,
+                               _dump(c.record) if c.record is not None else None, c.run_id))
+            for row in states:
+                self._execute("INSERT INTO states (cell, state_id, outcome, detail, run_id, checked) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", row)
+            self._execute("COMMIT")
+        except BaseException:
+            self._execute("ROLLBACK")
+            raise
+
     def find_state(self, state_id: str) -> list[StateRow]:
         """Every cell's row for a crash-state id (an id names one image of one recorded log, so
         more than one row means the same state was checked in cells sharing a recording)."""

@@ -511,7 +511,7 @@ def test_unreadable_tree_is_copied_for_the_oracle(clean_images: dict[str, Path],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """An entry the mount cannot read would look different to the oracle on the mount (an I/O error)
     than on a copy (left out by cp): such a tree goes the copy way, as every tree used to."""
-    monkeypatch.setattr("crashlab.check.mounts.unreadable", lambda root: f"{root}/a: Input/output error")
+    monkeypatch.setattr("crashlab.check.mounts.unreadable", lambda root, paths=None: f"{root}/a: Input/output error")
     promises = a_promised(tmp_path / "promises.jsonl")
     image = removed(clean_images["ext4"], "ext4", tmp_path, "rm.img")
     rec = check_image(image, "ext4", "rm", promises=promises, host_mount=True)
@@ -533,6 +533,28 @@ def test_unreadable_finds_what_cp_could_not_read(tmp_path: Path) -> None:
         assert unreadable(tmp_path) == f"{tmp_path}/d/f: Permission denied"
 
 
+def test_unreadable_reads_only_what_the_oracle_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the oracle's paths, an entry it never reads cannot send the tree the copy way, and one
+    on the way to what it reads (a directory it lists) still does."""
+    from crashlab.check import mounts
+
+    for d in ("keep", "other"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "f").write_bytes(b"x" * 5000)
+    real_open = os.open
+
+    def failing_open(path: str | os.PathLike[str], flags: int, *a: int) -> int:
+        if Path(path) == tmp_path / "other" / "f":
+            raise OSError(5, "Input/output error", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(mounts.os, "open", failing_open)
+    assert mounts.unreadable(tmp_path) == f"{tmp_path}/other/f: Input/output error"
+    assert mounts.unreadable(tmp_path, {"keep/f", "missing/g", "keep/f/below"}) is None
+    assert mounts.unreadable(tmp_path, {"other/f"}) == f"{tmp_path}/other/f: Input/output error"
+    assert mounts.unreadable(tmp_path, set()) is None
+
+
 def test_guest_sees_the_project_but_not_the_rest_of_the_host(tmp_path: Path) -> None:
     from crashlab.guest.shares import host_view, visible_in
 
@@ -541,3 +563,19 @@ def test_guest_sees_the_project_but_not_the_rest_of_the_host(tmp_path: Path) -> 
     assert not visible_in(view, tmp_path)  # promises there are copied into the results share
     assert not visible_in(view, Path("/dev/shm")) and not visible_in(view, Path("/run"))
     assert not visible_in(view, Path(__file__).parent / "missing")
+
+
+def test_records_serialise_every_field() -> None:
+    """to_dict is written out by hand (asdict's deep copy was a tenth of a fast state's cost): a
+    field added to ToolRun or Violation must not be dropped from the store."""
+    from dataclasses import fields
+
+    from crashlab.check.outcome import ToolRun
+    from crashlab.oracle import Violation
+
+    run = ToolRun(argv=["e2fsck"], rc=1, stdout="o", stderr="e", seconds=0.5, timed_out=True,
+                  missing=True, error="x")
+    assert ToolRun.from_dict(run.to_dict()) == run
+    assert list(run.to_dict()) == [f.name for f in fields(ToolRun)]
+    v = Violation("a", {"kind": "file", "marker": "m", "sha256": "0" * 64, "size": 1}, "no entry")
+    assert list(v.to_dict()) == [*(f.name for f in fields(Violation)), "message"]

@@ -142,3 +142,13 @@ def test_long_commands_fold_into_lines_a_shell_still_reads() -> None:
     assert len(lines) > 1 and all(len(line) <= 72 for line in lines)
     assert all(line.endswith(" \\") for line in lines[:-1])
     assert shlex.split("\n".join(lines).replace("\\\n", " ")) == shlex.split(cmd)
+
+
+def test_each_cell_says_how_many_states_bound_it_below_the_target(store: Store) -> None:
+    clean, failing = (next(c for c in report.results(store) if c.cell == k)
+                      for k in ("ext4/writeback/on", "ext4/unsafe/off"))
+    need = report.stats.states_needed(report.TARGET_BOUND)
+    assert (clean.states_for_bound, clean.bound_text) == (need, f"{need} ({need - 30} more)")
+    assert (failing.states_for_bound, failing.bound_text) == (None, "-")  # a bound on zero does not apply
+    assert f"| {need} ({need - 30} more) |" in report.markdown([clean])
+    assert report.table_rows([clean])[0]["states_for_0.3pct"] == need

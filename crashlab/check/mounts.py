@@ -17,7 +17,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,7 +61,7 @@ class MountRequest:
     image: Path
     fs: str
     recover: bool  # mount read-write and unmount cleanly: log replay
-    tree_dest: Path | None  # then mount read-only and copy the tree here (an empty directory)
+    tree_dest: Path | None  # then mount read-only and copy the tree here (made if needed)
     # Run this oracle on the read-only mount instead of copying; `tree_dest` is then only the
     # fallback for a tree that cannot be read in full.
     oracle: OracleSpec | None = None
@@ -100,6 +100,15 @@ def cached_promises(path: Path) -> Promises:
     return _PROMISES[key]
 
 
+def oracle_reads(spec: OracleSpec) -> set[str] | None:
+    """The paths the oracle will read in this state; None when the promises cannot be loaded
+    (run_oracle reports that as the workload's failure)."""
+    try:
+        return cached_promises(spec.promises).reads(spec.present)[0]
+    except Exception:
+        return None
+
+
 def oracle_failure(e: Exception) -> str:
     """The words for workload code that failed, wherever the oracle ran (runner._run_oracle too)."""
     return f"oracle raised {type(e).__name__}: {e}"
@@ -116,37 +125,79 @@ def run_oracle(tree: Path | Tree, spec: OracleSpec) -> tuple[list[Any], str]:
         return [], oracle_failure(e)
 
 
-def unreadable(root: Path) -> str | None:
-    """The first entry of the tree that `cp -a` could not read in full, or None.
+def unreadable(root: Path, paths: Collection[str] | None = None) -> str | None:
+    """The first entry that `cp -a` could not read in full, or None: of the whole tree, or of
+    `paths` (relative; what the oracle reads) and the directories that lead to them.
 
     The oracle gives the same answers on the mount as on a copy only when the copy is complete: on
     an unreadable entry cp leaves it out or short, which the oracle reads as absent or truncated,
-    while on the mount it would see an I/O error. So an unreadable tree goes the copy way."""
-    stack = [root]
+    while on the mount it would see an I/O error. So an unreadable tree goes the copy way. An entry
+    the oracle never reads cannot change its answer, so with `paths` only those are read: on a
+    TCG guest reading every file of the image cost more than the mount."""
     try:
-        while stack:
-            d = stack.pop()
-            os.listxattr(d, follow_symlinks=False)
-            with os.scandir(d) as it:
-                entries = list(it)
-            for e in entries:
-                st = e.stat(follow_symlinks=False)
-                for name in os.listxattr(e.path, follow_symlinks=False):
-                    os.getxattr(e.path, name, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(Path(e.path))
-                elif stat.S_ISLNK(st.st_mode):
-                    os.readlink(e.path)
-                elif stat.S_ISREG(st.st_mode):
-                    fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW)
-                    try:
-                        while os.read(fd, 1 << 20):
-                            pass
-                    finally:
-                        os.close(fd)
+        if paths is None:
+            _read_tree(root)
+            return None
+        seen: set[Path] = set()
+        for rel in sorted(paths):
+            p = root
+            for part in Path(rel.lstrip("/")).parts:
+                if p not in seen:
+                    seen.add(p)
+                    if not _read_entry(p, listing=True):
+                        break
+                p = p / part
+            else:
+                if p not in seen:
+                    seen.add(p)
+                    _read_entry(p, listing=True)
     except OSError as e:
         return f"{e.filename or root}: {e.strerror}"
     return None
+
+
+def _read_entry(path: Path, listing: bool) -> bool:
+    """Read one entry as cp -a would (xattrs; a file's data, a link's target; a directory's
+    entries when `listing`); False when it is absent or not a directory where one is needed, which
+    is the oracle's to judge, not an unreadable entry."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    for name in os.listxattr(path, follow_symlinks=False):
+        os.getxattr(path, name, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        if listing:
+            with os.scandir(path) as it:
+                for e in it:
+                    e.stat(follow_symlinks=False)
+        return True
+    if stat.S_ISLNK(st.st_mode):
+        os.readlink(path)
+    elif stat.S_ISREG(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            while os.read(fd, 1 << 20):
+                pass
+        finally:
+            os.close(fd)
+    return False
+
+
+def _read_tree(root: Path) -> None:
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        os.listxattr(d, follow_symlinks=False)
+        with os.scandir(d) as it:
+            entries = list(it)
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                for name in os.listxattr(e.path, follow_symlinks=False):
+                    os.getxattr(e.path, name, follow_symlinks=False)
+                stack.append(Path(e.path))
+            else:
+                _read_entry(Path(e.path), listing=False)
 
 
 def _syscall(argv: list[str], call: str, args: tuple[Any, ...], timeout: float) -> ToolRun:
@@ -253,7 +304,7 @@ class HostMounts:
             with self._mounted(image, fs, fsys.ro_options, timeout, runs) as mnt:
                 if mnt is not None and oracle is not None:
                     t1 = time.monotonic()
-                    bad = unreadable(mnt)
+                    bad = unreadable(mnt, oracle_reads(oracle))
                     if bad is None:
                         steps.violations, steps.oracle_error = run_oracle(mnt, oracle)
                         steps.timings["oracle"] = time.monotonic() - t1

@@ -64,9 +64,9 @@ class ToolRun:
         return self.stdout + self.stderr
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stdout"], d["stderr"] = clip(self.stdout), clip(self.stderr)
-        return d
+        return {"argv": list(self.argv), "rc": self.rc, "stdout": clip(self.stdout),
+                "stderr": clip(self.stderr), "seconds": self.seconds, "timed_out": self.timed_out,
+                "missing": self.missing, "error": self.error}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToolRun:
@@ -216,11 +216,11 @@ def mount_verdict(run: ToolRun, what: str = "mount") -> StepVerdict:
 
 def violation_to_json(v: Any) -> Any:
     """Violations come from the workload's oracle, whatever their type: keep them as JSON."""
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
     if is_dataclass(v) and not isinstance(v, type):
         # The message is what a reader of a stored outcome (report, gate, reproduce) wants first.
         return {**asdict(v), **({"message": v.message} if hasattr(v, "message") else {})}
-    if hasattr(v, "to_dict"):
-        return v.to_dict()
     if isinstance(v, dict | str | int | float | list):
         return v
     return str(v)

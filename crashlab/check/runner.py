@@ -174,8 +174,7 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
                           outcome=oc.Outcome.CHECKER_ERROR, reason="", backend=backend.name)
         st = _State(item, rec, time.monotonic(), mount_recovery=replay is None or ext4_recovery == "mount")
         if item.has_oracle:
-            st.tree_dest = workdir / f"tree-{n}"
-            st.tree_dest.mkdir()
+            st.tree_dest = workdir / f"tree-{n}"  # made by a backend that copies the tree
         if replay is not None and not st.mount_recovery:
             _replay(st, replay, timeout)
         states.append(st)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from crashlab import campaign, report
+from crashlab import campaign, export, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.check.describe import describe_failure
 from crashlab.check.runner import CHECKERS
 from crashlab.cli import CrashlabError, shipped
+from crashlab.export import ExportError
 from crashlab.filesystems import FILESYSTEMS
 from crashlab.record import GuestOutputs
 from crashlab.store import DEFAULT_PATH, Store, StoreError
@@ -168,7 +171,7 @@ def _progress_lines(cells: int, every_s: float = 15.0) -> Callable[[campaign.Pro
     """Progress for a log file or a CI console: every state that did not come out consistent as
     it arrives; a plain progress line when something changed, at most every `every_s` seconds, and
     always when the work is done."""
-    last_at, last_state = [0.0], [(-1, -1)]
+    last_at, last_state = [-math.inf], [(-1, -1)]  # the first line at once, however young the clock
 
     def show(p: campaign.Progress) -> None:
         for f in p.arrived:
@@ -227,11 +230,23 @@ def matrix_command(config_file: Path | None, workers: int | None, unit_states: i
     Rerunning the same command resumes: recordings and stored outcomes are reused.
     """
     try:
-        base = campaign.Matrix.from_toml(config_file) if config_file else campaign.Matrix()
+        bases = campaign.load_matrices(config_file) if config_file else [campaign.Matrix()]
+        # Every block's cells are checked before the first one runs.
+        matrices = [_matrix_from(dict(options), base) for base in bases]
+        for m in matrices:
+            m.cells()
     except campaign.CampaignError as e:
         raise CrashlabError(str(e)) from None
-    _run(_matrix_from(options, base), store_path, workers, unit_states, "host" if host_mount else checker,
-         quiet)
+    status = 0
+    for m in matrices:  # one after the other, each resumable as a matrix of its own
+        try:
+            _run(m, store_path, workers, unit_states, "host" if host_mount else checker, quiet)
+        except SystemExit as e:  # a block's failed units or unchecked states: the next block still runs
+            if e.code not in (EXIT_FAILED_UNITS, EXIT_UNCHECKED) or len(matrices) == 1:
+                raise
+            status = EXIT_FAILED_UNITS if EXIT_FAILED_UNITS in (status, e.code) else EXIT_UNCHECKED
+    if status:
+        raise SystemExit(status)
 
 
 @click.command("run", epilog=EXIT_EPILOG)
@@ -254,23 +269,30 @@ def run_command(workers: int | None, unit_states: int, host_mount: bool, checker
          "host" if host_mount else checker, quiet)
 
 
-FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png", "cost-png")
-
-
 @click.command("report")
 @_store_option
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="terminal", show_default=True)
+@click.option("--from", "from_dir", type=click.Path(path_type=Path), default=None,
+              help="Read an export (`crashlab export`, e.g. results/) instead of a store.")
+@click.option("--format", "fmt", type=click.Choice(report.FORMATS), default="terminal", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here (required for png).")
+@click.option("--all", "all_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Write every format into this directory ({', '.join(report.SHIPPED)}).")
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only cells whose config matches.")
 @click.option("--compare", nargs=2, metavar="CELL_A CELL_B",
               help="Fisher's exact test between two cells (each KEY=VALUE[,KEY=VALUE...]).")
-def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple[str, ...],
-                   compare: tuple[str, str] | None) -> None:
-    """Report the stored outcomes: rates with 95 % intervals per cell."""
+def report_command(store_path: Path, from_dir: Path | None, fmt: str, output: Path | None,
+                   all_dir: Path | None, where: tuple[str, ...], compare: tuple[str, str] | None) -> None:
+    """Report the stored outcomes: rates with 95 % intervals per cell, and the 2008 thread's claims
+    point by point (mail, json); the cost of safety beside them when the store has costs."""
+    match = _parse_where(where)
+    if fmt in ("png", "window-png", "cost-png") and output is None and all_dir is None:
+        raise CrashlabError(f"--format {fmt} needs -o FILE.png")
+    if all_dir is not None and not all_dir.is_dir():
+        raise CrashlabError(f"--all {all_dir}: no such directory")
     try:
-        with Store(store_path, readonly=True) as store:
-            cells = report.results(store, _parse_where(where))
-            costs = report.cost_results(store, cells, _parse_where(where))
+        with reading(store_path, from_dir) as store:
+            cells = report.results(store, match)
+            costs = report.cost_results(store, cells, match)
             if not cells and not (costs and fmt in ("mail", "markdown", "terminal", "cost-png")):
                 raise CrashlabError("no stored states match")
             if compare:
@@ -279,21 +301,13 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
                 return
             runs = store.runs()
             env = report.environment(store, cells)
-    except StoreError as e:
+    except (StoreError, ExportError) as e:
         raise CrashlabError(str(e)) from None
     commands = sorted({r["command"] for r in runs})
-    if fmt == "cost-png":
-        if output is None or not costs:
-            raise CrashlabError("--format cost-png needs -o FILE.png and a store with costs (crashlab cost)")
-        report.plot_cost(costs, output, "; ".join(f"{k}: {env[k]}" for k in ("qemu", "fio") if k in env))
-        click.echo(f"wrote {output}")
-        return
-    if fmt == "png":
-        if output is None:
-            raise CrashlabError("--format png needs -o FILE.png")
-        wanted = ("guest_kernel", "qemu", "e2fsck", "crashlab")
-        report.plot(cells, output, "; ".join(f"{k}: {env[k]}" for k in wanted if k in env))
-        click.echo(f"wrote {output}")
+    if all_dir is not None:
+        for name, kind in report.SHIPPED.items():
+            if report.write(kind, cells, env, commands, all_dir / name, costs):
+                click.echo(f"wrote {all_dir / name}")
         return
     if fmt == "terminal" and output is None:
         if cells:
@@ -301,16 +315,25 @@ def report_command(store_path: Path, fmt: str, output: Path | None, where: tuple
         if costs:
             click.echo(report.cost_markdown(costs), nl=False)
         return
-    text = {"mail": lambda: report.mail(cells, env, commands, costs),
-            "markdown": lambda: report.markdown(cells, env, costs),
-            "csv": lambda: report.csv_text(cells),
-            "json": lambda: report.json_text(cells, env),
-            "terminal": lambda: report.markdown(cells, env, costs)}[fmt]()
-    if output:
-        output.write_text(text)
+    if output is None:
+        click.echo(report.text(fmt, cells, env, commands, costs), nl=False)
+    elif report.write(fmt, cells, env, commands, output, costs):
         click.echo(f"wrote {output}")
+    elif fmt == "cost-png":
+        raise CrashlabError("no costs stored (run `crashlab cost` first)")
     else:
-        click.echo(text, nl=False)
+        raise CrashlabError("no window-sweep cells match (an explicit --window, cache writeback or none)")
+
+
+@contextlib.contextmanager
+def reading(store_path: Path, from_dir: Path | None) -> Iterator[Store]:
+    """The store to report from: the store itself, read-only, or an export restored to a temporary one."""
+    if from_dir is None:
+        with Store(store_path, readonly=True) as store:
+            yield store
+    else:
+        with export.loaded(from_dir) as store:
+            yield store
 
 
 def _parse_where(where: tuple[str, ...] | list[str]) -> dict[str, str]:
