@@ -10,31 +10,31 @@ same command skips every state already stored.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shlex
 import shutil
-import signal
 import tempfile
 import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import crashlab
-from crashlab import crashstates, logformat, model, nbd, recorders, rundir, signals
+from crashlab import cluster, crashstates, logformat, model, nbd, recorders, rundir, signals
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.check.tools import tool_versions
 from crashlab.diskmodels import AIO_MODES, DEFAULT_AIO, DEFAULT_DISK, DETECT_ZEROES, DISCARD
-from crashlab.filesystems import FILESYSTEMS
+from crashlab.filesystems import FILESYSTEMS, USERSPACE_READABLE
 from crashlab.guest.machine import find_qemu
 from crashlab.guest.provision import ProvisionError, file_identity
 from crashlab.oracle import load_promises
@@ -276,6 +276,9 @@ class Matrix:
     kernel: str = ""
     modules: str = ""
     qemu: str = ""
+    # Where the matrix runs, not what it is: never part of `command()` or a cell.
+    scheduler: str = ""  # tcp://HOST:PORT of a Dask scheduler; "" = a cluster on this machine
+    shared_recordings: str = ""  # a directory every worker sees at the same path; "" = ship them
 
     def cells(self) -> list[Cell]:
         """The matrix's cells, its names parsed (CampaignError says what is valid)."""
@@ -429,6 +432,13 @@ def _strategy(v: object) -> str:
     return v
 
 
+def _scheduler(v: str) -> str:
+    try:
+        return cluster.parse_address(v)
+    except cluster.ClusterError as e:
+        raise _BadValue(str(e)) from None
+
+
 # The keys a matrix TOML may hold (the fields of Matrix), each with what takes its value apart;
 # names are checked as names when the matrix's cells are made, before anything runs.
 MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
@@ -451,6 +461,8 @@ MATRIX_KEYS: dict[str, Callable[[object], Any]] = {
     "kernel": lambda v: _text("kernel", v),
     "modules": lambda v: _text("modules", v),
     "qemu": lambda v: _text("qemu", v),
+    "scheduler": lambda v: _scheduler(_text("scheduler", v)),
+    "shared_recordings": lambda v: _text("shared_recordings", v),
 }
 
 
@@ -630,6 +642,7 @@ class Progress:
     arrived: list[Finding] = field(default_factory=list)  # not consistent, from the latest unit
     unchecked: Counter[str] = field(default_factory=Counter)  # checker-errors this run, by cause
     failed_units: list[str] = field(default_factory=list)
+    dashboard: str = ""  # the Dask dashboard's address, when one is running
 
     @property
     def total(self) -> int:
@@ -656,9 +669,6 @@ def unchecked_cause(record: CheckRecord) -> str:
     return record.checker_fault or ": ".join(record.reason.split(": ")[:2])
 
 
-Executor = Callable[[int], cf.Executor]
-
-
 def versions(fs: Iterable[str]) -> dict[str, str]:
 
     v = {"crashlab": crashlab.__version__,
@@ -668,138 +678,187 @@ def versions(fs: Iterable[str]) -> dict[str, str]:
     return v
 
 
+# What a check unit reads of its recording (run_check): the image only for its size.
+CHECK_FILES = ("write.log", "run.json", "promises.jsonl", "data.img")
+FAULT_UNIT = f"its check unit failed {cluster.RETRIES + 1} times"
+
+
+def unit_resources(unit: RecordUnit | CheckUnit) -> dict[str, float]:
+    """What a unit asks of its worker: `qemu` when it boots a guest (a recording; a check that is
+    not ext4 in userspace); the userspace checker needs nothing but e2fsprogs."""
+    if isinstance(unit, CheckUnit):
+        userspace = unit.checker == "userspace" or (
+            unit.checker == "auto" and not unit.host_mount and unit.cell.fs in USERSPACE_READABLE)
+        if userspace or unit.host_mount or unit.checker == "host":
+            return {}
+    return {"qemu": 1}
+
+
+def failed_check(cell: Cell, state_id: str, error: str) -> StateResult:
+    """A state whose unit failed every try: stored as unchecked with the reason, so the next run
+    checks it again, never dropped."""
+    rec = CheckRecord(state_id, "", cell.fs, Outcome.CHECKER_ERROR, f"{FAULT_UNIT}: {error}", "",
+                      checker_fault=FAULT_UNIT)
+    return StateResult(state_id, Outcome.CHECKER_ERROR, rec.to_dict())
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 def run_matrix(cells: list[Cell], states: int, store: Store, results_dir: Path, *, command: str,
                workers: int | None = None, host_mount: bool = False, checker: str = "auto",
                unit_states: int = STATES_PER_UNIT,
                on_progress: Callable[[Progress], None] = lambda p: None,
-               executor: Executor | None = None) -> Progress:
+               scheduler: str | None = None, shared_recordings: Path | None = None,
+               on: cluster.Cluster | None = None) -> Progress:
     """Run (or resume) every cell to `states` crash states each, storing outcomes as they arrive.
-    A stored checker-error is checked again: it is a gap, not a result."""
-    workers = workers or max(1, os.cpu_count() or 1)
+    A stored checker-error is checked again: it is a gap, not a result. Units run `on` a cluster
+    already connected, else on `scheduler`'s, else on a local cluster of `workers` started for
+    this call."""
+    with contextlib.ExitStack() as stack:
+        if on is None:
+            on = stack.enter_context(cluster.connect(scheduler, workers, shared=shared_recordings))
+        return _drive(on, cells, states, store, results_dir, command=command, host_mount=host_mount,
+                      checker=checker, unit_states=unit_states, on_progress=on_progress)
+
+
+def _drive(on: cluster.Cluster, cells: list[Cell], states: int, store: Store, results_dir: Path, *,
+           command: str, host_mount: bool, checker: str, unit_states: int,
+           on_progress: Callable[[Progress], None]) -> Progress:
     run_id = store.begin_run(command, {"cells": [c.key for c in cells], "states": states},
                              versions(c.fs for c in cells))
-    prog = Progress(cells=len(cells), states=states, workers=workers, unscheduled=len(cells))
-    recordings = results_dir / "recordings"
-    pending: dict[cf.Future[Any], tuple[str, Cell, Any]] = {}
-    make = executor or (lambda n: cf.ProcessPoolExecutor(n, initializer=_worker_init))
-    pool = make(workers)
+    prog = Progress(cells=len(cells), states=states, workers=on.workers, unscheduled=len(cells),
+                    dashboard=on.dashboard or "")
+    # Workers on this machine read and write the client's recordings in place; remote ones get
+    # them as bundles, unless every host sees one shared directory.
+    recordings = on.shared or results_dir / "recordings"
+    ship = on.local is None and on.shared is None
+    pending: dict[Any, tuple[str, Cell, Any]] = {}
+    done = on.as_completed([])
+    bundles: dict[Path, Any] = {}
+    waiting: dict[Path, list[Cell]] = {}  # recordings under way -> the other cells that need them
+
+    def submit(kind: str, cell: Cell, what: Any, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fut = on.submit(fn, *args, resources=unit_resources(args[0]))
+        except cluster.ClusterError as e:
+            failed(kind, cell, what, str(e))
+            return
+        pending[fut] = (kind, cell, what)
+        done.add(fut)
 
     def schedule_checks(cell: Cell, rec_dir: Path) -> None:
         ids = generate_states(cell, rec_dir, states)
         gaps = {r.state_id for r in store.states(cell.key, Outcome.CHECKER_ERROR)}
-        done = store.done(cell.key) - gaps
-        todo = [i for i in ids if i not in done]
+        stored = store.done(cell.key) - gaps
+        todo = [i for i in ids if i not in stored]
         prog.unscheduled -= 1
         prog.states_total += len(ids)
         prog.states_done += len(ids) - len(todo)
         prog.resumed += len(ids) - len(todo)
         prog.retried += sum(i in gaps for i in todo)
+        if ship and todo and rec_dir not in bundles:
+            bundles[rec_dir] = on.hold(cluster.pack(rec_dir, CHECK_FILES, holes=("data.img",)))
         for k in range(0, len(todo), unit_states):
             unit = CheckUnit(cell, str(rec_dir), tuple(todo[k:k + unit_states]), host_mount, checker)
-            pending[pool.submit(_unit, run_check, unit)] = ("check", cell, unit)
+            submit("check", cell, unit, _check_unit, unit, bundles.get(rec_dir))
+
+    def recorded(cell: Cell, rec_dir: Path) -> None:
+        for c in (cell, *waiting.pop(rec_dir, [])):
+            store.set_recording(c.key, rec_dir, _read_json(rec_dir / "run.json"))
+            prog.recorded += 1
+            schedule_checks(c, rec_dir)
+
+    def failed(kind: str, cell: Cell, what: Any, error: str) -> None:
+        if kind == "check":  # every try failed: its states are stored as unchecked, with why
+            stored([failed_check(cell, sid, error) for sid in what.state_ids], cell)
+            return
+        sharers = waiting.pop(what, [])
+        prog.failed_units += [f"{kind} {c.key}: {error}" for c in (cell, *sharers)]
+        prog.unscheduled -= 1 + len(sharers)
+
+    def stored(results: list[StateResult], cell: Cell) -> None:
+        for r in results:
+            if not store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
+                continue  # another campaign (or an earlier try of this unit) stored it first
+            prog.states_done += 1
+            prog.checked += 1
+            rec = r.record
+            if r.outcome is Outcome.CHECKER_ERROR:
+                prog.unchecked[unchecked_cause(rec)] += 1
+            if r.outcome is not Outcome.CONSISTENT:
+                prog.arrived.append(Finding(cell, r.state_id, r.outcome, rec.reason, rec.checker_fault))
 
     def show() -> None:
-        # The pool runs units in submission order: the oldest one unfinished is under way.
+        # Units start in submission order, as far as the workers go: the oldest one unfinished
+        # is under way.
         kind, cell, _ = next(iter(pending.values()), ("", None, None))
         prog.current = f"{'checking' if kind == 'check' else 'recording'} {cell.label}" if cell else ""
         on_progress(prog)
         prog.arrived = []
 
-    # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored, leave nothing running.
+    # A kill (SIGTERM) is handled like Ctrl-C: stop, keep what is stored; leaving `connect` tears
+    # the local cluster down, its workers unwinding their units first.
     with signals.sigterm_raises():
-        try:
-            waiting: dict[Path, list[Cell]] = {}  # recordings under way -> the other cells that need them
-            for cell in cells:
-                store.put_cell(cell.key, cell.config(), run_id)
-                rec_dir = recordings / cell.recording_slug
-                if (rec_dir / "run.json").exists():
-                    prog.recorded += 1
-                    store.set_recording(cell.key, rec_dir, _read_json(rec_dir / "run.json"))
-                    schedule_checks(cell, rec_dir)
-                elif rec_dir in waiting:
-                    waiting[rec_dir].append(cell)
-                else:
-                    waiting[rec_dir] = []
-                    unit = RecordUnit(cell, str(rec_dir))
-                    pending[pool.submit(_unit, run_record, unit)] = ("record", cell, rec_dir)
-            show()
-            while pending:
-                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    kind, cell, what = pending.pop(fut)
-                    try:
-                        seconds, result = fut.result()
-                    except Exception as e:  # one broken cell must not sink the matrix
-                        sharers = waiting.pop(what, []) if kind == "record" else []
-                        prog.failed_units += [f"{kind} {c.key}: {e}" for c in (cell, *sharers)]
-                        if kind == "record":
-                            prog.unscheduled -= 1 + len(sharers)
-                        continue
-                    if kind == "record":
-                        for c in (cell, *waiting.pop(what, [])):
-                            store.set_recording(c.key, what, result)
-                            prog.recorded += 1
-                            schedule_checks(c, what)
-                        continue
-                    prog.check_seconds += seconds
-                    for r in result:
-                        if not store.put_state(cell.key, r.state_id, r.outcome, r.detail, run_id):
-                            continue  # another campaign stored it first
-                        prog.states_done += 1
-                        prog.checked += 1
-                        rec = r.record
-                        if r.outcome is Outcome.CHECKER_ERROR:
-                            prog.unchecked[unchecked_cause(rec)] += 1
-                        if r.outcome is not Outcome.CONSISTENT:
-                            prog.arrived.append(Finding(cell, r.state_id, r.outcome, rec.reason,
-                                                        rec.checker_fault))
+        for cell in cells:
+            store.put_cell(cell.key, cell.config(), run_id)
+            rec_dir = recordings / cell.recording_slug
+            if (rec_dir / "run.json").exists():
+                prog.recorded += 1
+                store.set_recording(cell.key, rec_dir, _read_json(rec_dir / "run.json"))
+                schedule_checks(cell, rec_dir)
+            elif rec_dir in waiting:
+                waiting[rec_dir].append(cell)
+            else:
+                waiting[rec_dir] = []
+                submit("record", cell, rec_dir, _record_unit, RecordUnit(cell, str(rec_dir)), ship)
+        show()
+        for fut in done:
+            kind, cell, what = pending.pop(fut)
+            try:
+                seconds, result = fut.result()
+            except Exception as e:  # every try failed (a worker died under it, too)
+                if isinstance(e, CancelledError) and (gone := on.lost()) is not None:
+                    raise gone from None  # what is stored stays; a rerun resumes
+                failed(kind, cell, what, _error(e))
                 show()
-        except BaseException:
-            _abandon(pool)
-            raise
-        else:
-            pool.shutdown(wait=True)
+                continue
+            if kind == "record":
+                if ship:
+                    cluster.unpack(result[1], what)  # a recording already there (another campaign) wins
+                recorded(cell, what)
+            else:
+                prog.check_seconds += seconds
+                stored(result, cell)
+            show()
     return prog
 
 
-def _abandon(pool: cf.Executor) -> None:
-    """Stop at once: cancel queued units and terminate running ones. Their outcomes are lost (the
-    store holds everything that finished); each worker's SIGTERM runs its cleanup, and a guest's
-    QEMU dies with its worker in any case (PR_SET_PDEATHSIG)."""
-    processes = list(getattr(pool, "_processes", {}).values())
-    for p in processes:
-        p.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _worker_init() -> None:
-    # Ctrl-C reaches the whole process group: only the parent acts on it. SIGTERM (from the
-    # parent abandoning the pool) unwinds the worker so context managers remove guests and files.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_term)
-
-
-_terminating = False
-
-
-def _exit_on_term(signum: int, frame: object) -> None:
-    global _terminating
-    _terminating = True
-    raise SystemExit(128 + signum)
-
-
-def _unit(run: Callable[[Any], Any], unit: Any) -> tuple[float, Any]:
-    """Run one unit in a worker: its seconds there (what the progress rate is made of) and its
-    result. The pool would catch the SystemExit of a SIGTERM as the unit's failure and hand the
-    worker the next unit: once the unit has unwound (guests shut down, files removed), the worker
-    leaves for good."""
+def _record_unit(unit: RecordUnit, ship: bool) -> tuple[float, Any]:
+    """On a worker: record one cell, into its recording directory when the worker sees it, else
+    into the worker's scratch and back to the client as a bundle (the whole recording: the client
+    keeps it, as it keeps the store)."""
     t0 = time.monotonic()
+    if not ship:
+        return time.monotonic() - t0, run_record(unit)
+    here = rundir.scratch() / "recordings" / Path(unit.out_dir).name
     try:
-        result = run(unit)
-        return time.monotonic() - t0, result
+        run = run_record(RecordUnit(unit.cell, str(here)))
+        return time.monotonic() - t0, (run, cluster.pack(here))
     finally:
-        if _terminating:
-            os._exit(143)
+        shutil.rmtree(here, ignore_errors=True)
+
+
+def _check_unit(unit: CheckUnit, bundle: cluster.Bundle | None) -> tuple[float, list[StateResult]]:
+    """On a worker: check one unit's states, its recording taken from the bundle when shipped
+    (unpacked once per worker, by digest). The seconds are the checking phase's rate."""
+    if bundle is not None:
+        unit = replace(unit, recording=str(cluster.cached(bundle)))
+    t0 = time.monotonic()
+    result = run_check(unit)
+    return time.monotonic() - t0, result
 
 
 def state_rows(store: Store, state_id: str) -> Iterator[tuple[Cell, Path]]:

@@ -272,11 +272,12 @@ def check(store: Store, cell: Cell, states: int) -> CellCheck:
 
 def run_cells(cells: Sequence[Cell], states: int, store_path: Path, *, command: str,
               workers: int | None = None, host_mount: bool = False, unit_states: int | None = None,
-              on_progress: Callable[[Progress], None] = lambda p: None) -> Progress:
+              on_progress: Callable[[Progress], None] = lambda p: None,
+              scheduler: str | None = None) -> Progress:
     """Run (or resume) the cells; recordings live beside the store, as for `crashlab matrix`, so a
     gate and a matrix sharing a store share recordings and outcomes."""
     unique = list(dict.fromkeys(cells))  # the sensitivity cell may be one of the policy's
     kw: dict[str, Any] = {} if unit_states is None else {"unit_states": unit_states}
     with Store(store_path) as store:
         return run_matrix(unique, states, store, store_path.parent, command=command, workers=workers,
-                          host_mount=host_mount, on_progress=on_progress, **kw)
+                          host_mount=host_mount, on_progress=on_progress, scheduler=scheduler, **kw)

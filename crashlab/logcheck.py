@@ -14,9 +14,7 @@ out in place in the worker's base image, no copy at all.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
-import signal
 import tempfile
 import time
 from collections import Counter
@@ -25,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crashlab import crashstates, logformat, model
+from crashlab import cluster, crashstates, logformat, model
 from crashlab.check.outcome import Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.check.tools import run_tool
+from crashlab.filesystems import USERSPACE_READABLE
 from crashlab.oracle import load_promises
 
 CHECK_CMD_TIMEOUT = 300.0
@@ -144,8 +143,12 @@ def check_slice(job: LogCheck, ids: Sequence[str]) -> list[StateVerdict]:
     return out
 
 
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent acts on Ctrl-C for the group
+def slice_resources(job: LogCheck) -> dict[str, float]:
+    """A slice boots a checker guest unless its states are judged by a command or in userspace."""
+    if job.check_cmd or job.checker in ("userspace", "host") or (
+            job.checker == "auto" and job.fs in USERSPACE_READABLE):
+        return {}
+    return {"qemu": 1}
 
 
 def check_log(job: LogCheck, jobs: int | None = None,
@@ -164,18 +167,12 @@ def check_log(job: LogCheck, jobs: int | None = None,
             results += _tally(summary, check_slice(job, sl))
             on_progress(summary, len(ids))
     else:
-        pool = cf.ProcessPoolExecutor(jobs, initializer=_worker_init)
-        try:
-            futures = [pool.submit(check_slice, job, sl) for sl in slices]
-            for fut in cf.as_completed(futures):
+        # The campaigns' executor: a local Dask cluster, torn down on the way out (an interrupt too).
+        with cluster.connect(None, jobs) as on:
+            futures = [on.submit(check_slice, job, sl, resources=slice_resources(job)) for sl in slices]
+            for fut in on.as_completed(futures):
                 results += _tally(summary, fut.result())
                 on_progress(summary, len(ids))
-        except BaseException:
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
     summary.failed = sorted((v for v in results if v.outcome is not Outcome.CONSISTENT),
                             key=lambda v: order[v.state_id])
     summary.seconds = time.monotonic() - t0

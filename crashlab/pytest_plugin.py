@@ -61,7 +61,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--crashlab-host-mount", action="store_true",
                 help="Mount crash images on this host, not in checker guests (disposable hosts only).")
     g.addoption("--crashlab-workers", type=int, default=None,
-                help="Parallel recording/checking units [default: cores].")
+                help="Workers of the Dask cluster started for the session's cells [default: cores].")
+    g.addoption("--crashlab-scheduler", default=None, metavar="tcp://HOST:PORT",
+                help="Run the cells on this Dask scheduler's workers (crashlab worker) [default: the "
+                     "crashlab_scheduler ini value, else a cluster started on this machine].")
+    parser.addini("crashlab_scheduler", "Dask scheduler for crashlab cells (tcp://HOST:PORT)", default="")
     g.addoption("--crashlab-disk", default=None, help="Data disk model: virtio-blk, virtio-scsi, ide, ahci.")
     g.addoption("--crashlab-aio", default=None, help="Host AIO engine: threads, native, io_uring.")
     g.addoption("--crashlab-domain-xml", default=None, metavar="FILE",
@@ -81,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Bad values stop the session before collection, not in the first test that boots a guest.
     _fs_list(config.getoption("crashlab_fs"))
     _drive(config)
+    _scheduler(config)
     if config.getoption("crashlab_states") < 1:
         raise pytest.UsageError("--crashlab-states must be at least 1")
     if not 0 < config.getoption("crashlab_max_rate") <= 100:
@@ -120,6 +125,19 @@ def _drive(config: pytest.Config) -> dict[str, str]:
     return fields
 
 
+def _scheduler(config: pytest.Config) -> str | None:
+    """The scheduler named by option or ini value, checked (no scheduler: a local cluster)."""
+    from crashlab import cluster
+
+    value = config.getoption("crashlab_scheduler") or str(config.getini("crashlab_scheduler") or "")
+    if not value:
+        return None
+    try:
+        return cluster.parse_address(value)
+    except cluster.ClusterError as e:
+        raise pytest.UsageError(f"--crashlab-scheduler: {e}") from None
+
+
 def _fs_list(value: str) -> list[str]:
     fs = list(dict.fromkeys(f.strip() for f in value.split(",") if f.strip()))
     if not fs:
@@ -143,6 +161,7 @@ class Options:
     command: str
     storage: str = "local"
     drive: dict[str, str] = field(default_factory=dict)  # cell fields of the disk, kernel and QEMU
+    scheduler: str | None = None  # a Dask scheduler's address; None: a cluster on this machine
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Options:
@@ -155,7 +174,7 @@ class Options:
                    store=Path(store).absolute() if store else config.rootpath / "results" / "crashlab.sqlite",
                    host_mount=opt("crashlab_host_mount"), workers=opt("crashlab_workers"),
                    command="pytest " + shlex.join(config.invocation_params.args),
-                   storage=opt("crashlab_storage"), drive=_drive(config))
+                   storage=opt("crashlab_storage"), drive=_drive(config), scheduler=_scheduler(config))
 
     @property
     def policy(self) -> gate.Policy:
@@ -256,7 +275,7 @@ class CellFactory:
         key = (cell, states)
         if key not in self.runs:  # run_matrix resumes anyway; this saves its set-up per test
             prog = gate.run_cells([cell], states, o.store, command=o.command, workers=o.workers,
-                                  host_mount=o.host_mount)
+                                  host_mount=o.host_mount, scheduler=o.scheduler)
             with Store(o.store) as store:
                 self.runs[key] = CellRun(gate.check(store, cell, states), o.store, o.host_mount,
                                          o.max_rate, list(prog.failed_units))

@@ -25,15 +25,16 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import crashlab
-from crashlab import logformat, nbd, proc
+from crashlab import logformat, nbd, proc, rundir
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.diskmodels import (
     DEFAULT_AIO,
@@ -47,9 +48,28 @@ from crashlab.diskmodels import (
 )
 from crashlab.filesystems import DEFAULT_DATA_MODE, Filesystem, FilesystemError, filesystem
 from crashlab.guest import transport as transports
-from crashlab.guest.job import GuestJob, GuestRun, JobError, move_guest_file
-from crashlab.guest.machine import Drive, Machine, choose_accel, find_qemu, qemu_version
+from crashlab.guest.inguest.record import SERIES_READY, cell_dir, cell_request
+from crashlab.guest.job import (
+    GuestJob,
+    GuestRun,
+    JobError,
+    move_guest_file,
+    read_guest_file,
+    read_guest_json,
+    write_json_atomic,
+)
+from crashlab.guest.machine import (
+    HOTPLUG_DEVICES,
+    Drive,
+    Machine,
+    MachineError,
+    choose_accel,
+    find_qemu,
+    qemu_version,
+)
 from crashlab.guest.provision import Guest, provision
+from crashlab.guest.shares import host_view
+from crashlab.guest.transport import virtiofs_shares
 from crashlab.netns import NetnsError
 from crashlab.recorders import Recorder
 
@@ -328,6 +348,56 @@ def prepare_out_dir(out_dir: Path) -> Path:
 ServerHook = Callable[[nbd.StorageServer], contextlib.AbstractContextManager[Any]]
 
 
+def cell_drives(config: RecordConfig, outs: GuestOutputs, image: Path | None = None,
+                serials: tuple[str, str] = (DATA_SERIAL, LOG_SERIAL)) -> list[Drive]:
+    """The data disk with the cell's cache options (and, for qemu, its blklogwrites log), then,
+    for dm, the log disk."""
+    qemu_log = outs.log if config.recorder is Recorder.QEMU else None
+    drives = [Drive(image or outs.image, config.cache, log=qemu_log, serial=serials[0],
+                    model=config.disk_model, aio=config.aio, discard=config.discard,
+                    detect_zeroes=config.detect_zeroes)]
+    if config.recorder is Recorder.DM:  # the log disk is the tool's, not under test: virtio-blk
+        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial=serials[1]))
+    return drives
+
+
+def start_outputs(config: RecordConfig, outs: GuestOutputs, image: Path | None = None) -> None:
+    """A clean out_dir with a fresh data disk (unless `image` is given) and a fresh log."""
+    prepare_out_dir(outs.out_dir)
+    if image is None:
+        with open(outs.image, "wb") as f:
+            f.truncate(config.disk_bytes)
+    if config.recorder is Recorder.QEMU:
+        outs.log.touch()
+    elif config.recorder is Recorder.DM:
+        with open(outs.log, "wb") as f:
+            f.truncate(log_disk_bytes(config))
+
+
+def run_header(config: RecordConfig, guest: Guest, qemu: str | None, accel: str,
+               flakey: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run.json as it stands before the guest runs: every option and version."""
+    return {
+        "config": config.as_dict(), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
+                                              "accel": accel, "flakey": flakey},
+        "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def finish_run(config: RecordConfig, outs: GuestOutputs, run: dict[str, Any], share: Path) -> None:
+    """The guest's files out of its share, the log's summary, and run.json written."""
+    for name in ("promises.jsonl", "workload.out"):
+        move_guest_file(share / name, outs.out_dir / name)
+    if config.recorder.logs and outs.log.exists():
+        run["log"] = summarize_log(outs.log, truncate=config.recorder.in_guest)
+    try:
+        (outs.out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
+    except OSError as e:
+        why = run.get("error") or e.strerror
+        raise RecordError(f"recording {config.describe()} failed: {why}; cannot write run.json "
+                          f"({e.strerror}){full_disk_hint(outs.out_dir)}") from e
+
+
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
               observer: Callable[[Machine], None] | None = None, image: Path | None = None,
@@ -347,12 +417,7 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     transport = transports.transport(config.transport)
     payload = {**job_for(config, flakey, live_fault=during is not None), **(extra or {})}
     outs = GuestOutputs(Path(out_dir).resolve())
-    qemu_log = outs.log if config.recorder is Recorder.QEMU else None
-    drives = [Drive(image or outs.image, config.cache, log=qemu_log, serial=DATA_SERIAL,
-                    model=config.disk_model, aio=config.aio, discard=config.discard,
-                    detect_zeroes=config.detect_zeroes)]
-    if config.recorder is Recorder.DM:  # the log disk is the tool's, not under test: virtio-blk
-        drives.append(Drive(outs.log, CACHE_MODES["writeback"], serial=LOG_SERIAL))
+    drives = cell_drives(config, outs, image)
     qemu = qemu or config.qemu or None
     job = GuestJob(payload, share=outs.out_dir / ".guest", console=outs.console, drives=tuple(drives),
                    view_extra=tuple(Path(p).resolve() for p in config.workload_path),
@@ -365,39 +430,18 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     needs = [*needed_drivers(config), "dm_mod", "dm_flakey"] if flakey else needed_drivers(config)
     if lacking := guest.lacking(needs):
         raise ConfigError(lacking)
-    prepare_out_dir(outs.out_dir)
+    start_outputs(config, outs, image)
     job.share.mkdir()
-    if image is None:
-        with open(outs.image, "wb") as f:
-            f.truncate(config.disk_bytes)
-    if config.recorder is Recorder.QEMU:
-        outs.log.touch()
-    elif config.recorder is Recorder.DM:
-        with open(outs.log, "wb") as f:
-            f.truncate(log_disk_bytes(config))
     accel = choose_accel(guest.kernel, guest.initrd, config.accel, qemu)
     job = dataclasses.replace(job, accel=accel)
 
-    run: dict[str, Any] = {
-        "config": config.as_dict(), "options": {"mount": mount_options(config), "mkfs": mkfs_argv(config),
-                                              "accel": accel, "flakey": flakey},
-        "versions": versions(config, guest, qemu), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    run = run_header(config, guest, qemu, accel, flakey)
     if config.storage == "nbd":
         gr = _run_served(config, outs, job, transport, guest, observer, during, run)
     else:
         gr = transport.run(job, guest, observer)
     record_run(run, gr)
-    for name in ("promises.jsonl", "workload.out"):
-        move_guest_file(job.share / name, outs.out_dir / name)
-    if config.recorder.logs and outs.log.exists():
-        run["log"] = summarize_log(outs.log, truncate=config.recorder.in_guest)
-    try:
-        (outs.out_dir / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True, default=str))
-    except OSError as e:
-        why = run.get("error") or e.strerror
-        raise RecordError(f"recording {config.describe()} failed: {why}; cannot write run.json "
-                          f"({e.strerror}){full_disk_hint(outs.out_dir)}") from e
+    finish_run(config, outs, run, job.share)
     return run
 
 
@@ -464,13 +508,25 @@ def _read_json(p: Path) -> dict[str, Any]:
 def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Guest | None = None,
            qemu: str | None = None, observer: Callable[[Machine], None] | None = None) -> Recording:
     """Record `config`'s workload into `out_dir`; raises RecordError if the guest did not finish."""
+    recordable(config)
+    run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
+    rec = Recording(Path(out_dir).resolve(), config, run)
+    check_finished(rec)
+    return rec
+
+
+def recordable(config: RecordConfig) -> None:
+    """Refuse, before anything is written, what `record` cannot record."""
     if not config.recorder.logs:
         raise ConfigError("record needs a recorder (qemu or dm); use crashlab.flakey for live faults")
     if config.recorder is Recorder.HOST_DM:
         raise ConfigError("the host-dm recorder runs on the host's side: record it with `crashlab record "
                           "--recorder host-dm [--nested]` (campaigns do not record it)")
-    run = run_guest(config, Path(out_dir), guest=guest, qemu=qemu, observer=observer)
-    rec = Recording(Path(out_dir).resolve(), config, run)
+
+
+def check_finished(rec: Recording) -> None:
+    """Raise RecordError unless the guest finished the recording and the workload succeeded."""
+    config, run = rec.config, rec.run
     g = run.get("guest", {})
     if run.get("error") or g.get("status") != "done":
         why = run.get("error") or g.get("error") or f"guest status {g.get('status', 'unknown')}"
@@ -479,7 +535,305 @@ def record(config: RecordConfig, out_dir: str | os.PathLike[str], *, guest: Gues
     if g.get("workload_status"):
         raise RecordError(f"workload {config.workload} exited {g['workload_status']}: "
                           f"{g.get('workload_error', '')} (see {rec.out_dir / 'workload.out'})")
-    return rec
+
+
+# --- several cells in one guest -------------------------------------------------------------------
+#
+# A boot costs most of a recording under TCG (kernel, Python start, QEMU launch and teardown: about
+# 9 s of 11), so one guest records a series of cells: for each, the host hot-plugs the data disk
+# with that cell's cache options (and its blklogwrites log, or the dm recorder's log disk) over QMP,
+# the guest's `record-serve` job (crashlab.guest.inguest.record.serve) records on it, and the host
+# unplugs it again, waiting for the guest to let go (DEVICE_DELETED) and deleting its nodes so the
+# log is complete and closed before it is read. Each cell's out_dir gets what `record` writes.
+
+SERIES_ATTEMPTS = 2  # guests a cell may take down before its death is its result
+SERIES_BOOT_S = 120.0  # boot + Python start under TCG, with margin for a loaded host
+UNPLUG_S = 60.0  # the guest's ACPI eject of a disk
+
+
+def series_key(config: RecordConfig) -> tuple[object, ...] | None:
+    """What configurations must share to be recorded in one guest, or None: this one records alone
+    (pure). Cache mode, barrier, data mode, filesystem, workload, seed, scale, params and disk
+    options are per cell; the kernel, QEMU, memory and the guest's view of the host are the boot's."""
+    model = config.disk_model
+    if (config.recorder not in (Recorder.QEMU, Recorder.DM) or config.storage != "local" or config.nested
+            or config.transport not in ("auto", "virtiofs")
+            or model.controller is not None or model.device not in HOTPLUG_DEVICES):
+        return None
+    return (config.kernel, config.modules, config.qemu, config.memory_mib, config.accel,
+            tuple(sorted(str(Path(p).resolve()) for p in config.workload_path)))
+
+
+def shareable(a: RecordConfig, b: RecordConfig) -> bool:
+    """Whether `a` and `b` can be recorded in one guest, one after the other (pure)."""
+    key = series_key(a)
+    return key is not None and key == series_key(b)
+
+
+def series(configs: Sequence[RecordConfig], max_cells: int = 0) -> list[list[int]]:
+    """`configs` grouped by the guest that can record them, as indices in their order; a config
+    that records alone is a group of one; `max_cells` > 0 caps a group's size (pure)."""
+    groups: dict[object, list[list[int]]] = {}
+    for i, c in enumerate(configs):
+        key = series_key(c)
+        runs = groups.setdefault(("alone", i) if key is None else key, [[]])
+        if max_cells > 0 and len(runs[-1]) >= max_cells:
+            runs.append([])
+        runs[-1].append(i)
+    return sorted((g for runs in groups.values() for g in runs), key=lambda g: g[0])
+
+
+def stage(final: Path) -> Path:
+    """A fresh sibling of `final` named for this process to record into (`final.partial-OWNER`), so a
+    half-written recording is never mistaken for a finished one and two campaigns recording the
+    same cell do not share a directory; partials of owners no longer running are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f"{final.name}.partial-*"):  # left by a killed campaign
+        if not rundir.owner_alive(rundir.PREFIX + stale.name.rpartition(".partial-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f"{final.name}.partial-{rundir.owner_tag()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, final: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """`tmp` renamed to `final`; if another campaign recorded it first, theirs (its run.json)."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "run.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _read_json(final / "run.json")
+    return run
+
+
+def record_cells(configs: Sequence[RecordConfig], finals: Sequence[str | os.PathLike[str]], *,
+                 guest: Guest | None = None, max_cells: int = 0) -> list[dict[str, Any] | RecordError]:
+    """`record_many` into `stage`d directories, each renamed to its final name once its cell is
+    finished: per cell its run.json, or the RecordError it failed with (its partial removed)."""
+    dests = [Path(f) for f in finals]
+    tmps = [stage(f) for f in dests]
+    try:
+        recs = record_many(configs, tmps, guest=guest, max_cells=max_cells)
+    except BaseException:
+        for t in tmps:
+            shutil.rmtree(t, ignore_errors=True)
+        raise
+    out: list[dict[str, Any] | RecordError] = []
+    for tmp, final, r in zip(tmps, dests, recs, strict=True):
+        if isinstance(r, RecordError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            out.append(r)
+        else:
+            out.append(publish(tmp, final, r.run))
+    return out
+
+
+class GuestDied(RuntimeError):
+    """The series guest stopped, hung or would not take or release a cell's disks mid-cell."""
+
+
+def record_many(configs: Sequence[RecordConfig], out_dirs: Sequence[str | os.PathLike[str]], *,
+                guest: Guest | None = None, qemu: str | None = None, max_cells: int = 0
+                ) -> list[Recording | RecordError]:
+    """Record each config into its out_dir, as `record` would, sharing a guest between the configs
+    `series` groups together; per config, its Recording or the RecordError `record` would raise.
+
+    A cell whose guest dies is recorded again in a fresh guest (the cells it finished are kept);
+    a cell that took down `SERIES_ATTEMPTS` guests fails with the last death as its error. Every
+    config is validated (ConfigError) before anything is written."""
+    if len(configs) != len(out_dirs):
+        raise ConfigError(f"{len(configs)} configs but {len(out_dirs)} out_dirs")
+    guests: dict[tuple[str, str], Guest] = {}
+    for c in configs:
+        recordable(c)
+        c.validate()
+        key = (c.kernel, c.modules)
+        if key not in guests:
+            guests[key] = guest or provision(kernel=c.kernel or None, modules=c.modules or None)
+        g = guests[key]
+        if lacking := g.lacking(needed_drivers(c)):
+            raise ConfigError(lacking)
+    results: list[Recording | RecordError | None] = [None] * len(configs)
+    virtiofs = transports.resolve("auto") == "virtiofs"
+    for group in series(configs, max_cells):
+        g = guests[(configs[group[0]].kernel, configs[group[0]].modules)]
+        if len(group) == 1 or not virtiofs:
+            for i in group:
+                try:
+                    results[i] = record(configs[i], out_dirs[i], guest=g, qemu=qemu)
+                except RecordError as e:
+                    results[i] = e
+            continue
+        cells = [configs[i] for i in group]
+        done = _record_series(cells, [Path(out_dirs[i]) for i in group], g, qemu)
+        for i, r in zip(group, done, strict=True):
+            results[i] = r
+    return [r for r in results if r is not None]
+
+
+def _record_series(configs: Sequence[RecordConfig], out_dirs: Sequence[Path], guest: Guest,
+                   qemu: str | None) -> list[Recording | RecordError]:
+    first = configs[0]
+    qemu = qemu or first.qemu or None
+    accel = choose_accel(guest.kernel, guest.initrd, first.accel, qemu)
+    results: list[Recording | RecordError | None] = [None] * len(configs)
+    deaths = [0] * len(configs)
+    boots = 0
+    while pending := [i for i, r in enumerate(results) if r is None]:
+        boots += 1
+        with SeriesGuest(guest, first, accel, qemu, sum(configs[i].timeout_s for i in pending)) as sg:
+            try:
+                sg.start()
+            except GuestDied as e:
+                for i in pending:  # no cell's fault, but every waiting cell lost a guest
+                    deaths[i] += 1
+                    if deaths[i] >= SERIES_ATTEMPTS:
+                        results[i] = RecordError(f"recording {configs[i].describe()} failed: {e}")
+                continue
+            for i in pending:
+                try:
+                    results[i] = sg.record_cell(configs[i], out_dirs[i], boots)
+                except RecordError as e:
+                    results[i] = e
+                except GuestDied as e:
+                    deaths[i] += 1
+                    if deaths[i] >= SERIES_ATTEMPTS:
+                        results[i] = RecordError(f"recording {configs[i].describe()} failed: {e} "
+                                                 f"(see {GuestOutputs(out_dirs[i].resolve()).console})")
+                    break
+    return [r for r in results if r is not None]
+
+
+class SeriesGuest:
+    """One guest recording cell after cell on hot-plugged disks; a context manager that leaves no
+    QEMU, virtiofsd or scratch directory behind."""
+
+    def __init__(self, guest: Guest, config: RecordConfig, accel: str, qemu: str | None,
+                 budget_s: float) -> None:
+        self.guest, self.accel, self.qemu = guest, accel, qemu
+        self.base = Path(tempfile.mkdtemp(prefix="crashlab-recorder-", dir=rundir.scratch()))
+        self.share = self.base / "share"
+        self.share.mkdir()
+        self.console = self.base / "console.log"
+        view = host_view(extra=tuple(Path(p).resolve() for p in config.workload_path))
+        try:
+            self.machine = Machine(guest.kernel, guest.initrd, shares=virtiofs_shares(
+                self.share, {"mode": "record-serve"}, view), memory_mib=config.memory_mib, accel=accel,
+                qemu=qemu, timeout=SERIES_BOOT_S + budget_s + UNPLUG_S, console_log=self.console,
+                name="crashlab-record")
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+        self.cells = 0
+        self.idle = True  # no cell under way
+        self.console_at = 0  # the first cell's console excerpt starts with the boot
+        self.boot_seconds = 0.0
+        self.qemu_argv: list[str] | None = None
+
+    def __enter__(self) -> SeriesGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.machine.launch()
+            self.qemu_argv = [str(a) for a in self.machine.process.args] if self.machine.process else None  # type: ignore[union-attr]
+            while read_guest_json(self.share / "result.json").get("status") != SERIES_READY:
+                if not self.machine.is_running() or time.monotonic() - t0 > SERIES_BOOT_S:
+                    said = (read_guest_json(self.share / "result.json").get("error")
+                            or self.machine.console_tail(6))
+                    raise GuestDied(f"recording guest did not come up ({self.accel}, "
+                                    f"{time.monotonic() - t0:.0f} s): {said or 'no console output'}")
+                time.sleep(0.05)
+        except MachineError as e:
+            raise GuestDied(f"recording guest did not come up: {e}") from None
+        self.boot_seconds = round(time.monotonic() - t0, 3)
+
+    def record_cell(self, config: RecordConfig, out_dir: Path, boot: int) -> Recording:
+        """Record one cell into `out_dir`; RecordError as `record` raises it, GuestDied if the guest
+        went down with the cell (its out_dir is then cleared on the next try)."""
+        outs = GuestOutputs(Path(out_dir).resolve())
+        k = self.cells
+        self.cells += 1
+        self.idle = False
+        start_outputs(config, outs)
+        drives = cell_drives(config, outs, serials=(f"{DATA_SERIAL}{k}", f"{LOG_SERIAL}{k}"))
+        payload = {**job_for(config), "data_serial": drives[0].serial,
+                   "log_serial": drives[1].serial if len(drives) > 1 else None}
+        run = run_header(config, self.guest, self.qemu, self.accel)
+        cell = self.share / cell_dir(k)
+        t0 = time.monotonic()
+        plugged: list[tuple[int, Drive]] = []
+        hotplug: list[list[object]] = []
+        why = ""
+        try:
+            for j, d in enumerate(drives):
+                index = 2 * k + j  # node names are the machine's for its life: never reused
+                hotplug += [[name, args] for name, args in self.machine.hotplug(index, d)]
+                plugged.append((index, d))
+            write_json_atomic(self.share / cell_request(k), payload)
+            end = t0 + config.timeout_s
+            while not (cell / "exit-status").exists():
+                if not self.machine.is_running():
+                    raise GuestDied("recording guest stopped mid-cell")
+                if time.monotonic() > end:
+                    raise GuestDied(f"cell still recording after its {config.timeout_s:.0f} s deadline")
+                time.sleep(0.05)
+            for index, d in plugged:
+                self.machine.unplug(index, d, UNPLUG_S)
+        except (GuestDied, MachineError) as e:
+            why = str(e)
+        else:
+            self.idle = True
+        exit_text = (read_guest_file(cell / "exit-status") or "").strip() if not why else ""
+        self._excerpt(outs.console)
+        gr = GuestRun("virtiofs", read_guest_json(cell / "result.json"),
+                      int(exit_text) if exit_text.lstrip("-").isdigit() else None, None, self.qemu_argv,
+                      round(time.monotonic() - t0, 3), why or None, outs.console)
+        record_run(run, gr)
+        run["options"]["hotplug"] = hotplug
+        run["series"] = {"cell": k, "boot": boot, "boot_seconds": self.boot_seconds}
+        if why:
+            self.stop()  # nothing may still write the log it summarizes
+            finish_run(config, outs, run, cell)
+            self.close()
+            raise GuestDied(why)
+        finish_run(config, outs, run, cell)
+        rec = Recording(outs.out_dir, config, run)
+        check_finished(rec)
+        return rec
+
+    def _excerpt(self, dest: Path) -> None:
+        """The console since the cell began (with the boot, for the first) into the cell's console.log."""
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(self.console_at)
+                data = f.read()
+        except OSError:
+            data = b""
+        self.console_at += len(data)
+        dest.write_bytes(data)
+
+    def stop(self) -> None:
+        """Stop the guest: asked to power off between cells; mid-cell (a death, an interrupt) not,
+        as it would not hear the request until its cell ends."""
+        m = self.machine
+        if m.is_running() and self.idle:
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.share / cell_request(self.cells), {"stop": True})
+            with contextlib.suppress(MachineError):
+                m.wait(10)
+        m._shutdown_quietly(None)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def full_disk_hint(path: Path, low: int = 64 << 20) -> str:
@@ -500,4 +854,5 @@ def timings(run: dict[str, Any]) -> dict[str, float]:
     return t
 
 
-__all__ = ["ConfigError", "RecordConfig", "RecordError", "Recording", "record", "run_guest"]
+__all__ = ["ConfigError", "RecordConfig", "RecordError", "Recording", "record", "record_cells", "record_many",
+           "run_guest", "series", "shareable"]

@@ -4,17 +4,16 @@ phase's, and every state that is not consistent reaches the display as it arrive
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from crashlab import campaign
+from crashlab import campaign, cluster
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import Cell, CheckUnit, Progress, RecordUnit, StateResult
 from crashlab.check.guest import FAULT_BOOT
@@ -61,22 +60,31 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
     return f
 
 
-def run(store: Store, tmp: Path, seen: list[Progress] | None = None, **kw: Any) -> Progress:
+@pytest.fixture(scope="module")
+def inprocess() -> Iterator[cluster.Cluster]:
+    """Dask's in-process cluster: the real scheduler and worker, the fakes visible to them."""
+    with cluster.connect(None, 1, processes=False, resources={"qemu": 1}) as c:
+        yield c
+
+
+def run(store: Store, tmp: Path, on: cluster.Cluster, seen: list[Progress] | None = None,
+        **kw: Any) -> Progress:
     def snapshot(p: Progress) -> None:
         if seen is not None:
             seen.append(Progress(**{k: getattr(p, k) for k in vars(p)}))  # arrived is replaced, not cleared
 
     return campaign.run_matrix([CELL], 12, store, tmp, command="test", workers=1, unit_states=4,
-                               on_progress=snapshot, executor=lambda n: cf.ThreadPoolExecutor(n), **kw)
+                               on_progress=snapshot, on=on, **kw)
 
 
-def test_stored_checker_errors_are_checked_again_and_counted_apart(fakes: Fakes, tmp_path: Path) -> None:
+def test_stored_checker_errors_are_checked_again_and_counted_apart(fakes: Fakes, tmp_path: Path,
+                                                                   inprocess: cluster.Cluster) -> None:
     fakes.outcomes = {"s03": (Outcome.CHECKER_ERROR, "recovery: checker guest failed (boot)", FAULT_BOOT),
                       "s05": (Outcome.CHECKER_ERROR, "fsck: e2fsck hung: killed after 5.0 s", ""),
                       "s07": (Outcome.DATA_LOSS, "1 promise(s) broken", "")}
     seen: list[Progress] = []
     with Store(tmp_path / "s.sqlite") as store:
-        first = run(store, tmp_path, seen)
+        first = run(store, tmp_path, inprocess, seen)
         assert first.unchecked == Counter({FAULT_BOOT: 1, "fsck: e2fsck hung": 1})
         arrived = [(f.state_id, f.outcome, f.checker_fault) for p in seen for f in p.arrived]
         assert arrived == [("s03", Outcome.CHECKER_ERROR, FAULT_BOOT), ("s05", Outcome.CHECKER_ERROR, ""),
@@ -85,21 +93,22 @@ def test_stored_checker_errors_are_checked_again_and_counted_apart(fakes: Fakes,
                                                   Outcome.DATA_LOSS: 1})
         # The same matrix again, the checker now working: only the two gaps are checked.
         fakes.outcomes, fakes.checked = {}, []
-        again = run(store, tmp_path)
+        again = run(store, tmp_path, inprocess)
         assert fakes.checked == [("s03", "s05")]
         assert (again.resumed, again.retried, again.checked, again.states_done) == (10, 2, 2, 12)
         assert not again.unchecked
         assert store.counts(CELL.key) == Counter({Outcome.CONSISTENT: 11, Outcome.DATA_LOSS: 1})
         # And once more: nothing left to check.
         fakes.checked = []
-        assert run(store, tmp_path).resumed == 12 and fakes.checked == []
+        assert run(store, tmp_path, inprocess).resumed == 12 and fakes.checked == []
 
 
-def test_rate_and_eta_come_from_the_checking_phase_alone(fakes: Fakes, tmp_path: Path) -> None:
+def test_rate_and_eta_come_from_the_checking_phase_alone(fakes: Fakes, tmp_path: Path,
+                                                          inprocess: cluster.Cluster) -> None:
     seen: list[Progress] = []
     t0 = time.monotonic()
     with Store(tmp_path / "s.sqlite") as store:
-        prog = run(store, tmp_path, seen)
+        prog = run(store, tmp_path, inprocess, seen)
     wall = time.monotonic() - t0
     assert prog.checked == 12 and prog.check_seconds >= 0.12
     # One worker: the wall clock holds the recording as well, which the rate must not average in.

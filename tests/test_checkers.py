@@ -511,7 +511,8 @@ def test_unreadable_tree_is_copied_for_the_oracle(clean_images: dict[str, Path],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """An entry the mount cannot read would look different to the oracle on the mount (an I/O error)
     than on a copy (left out by cp): such a tree goes the copy way, as every tree used to."""
-    monkeypatch.setattr("crashlab.check.mounts.unreadable", lambda root, paths=None: f"{root}/a: Input/output error")
+    monkeypatch.setattr("crashlab.check.mounts.unreadable",
+                        lambda root, paths=None: f"{root}/a: Input/output error")
     promises = a_promised(tmp_path / "promises.jsonl")
     image = removed(clean_images["ext4"], "ext4", tmp_path, "rm.img")
     rec = check_image(image, "ext4", "rm", promises=promises, host_mount=True)

@@ -7,6 +7,7 @@ is handed that store, so each cell is recorded and checked once per session.
 
 from __future__ import annotations
 
+import os
 import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -55,7 +56,8 @@ def properties(case: ET.Element) -> dict[str, str]:
 def test_options_and_marker_are_registered(pytester: pytest.Pytester) -> None:
     help_text = pytester.runpytest("--help").stdout.str()
     for opt in ("--crashlab-fs", "--crashlab-cache", "--crashlab-barrier", "--crashlab-states",
-                "--crashlab-max-rate", "--crashlab-seed", "--crashlab-store", "--crashlab-host-mount"):
+                "--crashlab-max-rate", "--crashlab-seed", "--crashlab-store", "--crashlab-host-mount",
+                "--crashlab-scheduler"):
         assert opt in help_text
     markers = pytester.runpytest("--markers").stdout.str()
     assert "@pytest.mark.crashlab: boots QEMU guests" in markers
@@ -81,10 +83,26 @@ def test_crashlab_fs_runs_once_per_filesystem_and_the_marker_deselects(pytester:
 def test_bad_options_stop_the_session(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="def test_nothing(): pass")
     for args in (["--crashlab-states", "0"], ["--crashlab-fs", " , "], ["--crashlab-max-rate", "0"],
-                 ["--crashlab-max-rate", "101"]):
+                 ["--crashlab-max-rate", "101"], ["--crashlab-scheduler", "http://x"]):
         result = pytester.runpytest(*args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         assert "--crashlab-" in result.stderr.str()
+
+
+def test_the_scheduler_comes_from_the_option_or_the_ini_file(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="""
+        import os
+
+        def test_scheduler(crashlab_options):
+            assert crashlab_options.scheduler == os.environ["WANT"]
+    """)
+    pytester.makeini("[pytest]\ncrashlab_scheduler = sched.example:8786\n")
+    for args, want in (([], "tcp://sched.example:8786"), (["--crashlab-scheduler", "tcp://o:1"], "tcp://o:1")):
+        os.environ["WANT"] = want
+        try:
+            pytester.runpytest("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)
+        finally:
+            del os.environ["WANT"]
 
 
 def test_a_bad_cell_fails_its_test_before_any_guest_boots(pytester: pytest.Pytester) -> None:

@@ -20,11 +20,12 @@ needs_vagrant = pytest.mark.skipif(shutil.which("vagrant") is None,
                                    reason="vagrant not installed (Debian 12: apt-get install vagrant)")
 
 
-def validate(vagrantfile_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def validate(vagrantfile_text: str, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     # A copy beside a project root of its own: validate leaves .vagrant/ behind where it runs.
     (tmp_path / "vagrant").mkdir(exist_ok=True)
     (tmp_path / "vagrant" / "Vagrantfile").write_text(vagrantfile_text)
-    env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "vagrant-home"), "VAGRANT_CHECKPOINT_DISABLE": "1"}
+    env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "vagrant-home"), "VAGRANT_CHECKPOINT_DISABLE": "1",
+           **extra}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["vagrant", "validate", *args], cwd=tmp_path / "vagrant", env=env,
@@ -40,6 +41,13 @@ def validate(vagrantfile_text: str, tmp_path: Path) -> subprocess.CompletedProce
 @needs_vagrant
 def test_vagrant_validates_it(tmp_path: Path) -> None:
     out = validate(TEXT, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "validated successfully" in out.stdout
+
+
+@needs_vagrant
+def test_vagrant_validates_the_cluster_layout(tmp_path: Path) -> None:
+    out = validate(TEXT, tmp_path, CRASHLAB_WORKERS="2")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "validated successfully" in out.stdout
 
@@ -92,3 +100,31 @@ def test_suite_script_runs_every_command_and_keeps_the_worst_status(tmp_path: Pa
                    capture_output=True)
     assert (root / "results" / "ran").read_text() == "ran\n"
     assert (root / "results" / "suite-status").read_text() == "3\n"
+
+
+def ruby_eval(expr: str, **env: str) -> str:
+    """`expr` evaluated after loading the Vagrantfile (Vagrant.configure stubbed out)."""
+    out = subprocess.run(["ruby", "-e", 'module Vagrant; def self.configure(*); end; end; '
+                          f'load {str(VAGRANTFILE)!r}; {expr}'],
+                         capture_output=True, text=True, timeout=60, check=True, env={**os.environ, **env})
+    return out.stdout
+
+
+@needs_ruby
+def test_the_cluster_layout_is_one_scheduler_and_n_workers_as_services() -> None:
+    assert ruby_eval("print MACHINES.to_a.map { |m| m.join('=') }.join(' ')") == "scheduler=192.168.56.10"
+    machines = ruby_eval("print MACHINES.to_a.map { |m| m.join('=') }.join(' ')", CRASHLAB_WORKERS="3")
+    assert machines == ("scheduler=192.168.56.10 worker1=192.168.56.11 worker2=192.168.56.12 "
+                        "worker3=192.168.56.13")
+    scheduler = ruby_eval("print SCHEDULER_SCRIPT")
+    worker = ruby_eval('print worker_script("192.168.56.12")')
+    for script in (scheduler, worker):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+        assert "Restart=always" in script and "systemctl restart crashlab-" in script
+    assert "distributed.cli.dask_scheduler --host 192.168.56.10 --port 8786" in scheduler
+    assert ("/crashlab/.venv/bin/crashlab worker --scheduler tcp://192.168.56.10:8786 -- --host 192.168.56.12"
+            in worker)
+    # Each machine gets its own service provisioner; the suite and its trigger are the single VM's.
+    assert re.search(r'config\.vm\.define name, primary: name == "scheduler"', TEXT)
+    assert re.search(r'node\.vm\.provision "service", type: "shell", run: "always"', TEXT)
+    assert TEXT.index("WORKERS.positive?") < TEXT.index('config.vm.provision "suite"')

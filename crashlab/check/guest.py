@@ -35,7 +35,7 @@ from crashlab import rundir
 from crashlab.check.mounts import MOUNT_TIMEOUT, MountRequest, MountSteps, OracleSpec
 from crashlab.check.outcome import ToolRun, clip
 from crashlab.guest.inguest.check import READY, batch_name, results_name
-from crashlab.guest.job import GuestFileError, read_guest_file, read_guest_json
+from crashlab.guest.job import GuestFileError, read_guest_file, read_guest_json, write_json_atomic
 from crashlab.guest.machine import Machine, MachineError, choose_accel
 from crashlab.guest.provision import Guest, provision
 from crashlab.guest.shares import HostView, host_view, visible_in
@@ -126,7 +126,7 @@ class CheckerGuest:
                          "tree": r.tree_dest is not None, "oracle": self._oracle_job(r.oracle)})
         console_at = _size(self.share / "console.log")
         try:
-            _write_atomic(self.share / batch_name(k), {"timeout": timeout, "requests": reqs})
+            write_json_atomic(self.share / batch_name(k), {"timeout": timeout, "requests": reqs})
             deadline_per_image = 2 * timeout + 10
             started: tuple[int, float] | None = None
             while True:
@@ -191,7 +191,7 @@ class CheckerGuest:
             m, self.machine = self.machine, None
             if m.is_running():
                 with contextlib.suppress(OSError):
-                    _write_atomic(self.share / batch_name(self.batches), {"stop": True})
+                    write_json_atomic(self.share / batch_name(self.batches), {"stop": True})
                 with contextlib.suppress(MachineError):
                     m.wait(10)
             m._shutdown_quietly(None)
@@ -208,12 +208,6 @@ def _link(src: Path, dest: Path) -> bool:
     except OSError:
         shutil.copyfile(src, dest)
         return False
-
-
-def _write_atomic(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 def _size(path: Path) -> int:

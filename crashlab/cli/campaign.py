@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from crashlab import campaign, export, report
+from crashlab import campaign, cluster, export, report
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.check.describe import describe_failure
 from crashlab.check.runner import CHECKERS
@@ -46,7 +46,13 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--torn", default=None, help="Torn-write atomic unit(s): 0, 512, 4096."),
         click.option("--strategy", default=None, help="Crash-point strategy [default: random]."),
         click.option("-j", "--workers", type=click.IntRange(1, campaign.MAX_WORKERS), default=None,
-                     help="Parallel units [default: cores]."),
+                     help="Workers of the cluster started on this machine [default: usable cores]."),
+        click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                     help="Run on this Dask scheduler's workers (crashlab worker) instead of a cluster "
+                          "started here; the results store stays on this machine."),
+        click.option("--shared-recordings", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="With --scheduler: a directory every worker sees at the same path, for the "
+                          "recordings [default: ship them to the workers, compressed]."),
         click.option("--unit-states", type=click.IntRange(1), default=campaign.STATES_PER_UNIT,
                      show_default=True,
                      help="States per check unit (a worker builds and checks them together; at most "
@@ -81,25 +87,37 @@ def _run(matrix: campaign.Matrix, store_path: Path, workers: int | None, unit_st
          checker: str, quiet: bool) -> None:
     try:
         cells = matrix.cells()
-    except campaign.CampaignError as e:
+        scheduler = cluster.parse_address(matrix.scheduler) if matrix.scheduler else None
+    except (campaign.CampaignError, cluster.ClusterError) as e:
         raise CrashlabError(str(e)) from None
+    if scheduler and workers:
+        raise CrashlabError("-j sizes the cluster started on this machine; with --scheduler the "
+                            "cluster's workers run the units")
+    shared = Path(matrix.shared_recordings).absolute() if matrix.shared_recordings else None
+    if shared and not scheduler:
+        raise CrashlabError("--shared-recordings goes with --scheduler (workers here share this disk)")
+    if scheduler:
+        try:
+            cluster.probe(scheduler)  # before the store is written
+        except cluster.ClusterError as e:
+            raise CrashlabError(str(e)) from None
     # The store keeps the matrix as an explicit command: what was typed may lean on defaults.
     command = matrix.command()
+    where = {"scheduler": scheduler, "workers": workers, "shared_recordings": shared}
     try:
-        _run_in(matrix, cells, command, store_path, workers, unit_states, checker, quiet)
-    except StoreError as e:
+        _run_in(matrix, cells, command, store_path, where, unit_states, checker, quiet)
+    except (StoreError, cluster.ClusterError) as e:
         raise CrashlabError(str(e)) from None
 
 
 def _run_in(matrix: campaign.Matrix, cells: list[campaign.Cell], command: str, store_path: Path,
-            workers: int | None, unit_states: int, checker: str, quiet: bool) -> None:
+            where: dict[str, Any], unit_states: int, checker: str, quiet: bool) -> None:
     with Store(store_path) as store:
         if quiet:
             prog = campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                       workers=workers, unit_states=unit_states, checker=checker)
+                                       unit_states=unit_states, checker=checker, **where)
         else:
-            prog = _with_progress(cells, matrix, store, store_path, command, workers, unit_states,
-                                  checker)
+            prog = _with_progress(cells, matrix, store, store_path, command, where, unit_states, checker)
         results = report.results(store, None)
         keys = {c.key for c in cells}
         mine = [r for r in results if r.cell in keys]
@@ -120,15 +138,14 @@ def unchecked_text(prog: campaign.Progress) -> str:
 
 
 def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: Store, store_path: Path,
-                   command: str, workers: int | None, unit_states: int,
+                   command: str, where: dict[str, Any], unit_states: int,
                    checker: str) -> campaign.Progress:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     def run(show: Callable[[campaign.Progress], None]) -> campaign.Progress:
         return campaign.run_matrix(cells, matrix.states, store, store_path.parent, command=command,
-                                   workers=workers, unit_states=unit_states, checker=checker,
-                                   on_progress=show)
+                                   unit_states=unit_states, checker=checker, on_progress=show, **where)
 
     if not Console(stderr=True).is_terminal:
         return run(_progress_lines(len(cells)))
@@ -139,7 +156,12 @@ def _with_progress(cells: list[campaign.Cell], matrix: campaign.Matrix, store: S
         rec_task = bar.add_task("cells recorded", total=len(cells), rate="")
         st_task = bar.add_task("states checked", total=len(cells) * matrix.states, rate="")
 
+        told = [False]
+
         def show(p: campaign.Progress) -> None:
+            if p.dashboard and not told[0]:
+                bar.console.print(f"dask dashboard: {p.dashboard}", markup=False, highlight=False)
+                told[0] = True
             for f in p.arrived:
                 bar.console.print(finding_line(f), markup=False, highlight=False)
             bar.update(rec_task, completed=p.recorded, rate=f"now: {p.current}" if p.current else "")
@@ -174,6 +196,8 @@ def _progress_lines(cells: int, every_s: float = 15.0) -> Callable[[campaign.Pro
     last_at, last_state = [-math.inf], [(-1, -1)]  # the first line at once, however young the clock
 
     def show(p: campaign.Progress) -> None:
+        if p.dashboard and last_at[0] == -math.inf:
+            click.echo(f"dask dashboard: {p.dashboard}", err=True)
         for f in p.arrived:
             click.echo(finding_line(f), err=True)
         now = time.monotonic()
@@ -203,11 +227,11 @@ def _matrix_from(options: dict[str, Any], base: campaign.Matrix) -> campaign.Mat
             overrides["torn"] = tuple(int(x) for x in v)
         except ValueError:
             raise CrashlabError(f"--torn {options['torn']!r}: expected 0, 512 or 4096") from None
-    for key in ("states", "seed", "scale", "strategy"):
+    for key in ("states", "seed", "scale", "strategy", "scheduler"):
         if options.get(key) is not None:
             overrides[key] = options[key]
-    from dataclasses import replace
-
+    if options.get("shared_recordings") is not None:
+        overrides["shared_recordings"] = str(options["shared_recordings"])
     return replace(base, **{**overrides, **drive})
 
 

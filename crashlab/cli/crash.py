@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from crashlab import crashstates, logcheck, logformat, model
+from crashlab import cluster, crashstates, logcheck, logformat, model
 from crashlab.cachemodes import CACHE_MODES, UnknownCacheMode
 from crashlab.check.outcome import Outcome
 from crashlab.check.runner import CHECKERS
@@ -207,6 +207,8 @@ def check(log: Path, fs: str, recorder: str | None, cache: str | None, promises:
         raise CrashlabError(f"{log}: {e}") from None
     except logformat.InputError as e:
         raise input_error(e) from None
+    except cluster.ClusterError as e:
+        raise CrashlabError(str(e)) from None
     if not as_json and sys.stderr.isatty():
         click.echo("", err=True)
     if as_json:

@@ -9,8 +9,10 @@ the boot itself, its deadline and its accounting are here, once.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -145,5 +147,24 @@ def move_guest_file(src: Path, dest: Path) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode):
         raise GuestFileError(f"{src}: refused: not a regular file")
-    os.replace(src, dest)
+    try:
+        os.replace(src, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        # A series guest's share is in the scratch dir, the recording may be elsewhere: copy, still
+        # never through a link the guest planted since the lstat.
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f, open(dest, "wb") as out:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise GuestFileError(f"{src}: refused: not a regular file") from None
+            shutil.copyfileobj(f, out)
+        os.unlink(src)
     return True
+
+
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    """A request for a guest, renamed into its share in whole: the guest never reads half of one."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)

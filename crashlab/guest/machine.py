@@ -107,39 +107,93 @@ def nbd_drive_args(index: int, drive: Drive, nbd: NbdClient) -> list[str]:
     return ["-blockdev", node, *dev]
 
 
-def drive_args(index: int, drive: Drive) -> list[str]:
-    """The -blockdev/-device options for one drive (pure: tests check them against the tables).
+def drive_nodes(index: int, drive: Drive) -> list[dict[str, str]]:
+    """The block nodes of one local drive, in creation order, the top node (`disk{index}`, the
+    one its device is attached to) last; options as the command line spells them (pure).
 
     As libvirt builds them (qemu_command.c): `aio` on the file (storage) node, `discard` on every
     node of the disk, `detect-zeroes` on the node the device is attached to. Non-default values
     only, so a default drive's command line is what it always was."""
-    if drive.nbd is not None:
-        return nbd_drive_args(index, drive, drive.nbd)
     c = drive.cache
     top = f"disk{index}"
     file_node = f"disk{index}-file" if drive.log else top
     cache = c.blockdev_cache
-    extra = [f"aio={drive.aio}"] if drive.aio != DEFAULT_AIO else []
-    discard = [f"discard={drive.discard}"] if drive.discard != DISCARD[0] else []
-    zeroes = [f"detect-zeroes={drive.detect_zeroes}"] if drive.detect_zeroes != DETECT_ZEROES[0] else []
-    args = ["-blockdev", ",".join([
-        "driver=file", f"node-name={file_node}", f"filename={drive.path}",
-        *(f"{k}={v}" for k, v in cache.items()), *extra, *discard, *([] if drive.log else zeroes)])]
+    extra = {"aio": drive.aio} if drive.aio != DEFAULT_AIO else {}
+    discard = {"discard": drive.discard} if drive.discard != DISCARD[0] else {}
+    zeroes = {"detect-zeroes": drive.detect_zeroes} if drive.detect_zeroes != DETECT_ZEROES[0] else {}
+    nodes = [{"driver": "file", "node-name": file_node, "filename": str(drive.path), **cache, **extra,
+              **discard, **({} if drive.log else zeroes)}]
     if drive.log:
         # The log's own caching is not under test and must hold every entry when QEMU exits:
         # page cache, flushes kept. Only the top node's no-flush decides whether guest flushes
         # reach the log (DESIGN.md: "sector 0 stays zero" with unsafe).
-        args += ["-blockdev", ",".join([
-            "driver=file", f"node-name=disk{index}-log", f"filename={drive.log}",
-            *(f"{k}={v}" for k, v in CACHE_MODES["writeback"].blockdev_cache.items())])]
-        args += ["-blockdev", ",".join([
-            "driver=blklogwrites", f"node-name={top}", f"file={file_node}", f"log=disk{index}-log",
-            f"log-sector-size={drive.log_sector_size}", f"cache.no-flush={cache['cache.no-flush']}",
-            *discard, *zeroes])]
-    dev = drive.model.device_args(index, top, c.device_write_cache)
+        nodes.append({"driver": "file", "node-name": f"disk{index}-log", "filename": str(drive.log),
+                      **CACHE_MODES["writeback"].blockdev_cache})
+        nodes.append({"driver": "blklogwrites", "node-name": top, "file": file_node,
+                      "log": f"disk{index}-log", "log-sector-size": str(drive.log_sector_size),
+                      "cache.no-flush": cache["cache.no-flush"], **discard, **zeroes})
+    return nodes
+
+
+def device_spec(index: int, drive: Drive) -> list[str]:
+    """The -device options of a local drive (its controller first, if its model needs one)."""
+    dev = drive.model.device_args(index, f"disk{index}", drive.cache.device_write_cache)
     if drive.serial:
         dev[-1] += f",serial={drive.serial}"
-    return [*args, *dev]
+    return dev
+
+
+def drive_args(index: int, drive: Drive) -> list[str]:
+    """The -blockdev/-device options for one drive (pure: tests check them against the tables)."""
+    if drive.nbd is not None:
+        return nbd_drive_args(index, drive, drive.nbd)
+    args = [a for node in drive_nodes(index, drive) for a in ("-blockdev", _options(node))]
+    return [*args, *device_spec(index, drive)]
+
+
+def _options(node: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in node.items())
+
+
+# QMP takes typed, nested options where the command line takes flat strings (qapi/block-core.json).
+_QMP_BOOLS = frozenset({"cache.direct", "cache.no-flush"})
+_QMP_INTS = frozenset({"log-sector-size"})
+
+
+def qmp_blockdev(node: dict[str, str]) -> dict[str, object]:
+    """One `drive_nodes` node as `blockdev-add` arguments (pure)."""
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        value: object = v == "on" if k in _QMP_BOOLS else int(v) if k in _QMP_INTS else v
+        head, dot, tail = k.partition(".")
+        if dot:
+            sub = out.setdefault(head, {})
+            assert isinstance(sub, dict)
+            sub[tail] = value
+        else:
+            out[k] = value
+    return out
+
+
+def qmp_device(spec: str, dev_id: str) -> dict[str, object]:
+    """A -device option string as `device_add` arguments, with an id to remove it by (pure)."""
+    driver, *props = spec.split(",")
+    return {"driver": driver, "id": dev_id, **dict(p.split("=", 1) for p in props)}
+
+
+HOTPLUG_DEVICES = frozenset({"virtio-blk-pci"})  # on the pc machine's ACPI-hotplug PCI bus, no controller
+
+
+def hotplug_commands(index: int, drive: Drive) -> list[tuple[str, dict[str, object]]]:
+    """The QMP commands that attach `drive` to a running guest as disk `index` (pure); what
+    `Machine.hotplug` sends and run.json records."""
+    if drive.nbd is not None or drive.model.controller is not None \
+            or drive.model.device not in HOTPLUG_DEVICES:
+        raise MachineError(f"a {drive.model.name} disk is not hot-plugged here (virtio-blk only)")
+    cmds: list[tuple[str, dict[str, object]]] = [
+        ("blockdev-add", qmp_blockdev(n)) for n in drive_nodes(index, drive)]
+    (spec,) = device_spec(index, drive)[1::2]
+    return [*cmds, ("device_add", qmp_device(spec, f"disk{index}-dev"))]
 
 
 def _pdeathsig() -> None:
@@ -299,6 +353,57 @@ class Machine:
         if self.qmp is None:
             raise MachineError("no QMP connection")
         return self.qmp.cmd(command, **args)
+
+    def hotplug(self, index: int, drive: Drive) -> list[tuple[str, dict[str, object]]]:
+        """Attach `drive` to the running guest as disk `index`; the commands sent, for the record.
+        A command QEMU refuses raises MachineError, with the nodes already added removed again."""
+        cmds = hotplug_commands(index, drive)
+        added: list[str] = []
+        try:
+            for name, args in cmds:
+                self.cmd(name, **args)
+                if name == "blockdev-add":
+                    added.append(str(args["node-name"]))
+        except Exception as e:  # qemu.qmp's ExecuteError, OSError, socket timeouts
+            self._del_nodes(added)
+            raise MachineError(f"hot-plugging disk {index}: {type(e).__name__}: {e}") from e
+        return cmds
+
+    def unplug(self, index: int, drive: Drive, timeout: float = 60.0) -> None:
+        """Detach disk `index`: `device_del`, wait for the guest to let go of it (DEVICE_DELETED),
+        then delete its block nodes, which closes its files: a blklogwrites log is complete and
+        closed when this returns."""
+        dev_id = f"disk{index}-dev"
+        end = min(self.deadline, time.monotonic() + timeout)
+        try:
+            self.cmd("device_del", id=dev_id)
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or not self.is_running():
+                    raise MachineTimeout(f"the guest did not release disk {index} in {timeout:.0f} s")
+                try:
+                    ev = self.qmp.pull_event(wait=min(left, 1.0)) if self.qmp else None
+                except TimeoutError:
+                    continue
+                if ev and ev.get("event") == "DEVICE_DELETED" and ev.get("data", {}).get("device") == dev_id:
+                    break
+        except MachineError:
+            raise
+        except Exception as e:  # qemu.qmp's own errors, OSError
+            raise MachineError(f"unplugging disk {index}: {type(e).__name__}: {e}") from e
+        nodes = [str(a["node-name"]) for name, a in hotplug_commands(index, drive) if name == "blockdev-add"]
+        if failed := self._del_nodes(nodes):
+            raise MachineError(f"unplugging disk {index}: {failed}")
+
+    def _del_nodes(self, nodes: Sequence[str]) -> str:
+        """blockdev-del `nodes`, the last added first; what failed, or ''."""
+        failed = []
+        for node in reversed(nodes):
+            try:
+                self.cmd("blockdev-del", **{"node-name": node})
+            except Exception as e:  # qemu.qmp's ExecuteError, OSError
+                failed.append(f"blockdev-del {node}: {e}")
+        return "; ".join(failed)
 
     def kill(self) -> None:
         """SIGKILL QEMU now, as a host crash would (the test of cleanup after a mid-run kill)."""

@@ -1,6 +1,7 @@
 """The in-guest entry point: `python -m crashlab.guest.inguest JOB.json`, run by /init in the chroot.
 
 One interpreter per boot does the whole job: `record` (a workload under a recorder or dm-flakey),
+`record-serve` (record cell after cell on hot-plugged disks),
 `serve` (mount crash images batch after batch and run their oracles), `hostdm` (play the host for a
 nested host-dm recording), `cost` (fio on the data disk: crashlab.cost) or `exec` (a command: tests,
 probes).
@@ -18,7 +19,7 @@ from typing import Any
 from crashlab.guest.inguest import check, hostdm
 from crashlab.guest.inguest.cost import cost
 from crashlab.guest.inguest.init import OUT
-from crashlab.guest.inguest.record import record
+from crashlab.guest.inguest.record import record, serve
 from crashlab.guest.inguest.runtime import Result, redirect_fds
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             return execute(job, result)
         if mode == "serve":
             return check.serve(job, result)
+        if mode == "record-serve":
+            return serve(job, result)
         if mode == "hostdm":
             return hostdm.run(job, result)
         if mode == "cost":

@@ -4,11 +4,16 @@ The recorder is set up *before* the filesystem is made, so the log holds mkfs as
 puts dm-log-writes over the whole data disk with the log on the second disk; `qemu` needs nothing in
 the guest (QEMU's blklogwrites logs below the virtio disk). dm-flakey faults put a flakey target in
 the same place.
+
+`serve` is the series form: one boot records cell after cell, each on disks the host hot-plugs for
+it (crashlab.record.record_many), its request `cell-K.json` and its outputs in `cell-K/` of the share.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import threading
 import time
 import traceback
@@ -47,17 +52,17 @@ def marker_listener(dm: DmControl | None, target: str, started: threading.Event
 
 
 def run_workload(job: dict[str, Any], marker_dev: str, result: Result,
-                 listener: Callable[[markers.Marker], None]) -> int:
+                 listener: Callable[[markers.Marker], None], out: Path = OUT) -> int:
     if job.get("workload_path"):
         workloads.__path__.extend(job["workload_path"])
     argv = [job["workload"], "--root", str(MNT), "--seed", str(job["seed"]), "--scale", str(job["scale"]),
-            "--promises", str(OUT / "promises.jsonl"), "--marker-device", marker_dev,
+            "--promises", str(out / "promises.jsonl"), "--marker-device", marker_dev,
             "--marker-offset", str(job["marker_offset"]), "--marker-length", str(job["marker_length"])]
     for key, value in job.get("params", {}).items():
         argv += ["--param", f"{key}={value}"]
     result.step("workload_start")
     try:
-        with redirect_fds(OUT / "workload.out"):
+        with redirect_fds(out / "workload.out"):
             status = workload.main(argv, listener=listener) or 0
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
@@ -80,7 +85,7 @@ def make_and_mount(job: dict[str, Any], dev: str, result: Result, dm: DmControl 
     result.step("mounted")
 
 
-def record(job: dict[str, Any], result: Result) -> int:
+def record(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
     data, log_dev = job["data_dev"], job["log_dev"]
     if job.get("data_serial"):  # found by serial: which name a SCSI or ATA disk gets is the guest's
         load_disk_modules(job["disk"])
@@ -110,7 +115,7 @@ def record(job: dict[str, Any], result: Result) -> int:
         result.set(fault_table=table)
         fault = threading.Thread(target=inject, args=(flakey, started, result), daemon=True)
         fault.start()
-    status = run_workload(job, dev, result, marker_listener(dm, LOG_TARGET, started))
+    status = run_workload(job, dev, result, marker_listener(dm, LOG_TARGET, started), out)
     if fault:
         # A live fault ends with a power cut, whatever the workload did; the image is what it is.
         started.set()  # a workload that failed before its start marker still gets its fault
@@ -188,3 +193,55 @@ def inject(flakey: dict[str, Any], started: threading.Event, result: Result) -> 
     time.sleep(flakey.get("grace_s", 0.5))
     result.step("poweroff", status="powered-off")
     poweroff()
+
+
+SERIES_READY = "serving"  # result.json status once `serve` takes cells
+POLL_S = 0.02  # how often an idle series guest looks for its next cell
+
+
+def cell_request(k: int) -> str:
+    return f"cell-{k}.json"
+
+
+def cell_dir(k: int) -> str:
+    return f"cell-{k}"
+
+
+def serve(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
+    """Record cell after cell until a request says stop. A cell that fails is reported in its own
+    result and torn down; the next one still gets a clean guest. `exit-status` appears in a cell's
+    directory (in whole) when its job is over: the host unplugs the disks only then."""
+    result.set(status=SERIES_READY)
+    k = 0
+    while True:
+        try:
+            req = json.loads((out / cell_request(k)).read_text())
+        except (FileNotFoundError, ValueError):  # not there yet (the host renames it in whole)
+            time.sleep(POLL_S)
+            continue
+        if req.get("stop"):
+            break
+        cell = out / cell_dir(k)
+        cell.mkdir(exist_ok=True)
+        res = Result(cell / "result.json")
+        res.step("cell_start")
+        try:
+            status = record(req, res, cell)
+        except Exception as e:
+            res.set(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            status = 2
+            release()
+        tmp = cell / ".exit-status.tmp"
+        tmp.write_text(f"{status}\n")
+        os.replace(tmp, cell / "exit-status")
+        k += 1
+        result.set(cells=k)
+    result.set(status="done")
+    return 0
+
+
+def release() -> None:
+    """After a failed cell: nothing of it may hold the disks the host is about to unplug."""
+    for argv in (("umount", "-l", str(MNT)), ("dmsetup", "remove", "--force", LOG_TARGET)):
+        subprocess.run(argv, capture_output=True, check=False)
+    os.sync()
