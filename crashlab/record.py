@@ -401,8 +401,11 @@ def finish_run(config: RecordConfig, outs: GuestOutputs, run: dict[str, Any], sh
 def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None, qemu: str | None = None,
               flakey: dict[str, Any] | None = None,
               observer: Callable[[Machine], None] | None = None, image: Path | None = None,
-              during: ServerHook | None = None) -> dict[str, Any]:
+              during: ServerHook | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Boot one guest for `config` and return run.json's contents (also written to out_dir).
+
+    `extra`: job.json keys over the recording's (crashlab.cost: mode `cost` and its fio command
+    lines), so another job gets the recording's disks, drive options and run.json exactly.
 
     `image`: a data disk made beforehand, used in place of out_dir/data.img and never truncated
     (host-dm: written in full on the logged host filesystem, so its blocks stay where they are).
@@ -412,7 +415,7 @@ def run_guest(config: RecordConfig, out_dir: Path, *, guest: Guest | None = None
     if during is not None and config.storage != "nbd":
         raise ConfigError("network faults need storage nbd")
     transport = transports.transport(config.transport)
-    payload = job_for(config, flakey, live_fault=during is not None)
+    payload = {**job_for(config, flakey, live_fault=during is not None), **(extra or {})}
     outs = GuestOutputs(Path(out_dir).resolve())
     drives = cell_drives(config, outs, image)
     qemu = qemu or config.qemu or None

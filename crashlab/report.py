@@ -171,16 +171,19 @@ def terminal(cells: list[CellResult], file: IO[str] | None = None) -> None:
     console.print(table)
 
 
-def markdown(cells: list[CellResult], env: dict[str, Any] | None = None) -> str:
+def markdown(cells: list[CellResult], env: dict[str, Any] | None = None,
+             costs: list[CostResult] | None = None) -> str:
     keys = cell_keys(cells)
     head = [*keys, "states", *OUTCOMES, "corrupt (95 % CI)", "fsync data lost (95 % CI)",
             f"states for < {100 * TARGET_BOUND:g} %", "sampling seed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if cells or not costs else []
     for c in cells:
         cols = [str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in keys] + [str(c.checked)]
         cols += [str(c.counts[o]) for o in OUTCOMES] + [str(c.corrupt), str(c.lost), c.bound_text,
                                                       f"{c.config.get('sampling_seed', '-')}"]
         lines.append("| " + " | ".join(cols) + " |")
+    if costs:
+        lines += [*([""] if lines else []), cost_markdown(costs).rstrip("\n")]
     if env:
         lines += ["", "Environment:", ""] + [f"- {k}: `{v}`" for k, v in sorted(env.items())]
     return "\n".join(lines) + "\n"
@@ -201,7 +204,8 @@ def json_text(cells: list[CellResult], env: dict[str, Any] | None = None) -> str
                        "environment": env or {}}, indent=2, sort_keys=True)
 
 
-def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str]) -> str:
+def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str],
+         costs: list[CostResult] | None = None) -> str:
     """Plain text for a mailing-list reply: at most 72 columns, nothing that needs rendering."""
     cols = (("fs", 5), ("cache", 13), ("bar", 4), ("workload", 15), ("n", 4),
             ("corrupt", 15), ("fsync-lost", 15))
@@ -228,6 +232,7 @@ def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str]) -> s
     errors = sum(c.counts[Outcome.CHECKER_ERROR] for c in cells)
     if errors:
         out += ["", f"{errors} state(s) ended in {Outcome.CHECKER_ERROR} (not counted above)."]
+    out += cost_mail(costs or [])
     windows = sorted({str(c.config.get("window", "")) for c in cells})
     recorders = sorted({str(c.config.get("recorder", "")) for c in cells})
     out += ["", f"Volatility window(s): {', '.join(windows)}; recorder(s): {', '.join(recorders)}."]
@@ -404,24 +409,30 @@ def compare_runs(first: list[CellResult], second: list[CellResult]) -> str:
 
 # --- every format, to a file ---------------------------------------------------------------------
 
-FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png", "window-png")
+FORMATS = ("terminal", "mail", "markdown", "csv", "json", "png", "window-png", "cost-png")
 # What `report --all DIR` writes (results/ ships them): one file a format.
 SHIPPED = {"report.txt": "mail", "report.md": "markdown", "report.csv": "csv", "report.json": "json",
            "report-terminal.txt": "terminal", "rates.png": "png", "window.png": "window-png"}
 PLOT_VERSIONS = ("guest_kernel", "qemu", "e2fsck", "crashlab")  # named in a plot's title
 
 
-def text(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list[str]) -> str:
+def text(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list[str],
+         costs: list[CostResult] | None = None) -> str:
+    """One text format; the cost-of-safety table joins mail, markdown and terminal when there are costs."""
     if fmt == "terminal":
         buf = io.StringIO()
-        terminal(cells, buf)
-        return buf.getvalue()
-    return {"mail": lambda: mail(cells, env, commands), "markdown": lambda: markdown(cells, env),
+        if cells or not costs:
+            terminal(cells, buf)
+        return buf.getvalue() + cost_markdown(costs or [])
+    return {"mail": lambda: mail(cells, env, commands, costs),
+            "markdown": lambda: markdown(cells, env, costs),
             "csv": lambda: csv_text(cells), "json": lambda: json_text(cells, env)}[fmt]()
 
 
-def write(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list[str], path: Path) -> bool:
-    """One format to `path`; False (nothing written) for a window plot with no sweep cells."""
+def write(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list[str], path: Path,
+          costs: list[CostResult] | None = None) -> bool:
+    """One format to `path`; False (nothing written) for a window plot with no sweep cells, or a
+    cost plot with no costs."""
     title = "; ".join(f"{k}: {env[k]}" for k in PLOT_VERSIONS if k in env)
     if fmt == "png":
         plot(cells, path, title)
@@ -429,6 +440,136 @@ def write(fmt: str, cells: list[CellResult], env: dict[str, str], commands: list
         if not window_cells(cells):
             return False
         plot_windows(cells, path, title)
+    elif fmt == "cost-png":
+        if not costs:
+            return False
+        plot_cost(costs, path, title)
     else:
-        path.write_text(text(fmt, cells, env, commands))
+        path.write_text(text(fmt, cells, env, commands, costs))
     return True
+
+
+# --- the cost of safety (crashlab.cost) ----------------------------------------------------------
+
+COST_FIGURES = (("seq_mb_s", "seq write MB/s", "{:.1f}"), ("rand_iops", "rand write IOPS", "{:.0f}"),
+                ("fsync_p50_ms", "fsync p50 ms", "{:.2f}"), ("fsync_p99_ms", "fsync p99 ms", "{:.2f}"))
+COST_MATCH = ("fs", "cache", "barrier", "disk")  # what a cost row and a cell must share to sit side by side
+COST_NOTE = ("fio in the guest, no recorder in the path; TCG = emulated CPU: compare modes within one "
+             "accelerator, not with real disks. corrupt: every matching cell's states pooled.")
+
+
+@dataclass(frozen=True)
+class CostResult:
+    """One stored fio measurement, beside the corruption rate of the cells of its configuration."""
+
+    config: dict[str, Any]
+    figures: dict[str, float]
+    corrupt: stats.Rate  # pooled over `cells` (every workload of that fs, cache, barrier, disk)
+    cells: int
+    detail: dict[str, Any]  # crashlab.cost.Measured.detail: argv, versions, the command
+
+    @property
+    def accel(self) -> str:
+        return str(self.config.get("accel", "")).upper()
+
+    @property
+    def command(self) -> str:
+        return str(self.detail.get("command", "crashlab cost"))
+
+    def label(self) -> str:
+        return f"{self.config.get('cache')} barrier={self.config.get('barrier')}"
+
+
+def cost_results(store: Store, cells: list[CellResult], match: dict[str, str] | None = None
+                 ) -> list[CostResult]:
+    """Every stored cost measurement (those `match` does not rule out on a key they have) with its
+    configuration's pooled corruption rate; [] for a store without costs."""
+    out = []
+    for row in store.costs():
+        if match and any(k in row.config and str(row.config[k]) != v for k, v in match.items()):
+            continue
+        want = {k: str(row.config.get(k)) for k in COST_MATCH}
+        mine = [c for c in cells if all(str(c.config.get(k, OPTIONAL_FIELDS.get(k, ""))) == v
+                                        for k, v in want.items())]
+        k = sum(c.corrupt.k for c in mine)
+        n = sum(c.corrupt.n for c in mine)
+        out.append(CostResult(row.config, row.figures["figures"], stats.rate(k, n), len(mine), row.figures))
+    return sorted(out, key=lambda r: tuple(str(r.config.get(k, "")) for k in (*COST_MATCH, "accel")))
+
+
+def host_storage(costs: list[CostResult]) -> str:
+    """Where the measured guests' images lived: what a host fdatasync cost them."""
+    seen = sorted({f"{h.get('fstype')} on {h.get('device')}" for r in costs
+                   if (h := r.detail.get("host_storage"))})
+    return ", ".join(seen) or "(storage not recorded)"
+
+
+def _cost_values(r: CostResult) -> list[str]:
+    return [fmt.format(r.figures[key]) for key, _, fmt in COST_FIGURES]
+
+
+def cost_markdown(costs: list[CostResult]) -> str:
+    """The cost-of-safety table, or "" when there is nothing to show (the report reads as before)."""
+    if not costs:
+        return ""
+    head = ["fs", "cache", "barrier", "disk", "accel", *(name for _, name, _ in COST_FIGURES),
+            "fio size, runtime", "corrupt (95 % CI)"]
+    lines = [f"Cost of safety: {COST_NOTE} Guest images on the host's {host_storage(costs)}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in costs:
+        cols = [str(r.config.get(k, "")) for k in COST_MATCH] + [r.accel, *_cost_values(r)]
+        cols += [f"{r.config.get('size_mib')} MiB, {r.config.get('runtime_s')} s",
+                 str(r.corrupt) if r.cells else "no cells"]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_mail(costs: list[CostResult]) -> list[str]:
+    """The cost table's mail lines (72 columns), none when there are no costs."""
+    if not costs:
+        return []
+    cols = (("fs", 5), ("cache", 13), ("bar", 4), ("accel", 6), ("MB/s", 7), ("IOPS", 7), ("p50ms", 8),
+            ("p99ms", 8), ("corrupt", 14))
+    out = ["", "Cost of safety (fio in the guest, no recorder in the path;",
+           "TCG = emulated CPU: compare modes only within one accelerator;",
+           "corrupt pools every workload's states of that configuration):", ""]
+    out.append("".join(name.ljust(w) for name, w in cols).rstrip())
+    out.append("-" * (sum(w for _, w in cols) - 1))
+    for r in costs:
+        vals = (r.config.get("fs", ""), r.config.get("cache", ""), r.config.get("barrier", ""), r.accel,
+                *_cost_values(r), _short_rate(r.corrupt))
+        out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
+    sizes = sorted({f"{r.config.get('size_mib')} MiB file, {r.config.get('runtime_s')} s a job"
+                    for r in costs})
+    said = f"fio: {', '.join(sizes)}; guest images on the host's {host_storage(costs)}; measured with:"
+    out += ["", *textwrap.wrap(said, MAIL_WIDTH)]
+    for cmd in sorted({str(r.command) for r in costs}):
+        out += shell_lines(cmd, MAIL_WIDTH, indent="  ")
+    return out
+
+
+def plot_cost(costs: list[CostResult], path: Path, title: str = "") -> None:
+    """Cost of safety against corruption rate: one point per cache mode and barrier setting (95 %
+    Wilson interval bars), one panel per fio figure; the accelerator is in every panel's title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in costs if r.cells]
+    panels = COST_FIGURES[:2] + COST_FIGURES[3:]  # MB/s, IOPS, fsync p99
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    accels = ", ".join(sorted({r.accel for r in shown})) or "-"
+    for ax, (key, name, _) in zip(axes[0], panels, strict=True):
+        for r in shown:
+            y = 100 * r.corrupt.value
+            err = [[max(0.0, y - 100 * r.corrupt.low)], [max(0.0, 100 * r.corrupt.high - y)]]
+            ax.errorbar([r.figures[key]], [y], yerr=err, fmt="o" if r.config.get("barrier") == "on" else "s",
+                        capsize=3)
+            ax.annotate(r.label(), (r.figures[key], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"{name} ({accels})")
+        ax.set_ylabel("% of crash states corrupt (95 % Wilson interval)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    fig.suptitle((title + "\n" if title else "") + "cost of safety: " + COST_NOTE.split(";")[0], fontsize=8)
+    _save(fig, path)

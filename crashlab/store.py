@@ -26,7 +26,7 @@ from crashlab.logformat import InputError
 
 DEFAULT_PATH = Path("results") / "crashlab.sqlite"
 SQLITE_MAGIC = b"SQLite format 3\0"  # the first 16 bytes of every SQLite database file
-TABLES = frozenset({"runs", "cells", "states"})
+TABLES = frozenset({"runs", "cells", "states"})  # what makes a store; later tables (costs) may be absent
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS states (
     PRIMARY KEY (cell, state_id)
 );
 CREATE INDEX IF NOT EXISTS states_by_id ON states(state_id);
+CREATE TABLE IF NOT EXISTS costs (
+    cost     TEXT PRIMARY KEY,  -- the canonical key: fs, cache, barrier, disk, accel, fio sizes
+    config   TEXT NOT NULL,     -- JSON: the key's fields
+    figures  TEXT NOT NULL,     -- JSON: the figures, fio's command lines, versions, guest timings
+    run_id   INTEGER REFERENCES runs(run_id),
+    measured REAL NOT NULL
+);
 """
 
 
@@ -62,6 +69,14 @@ class StateRow:
     state_id: str
     outcome: Outcome
     record: CheckRecord  # the check as stored: outputs clipped, violations as JSON
+    run_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    cost: str
+    config: dict[str, Any]
+    figures: dict[str, Any]  # crashlab.cost.Measured.detail: "figures", "accel", "argv", "versions", ...
     run_id: int | None
 
 
@@ -244,6 +259,27 @@ class Store:
         rows = self._rows("SELECT cell, state_id, outcome, detail, run_id FROM states "
                           "WHERE state_id = ?", (state_id,))
         return [_state(r) for r in rows]
+
+
+    # --- costs (crashlab.cost) -------------------------------------------------------------------
+    # A store made before the table existed gets it when opened for writing (SCHEMA); read-only,
+    # it has none, and holds no costs.
+
+    def put_cost(self, cost: str, config: dict[str, Any], figures: dict[str, Any],
+                 run_id: int | None = None) -> None:
+        """Store a measurement, replacing an earlier one of the same key (`cost --again`)."""
+        self._execute("INSERT OR REPLACE INTO costs (cost, config, figures, run_id, measured) "
+                      "VALUES (?, ?, ?, ?, ?)", (cost, _dump(config), _dump(figures), run_id, time.time()))
+
+    def cost(self, cost: str) -> CostRow | None:
+        return next((r for r in self.costs() if r.cost == cost), None)
+
+    def costs(self) -> list[CostRow]:
+        has = next(self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'costs'"), None)
+        if not has:
+            return []
+        rows = self._rows("SELECT cost, config, figures, run_id FROM costs ORDER BY cost")
+        return [CostRow(r[0], json.loads(r[1]), json.loads(r[2]), r[3]) for r in rows]
 
 
 def _validate_path(path: Path, readonly: bool) -> bool:

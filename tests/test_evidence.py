@@ -34,10 +34,11 @@ def test_evidence_matrix_has_the_issue_rows() -> None:
 
 
 def test_window_sweep_matrix() -> None:
-    # Not made into cells: its workload (`long`) may not exist in this checkout yet.
     (m,) = campaign.load_matrices(RESULTS / "evidence-window.toml")
     assert (m.cache, m.barrier, m.window) == (("writeback", "none"), ("on", "off"),
                                               ("0.1", "1", "5", "30", "inf"))
+    assert m.workload == ("mailserver",)  # the long workload: 60 s of guest time
+    assert len(m.cells()) == 2 * 2 * 5  # cells validate the workload's name
 
 
 def test_blocks_take_the_top_level_keys_as_defaults(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from crashlab.workload import available
 pytestmark = pytest.mark.guest
 
 WORKLOADS = available()
+# mailserver runs 60 s by default (tests/test_long_workload_guest.py records that): CI size here.
+PARAMS = {"mailserver": (("duration", "3"), ("deliver", "0.3"))}
 SEED = 1  # the generated `ops` workload leaves a non-empty promised file at this seed (not at every seed)
 
 
@@ -28,7 +30,7 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Recording]
     out = {}
     for name in WORKLOADS:
         config = RecordConfig(fs="ext4", cache=CACHE_MODES["writeback"], recorder=Recorder.QEMU,
-                              workload=name, seed=SEED, scale=1)
+                              workload=name, seed=SEED, scale=1, params=PARAMS.get(name, ()))
         out[name] = record(config, tmp_path_factory.mktemp(name))
     return out
 

@@ -307,16 +307,17 @@ def run_command(workers: int | None, unit_states: int, host_mount: bool, checker
 def report_command(store_path: Path, from_dir: Path | None, fmt: str, output: Path | None,
                    all_dir: Path | None, where: tuple[str, ...], compare: tuple[str, str] | None) -> None:
     """Report the stored outcomes: rates with 95 % intervals per cell, and the 2008 thread's claims
-    point by point (mail, json)."""
+    point by point (mail, json); the cost of safety beside them when the store has costs."""
     match = _parse_where(where)
-    if fmt in ("png", "window-png") and output is None and all_dir is None:
+    if fmt in ("png", "window-png", "cost-png") and output is None and all_dir is None:
         raise CrashlabError(f"--format {fmt} needs -o FILE.png")
     if all_dir is not None and not all_dir.is_dir():
         raise CrashlabError(f"--all {all_dir}: no such directory")
     try:
         with reading(store_path, from_dir) as store:
             cells = report.results(store, match)
-            if not cells:
+            costs = report.cost_results(store, cells, match)
+            if not cells and not (costs and fmt in ("mail", "markdown", "terminal", "cost-png")):
                 raise CrashlabError("no stored states match")
             if compare:
                 a, b = (_one(cells, spec) for spec in compare)
@@ -329,16 +330,21 @@ def report_command(store_path: Path, from_dir: Path | None, fmt: str, output: Pa
     commands = sorted({r["command"] for r in runs})
     if all_dir is not None:
         for name, kind in report.SHIPPED.items():
-            if report.write(kind, cells, env, commands, all_dir / name):
+            if report.write(kind, cells, env, commands, all_dir / name, costs):
                 click.echo(f"wrote {all_dir / name}")
         return
     if fmt == "terminal" and output is None:
-        report.terminal(cells)
+        if cells:
+            report.terminal(cells)
+        if costs:
+            click.echo(report.cost_markdown(costs), nl=False)
         return
     if output is None:
-        click.echo(report.text(fmt, cells, env, commands), nl=False)
-    elif report.write(fmt, cells, env, commands, output):
+        click.echo(report.text(fmt, cells, env, commands, costs), nl=False)
+    elif report.write(fmt, cells, env, commands, output, costs):
         click.echo(f"wrote {output}")
+    elif fmt == "cost-png":
+        raise CrashlabError("no costs stored (run `crashlab cost` first)")
     else:
         raise CrashlabError("no window-sweep cells match (an explicit --window, cache writeback or none)")
 

@@ -3,7 +3,8 @@
 One interpreter per boot does the whole job: `record` (a workload under a recorder or dm-flakey),
 `record-serve` (record cell after cell on hot-plugged disks),
 `serve` (mount crash images batch after batch and run their oracles), `hostdm` (play the host for a
-nested host-dm recording) or `exec` (a command: tests, probes).
+nested host-dm recording), `cost` (fio on the data disk: crashlab.cost) or `exec` (a command: tests,
+probes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crashlab.guest.inguest import check, hostdm
+from crashlab.guest.inguest.cost import cost
 from crashlab.guest.inguest.init import OUT
 from crashlab.guest.inguest.record import record, serve
 from crashlab.guest.inguest.runtime import Result, redirect_fds
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(job, result)
         if mode == "hostdm":
             return hostdm.run(job, result)
+        if mode == "cost":
+            return cost(job, result)
         return record(job, result)
     except Exception as e:
         result.set(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

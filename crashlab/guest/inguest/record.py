@@ -74,6 +74,17 @@ def run_workload(job: dict[str, Any], marker_dev: str, result: Result,
     return int(status)
 
 
+def make_and_mount(job: dict[str, Any], dev: str, result: Result, dm: DmControl | None = None) -> None:
+    """The filesystem made on `dev` and mounted at MNT with the job's options."""
+    run(*[a.replace("{dev}", dev) for a in job["mkfs"]])
+    if dm:
+        dm.message(LOG_TARGET, "mark mkfs")
+    result.step("mkfs")
+    MNT.mkdir(parents=True, exist_ok=True)
+    run("mount", "-t", job["fs"], *(["-o", job["mount_opts"]] if job["mount_opts"] else []), dev, str(MNT))
+    result.step("mounted")
+
+
 def record(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
     data, log_dev = job["data_dev"], job["log_dev"]
     if job.get("data_serial"):  # found by serial: which name a SCSI or ATA disk gets is the guest's
@@ -92,14 +103,7 @@ def record(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
         dev = dmsetup_create(FLAKEY_TARGET, flakey_table(data_sectors, data, None))
     load_fs_modules(job["fs"])
     result.step("recorder_ready", device=dev)
-
-    run(*[a.replace("{dev}", dev) for a in job["mkfs"]])
-    if dm:
-        dm.message(LOG_TARGET, "mark mkfs")
-    result.step("mkfs")
-    MNT.mkdir(parents=True, exist_ok=True)
-    run("mount", "-t", job["fs"], *(["-o", job["mount_opts"]] if job["mount_opts"] else []), dev, str(MNT))
-    result.step("mounted")
+    make_and_mount(job, dev, result, dm)
     started = threading.Event()
 
     fault: threading.Thread | None = None
