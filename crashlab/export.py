@@ -63,7 +63,10 @@ def export(store: Store, dest: Path) -> dict[str, int]:
         if stale.name.removesuffix(".tar.xz") not in recordings:
             stale.unlink()
     runs = store.runs()
-    manifest = {"format": FORMAT, "runs": runs, "cells": [_cell(c) for c in cells]}
+    manifest = {"format": FORMAT, "runs": runs, "cells": [_cell(c) for c in cells],
+                # The cost of safety (crashlab cost) the reports set beside the rates.
+                "costs": [{"cost": c.cost, "config": c.config, "figures": c.figures, "run_id": c.run_id}
+                          for c in store.costs()]}
     states = 0
 
     def outcomes(f: io.BufferedWriter) -> None:
@@ -152,6 +155,8 @@ def restore(src: Path, store: Store, recordings: Path | None = None) -> None:
             raise ExportError(f"{src / OUTCOMES}: cannot read the outcomes: {e}") from None
 
     store.restore(manifest["runs"], cells, states())
+    for c in manifest.get("costs", []):  # an export made before costs were exported has none
+        store.put_cost(c["cost"], c["config"], c["figures"], c["run_id"])
 
 
 def _unpack(archive: Path, dest: Path, image_bytes: int | None) -> Path:

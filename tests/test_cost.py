@@ -278,3 +278,19 @@ def test_the_host_storage_is_the_deepest_mount_holding_the_image(tmp_path: Path)
                                                        "options": "rw"}
     assert cost.mount_of(Path("/tmpdata2"), mounts)["device"] == "/dev/vda"  # a prefix is not a parent
     assert cost.mount_of(Path("/x"), "") == {}
+
+
+def test_costs_travel_in_an_export_and_report_from_it_as_from_the_store(tmp_path: Path) -> None:
+    from crashlab import export
+
+    with store_with_cells(tmp_path / "r.sqlite", costs=True) as s:
+        export.export(s, tmp_path / "export")
+        with export.loaded(tmp_path / "export") as restored:
+            assert [(c.cost, c.config, c.figures) for c in restored.costs()] == \
+                [(c.cost, c.config, c.figures) for c in s.costs()]
+            cells = report.results(restored)
+            got = report.markdown(cells, report.environment(restored, cells),
+                                  report.cost_results(restored, cells))
+        cells = report.results(s)
+        want = report.markdown(cells, report.environment(s, cells), report.cost_results(s, cells))
+    assert got == want and "cost" in want.lower()
