@@ -57,7 +57,11 @@ def test_store_keys_and_recording_slugs_are_unchanged() -> None:
     assert other.config() == {
         "fs": "btrfs", "cache": "unsafe", "barrier": "off", "recorder": "dm", "workload": "smallfiles",
         "window": "inf", "torn": 4096, "data_mode": "ordered", "seed": 1, "scale": 1, "strategy": "random",
-        "window_spec": "inf"}
+        "window_spec": "inf",
+        # Each cell's states are drawn from its own seed (sha256 of the key): stored beside the
+        # config for reports, derived, so it changes no key or slug.
+        "sampling_seed": 5290536736661259239}
+    assert other.config()["sampling_seed"] == campaign.sampling_seed(other)
     assert campaign.Cell.from_config(other.config()) == other
 
 
