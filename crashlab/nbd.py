@@ -35,14 +35,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from crashlab import proc
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.diskmodels import DEFAULT_AIO, DISCARD
 from crashlab.guest.machine import NbdClient, _stop
 from crashlab.guest.provision import which
 from crashlab.netns import Namespace
+from crashlab.qmp import FAILURES as qmp_failures
+from crashlab.qmp import Monitor
 
 # Where a cell's disk lives: one row per kind of storage, the meaning as the README says it.
 STORAGES: dict[str, str] = {
@@ -130,7 +130,7 @@ class StorageServer:
         self.export, self.ns = export, ns
         self.qsd = qsd or which("qemu-storage-daemon")
         self.process: subprocess.Popen[bytes] | None = None
-        self.qmp: QEMUMonitorProtocol | None = None
+        self.qmp: Monitor | None = None
         self.temp_dir: Path | None = None
         self.logging = export.log is not None
         self.events: list[tuple[float, str]] = []  # (monotonic seconds, what), for run.json
@@ -167,11 +167,9 @@ class StorageServer:
                 raise StorageError(f"qemu-storage-daemon did not start: {tail or 'no QMP socket'}")
             time.sleep(0.02)
         try:
-            self.qmp = QEMUMonitorProtocol(str(qmp))
-            self.qmp.connect()
-            self.qmp.settimeout(10.0)
+            self.qmp = Monitor.connect(qmp, timeout=10.0)
             exports = self.qmp.cmd("query-block-exports")
-        except Exception as e:  # qemu.qmp's own errors, OSError, timeouts
+        except qmp_failures as e:
             self._reap()
             raise StorageError(f"qemu-storage-daemon's QMP did not answer: {e}") from e
         if not exports:
@@ -199,7 +197,7 @@ class StorageServer:
         """QMP quit, then SIGTERM, then SIGKILL; then the sockets and log go."""
         try:
             if self.alive() and self.qmp is not None:
-                with contextlib.suppress(Exception):  # a daemon that quits closes QMP before replying
+                with contextlib.suppress(*qmp_failures):  # a daemon that quits closes QMP before replying
                     self.qmp.cmd("quit")
             self._reap(grace)
         finally:
@@ -214,8 +212,7 @@ class StorageServer:
 
     def _close_qmp(self) -> None:
         if self.qmp is not None:
-            with contextlib.suppress(OSError, EOFError):
-                self.qmp.close()
+            self.qmp.close()
             self.qmp = None
 
     def log_tail(self, lines: int = 3) -> str:

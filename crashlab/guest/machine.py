@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from crashlab import proc
+from crashlab import proc, qmp
 from crashlab.cachemodes import CACHE_MODES, CacheMode
 from crashlab.diskmodels import DEFAULT_AIO, DEFAULT_DISK, DETECT_ZEROES, DISCARD, DISK_MODELS, DiskModel
 from crashlab.guest.inguest.init import PROBE_OK
 from crashlab.guest.provision import ProvisionError, cache_root, file_identity, missing, which
 from crashlab.guest.shares import Share
+from crashlab.qmp import Monitor
 
 log = logging.getLogger("crashlab.guest")
 
@@ -197,30 +195,6 @@ def hotplug_commands(index: int, drive: Drive) -> list[tuple[str, dict[str, obje
     return [*cmds, ("device_add", qmp_device(spec, f"disk{index}-dev"))]
 
 
-class _Monitor(QEMUMonitorProtocol):
-    """The QMP client. A unit interrupted mid-command (a Dask worker unwinding a Ctrl-C) leaves its
-    session half closed; qemu.qmp closes it again when the object is collected at exit, fails the
-    same way, and prints a traceback into the campaign's stderr. QEMU is stopped by then: quiet."""
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            super().__del__()
-
-
-def _quiet_qmp_unraisable(u: sys.UnraisableHookArgs) -> None:
-    """sys.unraisablehook: the half-closed session's coroutines are collected at exit too, and
-    fail for want of an event loop; what is not qemu.qmp's goes to the default hook."""
-    tb = u.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is not None and "/qemu/qmp/" in tb.tb_frame.f_code.co_filename:
-        return
-    sys.__unraisablehook__(u)
-
-
-sys.unraisablehook = _quiet_qmp_unraisable
-
-
 def _pdeathsig() -> None:
     # Runs in the child between fork and exec: die with the host process. The child also gets a
     # session of its own (start_new_session), so the terminal's Ctrl-C reaches only crashlab,
@@ -271,7 +245,7 @@ class Machine:
         self.console_log = console_log
         self.process: subprocess.Popen[bytes] | None = None
         self.daemons: list[subprocess.Popen[bytes]] = []
-        self.qmp: QEMUMonitorProtocol | None = None
+        self.qmp: Monitor | None = None
         self.deadline = 0.0
         self.launched_at = 0.0
         self.exitcode: int | None = None
@@ -330,7 +304,7 @@ class Machine:
         for sock, d in zip(vfs_socks, self.daemons, strict=True):
             self._await_socket(sock, d, tmp / f"virtiofsd-{self.shares[self.daemons.index(d)].tag}.log")
         qmp_sock = tmp / "qmp.sock"
-        self.qmp = _Monitor(str(qmp_sock), server=True)
+        self.qmp = Monitor.listen(qmp_sock)
         qlog = open(tmp / "qemu.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(self.argv(qmp_sock, vfs_socks, console), stdin=subprocess.DEVNULL,
                                         stdout=qlog, stderr=qlog, preexec_fn=_pdeathsig,
@@ -340,7 +314,7 @@ class Machine:
             self.qmp.accept(timeout=min(30.0, self.timeout))
             self.qmp.settimeout(10.0)
             self.version = self.qmp.cmd("query-version")  # what actually runs, for the record
-        except Exception as e:  # qemu.qmp's own errors, OSError, socket timeouts
+        except qmp.FAILURES as e:
             self._reap(1.0)
             raise MachineError(f"QEMU did not come up: {self.qemu_log_tail() or e}") from e
 
@@ -389,7 +363,7 @@ class Machine:
                 self.cmd(name, **args)
                 if name == "blockdev-add":
                     added.append(str(args["node-name"]))
-        except Exception as e:  # qemu.qmp's ExecuteError, OSError, socket timeouts
+        except qmp.FAILURES as e:
             self._del_nodes(added)
             raise MachineError(f"hot-plugging disk {index}: {type(e).__name__}: {e}") from e
         return cmds
@@ -406,15 +380,12 @@ class Machine:
                 left = end - time.monotonic()
                 if left <= 0 or not self.is_running():
                     raise MachineTimeout(f"the guest did not release disk {index} in {timeout:.0f} s")
-                try:
-                    ev = self.qmp.pull_event(wait=min(left, 1.0)) if self.qmp else None
-                except TimeoutError:
-                    continue
+                ev = self.qmp.pull_event(wait=min(left, 1.0)) if self.qmp else None
                 if ev and ev.get("event") == "DEVICE_DELETED" and ev.get("data", {}).get("device") == dev_id:
                     break
         except MachineError:
             raise
-        except Exception as e:  # qemu.qmp's own errors, OSError
+        except qmp.FAILURES as e:
             raise MachineError(f"unplugging disk {index}: {type(e).__name__}: {e}") from e
         nodes = [str(a["node-name"]) for name, a in hotplug_commands(index, drive) if name == "blockdev-add"]
         if failed := self._del_nodes(nodes):
@@ -426,7 +397,7 @@ class Machine:
         for node in reversed(nodes):
             try:
                 self.cmd("blockdev-del", **{"node-name": node})
-            except Exception as e:  # qemu.qmp's ExecuteError, OSError
+            except qmp.FAILURES as e:
                 failed.append(f"blockdev-del {node}: {e}")
         return "; ".join(failed)
 
@@ -451,10 +422,7 @@ class Machine:
         finally:
             tail = self.console_tail(8) if abnormal else ""  # before the temp dir goes
             if self.qmp is not None:
-                try:
-                    self.qmp.close()
-                except Exception as e:  # QEMU gone mid-handshake, or a close cut short before
-                    log.debug("%s: closing QMP: %s", self.name, e)
+                self.qmp.close()
                 self.qmp = None
             for d in self.daemons:
                 if _stop(d, grace) != "exited":
@@ -477,7 +445,7 @@ class Machine:
                 self.qmp.cmd("quit")
             except (EOFError, ConnectionError):
                 pass  # QEMU closed the socket as it quit, before its reply
-            except Exception as e:  # qemu.qmp raises its own types, OSError and socket timeouts
+            except qmp.FAILURES as e:
                 asked = f"QMP quit failed ({type(e).__name__}: {e})"
         assert self.process is not None
         how = _stop(self.process, grace)
