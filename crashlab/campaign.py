@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import crashlab
 from crashlab import cluster, crashstates, logformat, model, nbd, recorders, rundir, signals
 from crashlab.cachemodes import CACHE_MODES, CacheMode, cache_mode
+from crashlab.check import inplace
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.check.tools import tool_versions
@@ -539,18 +540,28 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
         except crashstates.CrashStateError as e:
             raise CampaignError(str(e)) from None
         states.sort(key=lambda s: (m.crash(s.end).stable, s.end))
+
+        def item(st: crashstates.CrashState, image: Path, undo: Path | None = None) -> CheckItem:
+            present = frozenset(crashstates.present_markers(entries, st.end))
+            # Path and seqs let the mount backend (a checker guest) run the oracle on its own
+            # mount; the callable judges a copy when that mount cannot be read in full.
+            return CheckItem(image, unit.cell.fs, st.id, promises.oracle(present), promises=promises_path,
+                             present=present, undo=undo)
+
+        def materializer() -> crashstates.Materializer:
+            return crashstates.Materializer(reader, m, digest, size=size)
+
+        if keep_dir is None and before_check is None and checks_in_place(unit):
+            return [StateResult(r.state_id, r.outcome, r.to_dict())
+                    for r in inplace.check_in_place(unit.cell.fs, states, materializer, item, Path(tmp))]
         items = []
-        with crashstates.Materializer(reader, m, digest, size=size) as mat:
+        with materializer() as mat:
             for st in states:
                 image = image_dir / f"{st.id}.img"
                 mat.build(st, image)
                 if before_check is not None:
                     before_check(image)
-                present = frozenset(crashstates.present_markers(entries, st.end))
-                # Path and seqs let the mount backend (a checker guest) run the oracle on its own
-                # mount; the callable judges a copy when that mount cannot be read in full.
-                items.append(CheckItem(image, unit.cell.fs, st.id, promises.oracle(present),
-                                       promises=promises_path, present=present))
+                items.append(item(st, image))
         # The cell's own kernel and QEMU, if it names them, boot the checker guest too: XFS and
         # btrfs recovery is that kernel's code.
         for record in check_batch(items, host_mount=unit.host_mount, checker=unit.checker,
@@ -559,6 +570,11 @@ def run_check(unit: CheckUnit, keep_dir: Path | None = None,
             if keep_dir is None:
                 Path(record.image).unlink(missing_ok=True)
     return results
+
+
+def checks_in_place(unit: CheckUnit) -> bool:
+    """Whether the unit's states are judged on the shared base image, no copy each (check.inplace)."""
+    return inplace.applies(unit.cell.fs, unit.checker, unit.host_mount)
 
 
 def reproduce(cell: Cell, recording: Path, state_id: str, keep: Path | None = None,

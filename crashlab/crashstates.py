@@ -566,6 +566,10 @@ class Materializer:
                 else:
                     os.pwrite(self._fd, old, off)
 
+    def copy_bytes(self) -> int:
+        """What a copy of the base costs: its allocated bytes (a sparse copy skips the holes)."""
+        return os.fstat(self._fd).st_blocks * 512
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

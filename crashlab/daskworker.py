@@ -82,10 +82,12 @@ class WorkerSetup(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         quiet()
-        if not rundir._active:  # an in-process worker shares the client's run directory
+        # An in-process worker (its loop on a thread of the client) shares the client's run
+        # directory, made on first use and removed at the client's exit: removing it when the
+        # cluster closes would pull it from under the client (pytest's basetemp lives there).
+        if threading.current_thread() is threading.main_thread():  # a worker process of its own
             rundir.enter()
             self._entered = True
-        if threading.current_thread() is threading.main_thread():  # a worker process of its own
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
             def on_term(signum: int, frame: object) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from crashlab import undofile
 from crashlab.check import outcome as oc
 from crashlab.check.outcome import StepVerdict, ToolRun
 
@@ -21,13 +23,27 @@ RECOVERY_MOUNT_OPTIONS = "noatime"
 class Replay:
     """Log replay in userspace, in place of the recovery mount (it is also what a mount does)."""
 
-    argv: tuple[str, ...]  # `{image}` is the image
+    argv: tuple[str, ...]  # `{image}` is the image, the last argument
     # What a kernel mount would decide from the image's first 2 KiB before replaying; None: replay.
     precheck: Callable[[bytes], StepVerdict | None]
     verdict: Callable[[ToolRun], StepVerdict]
+    # Options that make the replay keep the blocks it overwrites in the file `{undo}`, and the
+    # command that writes them back: a shared image can be replayed, checked and given back as it
+    # was, without a copy per state. (): the replay cannot be undone.
+    undo: tuple[str, ...] = ()
+    revert: tuple[str, ...] = ()  # `{undo}`, `{image}`
+    # The same revert done in this process (undo file, image; raises ValueError where it cannot):
+    # one spawn fewer a state. None: run `revert`.
+    revert_here: Callable[[Path, Path], object] | None = None
 
-    def command(self, image: str) -> list[str]:
-        return [a.replace("{image}", image) for a in self.argv]
+    def command(self, image: str, undo: str | None = None) -> list[str]:
+        """The replay's argv; with `undo`, keeping what it overwrites there (needs `self.undo`)."""
+        extra = [a.replace("{undo}", undo) for a in self.undo] if undo is not None else []
+        return [*(a.replace("{image}", image) for a in self.argv[:-1]), *extra,
+                self.argv[-1].replace("{image}", image)]
+
+    def revert_command(self, undo: str, image: str) -> list[str]:
+        return [a.replace("{undo}", undo).replace("{image}", image) for a in self.revert]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +119,9 @@ _EXT_MKFS_OPTIONS = ("-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0",
 # `e2fsck -fn` on a dirty journal checks the stale pre-journal state, so the journal is replayed first
 # (on a disposable copy), guarded so it never does more than a kernel mount would.
 E2FSCK_REPLAY = Replay(("e2fsck", "-E", "journal_only", "-y", "{image}"),
-                       precheck=oc.ext4_head_precheck, verdict=oc.e2fsck_journal_replay)
+                       precheck=oc.ext4_head_precheck, verdict=oc.e2fsck_journal_replay,
+                       undo=("-z", "{undo}"), revert=("e2undo", "{undo}", "{image}"),
+                       revert_here=undofile.apply)
 _E2FSCK = ("e2fsck", "-f", "-n", "{image}")
 _E2FSPROGS = ("mke2fs", "e2fsck")  # mkfs.ext4 and mkfs.ext3 are links to mke2fs
 

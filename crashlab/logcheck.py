@@ -14,16 +14,20 @@ out in place in the worker's base image, no copy at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from crashlab import cluster, crashstates, logformat, model
+from crashlab.check import inplace
 from crashlab.check.outcome import Outcome
 from crashlab.check.runner import CheckItem, check_batch
 from crashlab.check.tools import run_tool
@@ -106,8 +110,10 @@ def command_verdict(argv: Sequence[str], image: Path, timeout: float = CHECK_CMD
     return Outcome.FS_INCONSISTENT, f"{argv[0]} exit {run.rc}: {first[0][:200]}"
 
 
-def check_slice(job: LogCheck, ids: Sequence[str]) -> list[StateVerdict]:
-    """One worker's share: build (or check out) each state and judge it."""
+def check_slice(job: LogCheck, ids: Sequence[str], stop: threading.Event | None = None
+                ) -> list[StateVerdict]:
+    """One worker's share: build (or check out) each state and judge it; a thread stops at the
+    next state once `stop` is set (an interrupt), its share then incomplete and unused."""
     states = [crashstates.parse_id(s) for s in ids]
     out: list[StateVerdict] = []
     workdir = crashstates.default_workdir()
@@ -116,9 +122,17 @@ def check_slice(job: LogCheck, ids: Sequence[str]) -> list[StateVerdict]:
         entries = reader.index()
         m = model.LogModel(entries, job.cfg)
         digest = crashstates.log_digest(reader)
-        with crashstates.Materializer(reader, m, digest, size=job.size) as mat:
-            if job.check_cmd:
+        def materializer() -> crashstates.Materializer:
+            return crashstates.Materializer(reader, m, digest, size=job.size)
+
+        def stopped() -> bool:
+            return stop is not None and stop.is_set()
+
+        if job.check_cmd:
+            with materializer() as mat:
                 for st in states:
+                    if stopped():
+                        break
                     if job.read_only:
                         with mat.checkout(st) as image:
                             outcome, why = command_verdict(job.check_cmd, image)
@@ -128,18 +142,35 @@ def check_slice(job: LogCheck, ids: Sequence[str]) -> list[StateVerdict]:
                         outcome, why = command_verdict(job.check_cmd, image)
                         image.unlink()
                     out.append(StateVerdict(st.id, outcome, why))
-                return out
-            promises = load_promises(job.promises) if job.promises else None
-            items = []
+            return out
+        promises = load_promises(job.promises) if job.promises else None
+
+        def item(st: crashstates.CrashState, image: Path, undo: Path | None = None) -> CheckItem:
+            if promises is None:
+                return CheckItem(image, job.fs, st.id, undo=undo)
+            present = frozenset(crashstates.present_markers(entries, st.end))
+            return CheckItem(image, job.fs, st.id, promises.oracle(present), promises=job.promises,
+                             present=present, undo=undo)
+
+        if inplace.applies(job.fs, job.checker):
+            judged = inplace.check_in_place(job.fs, states, materializer, item, Path(tmp))
+            with contextlib.closing(judged) as recs:
+                for rec in recs:
+                    out.append(StateVerdict(rec.state_id, rec.outcome, rec.reason))
+                    if stopped():
+                        break
+            return out
+        items = []
+        with materializer() as mat:
             for st in states:
+                if stopped():
+                    break
                 image = Path(tmp) / f"{st.id}.img"
                 mat.build(st, image)
-                present = frozenset(crashstates.present_markers(entries, st.end))
-                items.append(CheckItem(image, job.fs, st.id, promises.oracle(present) if promises else None,
-                                       promises=job.promises, present=present if promises else None))
-            for rec in check_batch(items, checker=job.checker):
-                out.append(StateVerdict(rec.state_id, rec.outcome, rec.reason))
-                Path(rec.image).unlink(missing_ok=True)
+                items.append(item(st, image))
+        for rec in check_batch(items, checker=job.checker):
+            out.append(StateVerdict(rec.state_id, rec.outcome, rec.reason))
+            Path(rec.image).unlink(missing_ok=True)
     return out
 
 
@@ -155,6 +186,23 @@ def check_log(job: LogCheck, jobs: int | None = None,
               on_progress: Callable[[Summary, int], None] = lambda s, total: None) -> Summary:
     """Check every planned state of `job` on `jobs` workers (default: every core)."""
     t0 = time.monotonic()
+    with _inflated(job) as plain:
+        return _check_log(plain, jobs, on_progress, t0)
+
+
+@contextlib.contextmanager
+def _inflated(job: LogCheck) -> Iterator[LogCheck]:
+    """The job on the log decompressed once, if it is an .xz: the plan and every slice open it,
+    and inflating it for each was a tenth of a 500-state check."""
+    if job.log.suffix != ".xz":
+        yield job
+        return
+    with logformat.open_log(job.log) as reader:
+        yield replace(job, log=reader.path)
+
+
+def _check_log(job: LogCheck, jobs: int | None, on_progress: Callable[[Summary, int], None],
+               t0: float) -> Summary:
     ids, dupes = plan(job)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(ids) or 1))
     summary = Summary(duplicates=dupes, jobs=jobs)
@@ -166,8 +214,25 @@ def check_log(job: LogCheck, jobs: int | None = None,
         for sl in slices:
             results += _tally(summary, check_slice(job, sl))
             on_progress(summary, len(ids))
+    elif not slice_resources(job):
+        # Every slice only spawns tools (a command, e2fsck, debugfs) and writes images, all of which
+        # release the GIL: threads use every core without the 2 s a Dask cluster takes to start,
+        # which is longer than a whole prefix-fua check of a small log.
+        stop = threading.Event()
+        with ThreadPoolExecutor(jobs, thread_name_prefix="logcheck") as pool:
+            futs = [pool.submit(check_slice, job, sl, stop) for sl in slices]
+            try:
+                for tf in as_completed(futs):
+                    results += _tally(summary, tf.result())
+                    on_progress(summary, len(ids))
+            except BaseException:
+                stop.set()
+                for tf in futs:
+                    tf.cancel()
+                raise
     else:
-        # The campaigns' executor: a local Dask cluster, torn down on the way out (an interrupt too).
+        # A checker guest per worker: the campaigns' executor, a local Dask cluster torn down on
+        # the way out (an interrupt too).
         with cluster.connect(None, jobs) as on:
             futures = [on.submit(check_slice, job, sl, resources=slice_resources(job)) for sl in slices]
             for fut in on.as_completed(futures):

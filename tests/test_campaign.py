@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,25 +18,13 @@ from crashlab import campaign
 
 pytestmark = pytest.mark.guest
 
+pytest_plugins = ["campaign_fakes"]
 CRASHLAB = [sys.executable, "-m", "crashlab"]
 TINY = ["--fs", "ext4", "--barrier", "on", "--workload", "smallfiles", "--seed", "7", "-q"]
 
 
 def crashlab(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CRASHLAB, *args], capture_output=True, text=True, timeout=timeout, check=check)
-
-
-def tagged_processes(tag: str) -> list[str]:
-    """Live processes whose environment carries `tag`: everything a run started, and nothing that
-    other test sessions on the same machine started."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and tag.encode() in (proc / "environ").read_bytes():
-                found.append(proc.name + " " + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +68,8 @@ def test_reproduce_rebuilds_the_same_outcome(tiny_matrix: Path, tmp_path: Path) 
     assert kept.stat().st_size > 0 and f"crashlab check {kept}" in r.stderr and "--state-id" in r.stderr
 
 
-def test_killed_campaign_resumes_without_losing_or_double_counting(results_dir: Path) -> None:
+def test_killed_campaign_resumes_without_losing_or_double_counting(
+        results_dir: Path, tagged: Callable[[str], list[str]]) -> None:
     store = results_dir / "resume.sqlite"
     args = ["run", *TINY, "--cache", "writeback", "--states", "30", "-j", "1", "--unit-states", "1",
             "--host-mount", "--store", str(store)]
@@ -102,7 +92,7 @@ def test_killed_campaign_resumes_without_losing_or_double_counting(results_dir: 
     assert proc.returncode != 0, output
     before = _rows(store)
     assert 5 <= len(before) < 30, output
-    assert not tagged_processes(tag)
+    assert not tagged(tag)
     assert not [m for m in Path("/proc/mounts").read_text().splitlines() if "crashlab" in m]
 
     crashlab(*args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.cli import campaign as cli
 from crashlab.store import Store
 
+pytest_plugins = ["campaign_fakes"]
 CELL = Cell(cache=CACHE_MODES["none"])
 RECORD_S = 0.3  # a fake recording's seconds: long beside the fake checks
 
@@ -52,20 +53,10 @@ class Fakes:
 
 
 @pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
+def fakes(install_fakes: Callable[[Fakes], None]) -> Fakes:
     f = Fakes()
-    monkeypatch.setattr(campaign, "run_record", f.record)
-    monkeypatch.setattr(campaign, "run_check", f.check)
-    monkeypatch.setattr(campaign, "generate_states", lambda cell, rec, n: [f"s{i:02}" for i in range(n)])
-    monkeypatch.setattr(campaign, "versions", lambda fs: {"crashlab": "test"})
+    install_fakes(f)
     return f
-
-
-@pytest.fixture(scope="module")
-def inprocess() -> Iterator[cluster.Cluster]:
-    """Dask's in-process cluster: the real scheduler and worker, the fakes visible to them."""
-    with cluster.connect(None, 1, processes=False, resources={"qemu": 1}) as c:
-        yield c
 
 
 def run(store: Store, tmp: Path, on: cluster.Cluster, seen: list[Progress] | None = None,

@@ -5,7 +5,6 @@ input checks out (issue 12). Every case fails before any guest boots."""
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import shlex
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from fixture_logs import fixture_recording
 
 from crashlab import campaign, crashstates, gate, logformat, markers, oracle
 from crashlab.cachemodes import CACHE_MODES
@@ -344,24 +344,15 @@ def test_check_log_is_refused_for_another_logs_state_or_an_end_past_it(tmp_path:
 
 # --- reproduce: its JSON and the check command it suggests -----------------------------------------
 
-FIXTURE_DISK = 256 << 20  # tests/data/README.md: every fixture log is of a 256 MiB data disk
-
-
 @pytest.mark.skipif(not ROOT, reason="host loop mounts need root")
 def test_reproduce_json_keep_and_its_check_command_give_reproduces_outcome(tmp_path: Path) -> None:
     """The fixture holds no in-band markers, so no durability point of a promise is present in any
     state: `check` without the state's points would take the end state's promises (d/f200 exists)
     for a state cut early, and report data loss that reproduce does not."""
     cell = campaign.Cell.parse({"recorder": "dm", "cache": "none"})
-    rec_dir = tmp_path / "rec"
-    rec_dir.mkdir()
-    with lzma.open(FIXTURES / "ext4-dm-barrier-on.log.xz") as src, (rec_dir / "write.log").open("wb") as dst:
-        shutil.copyfileobj(src, dst)
-    with (rec_dir / "data.img").open("wb") as f:
-        f.truncate(FIXTURE_DISK)
-    (rec_dir / "promises.jsonl").write_text(
+    rec_dir = fixture_recording("ext4-dm-barrier-on.log.xz", tmp_path / "rec", promises=(
         json.dumps({"marker": "fsync200", "seq": 0}) + "\n"
-        + json.dumps({"marker": "fsync200", "seq": 0, **oracle.exists("d/f200", "file")}) + "\n")
+        + json.dumps({"marker": "fsync200", "seq": 0, **oracle.exists("d/f200", "file")}) + "\n")).out_dir
     # A state cut early, before d/f200 was written: a drawn state's id with its crash point moved there.
     drawn = crashstates.parse_id(campaign.generate_states(cell, rec_dir, 1)[0])
     state_id = replace(drawn, end=258, sel="n").id

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ from crashlab.cachemodes import CACHE_MODES
 from crashlab.campaign import Cell, CheckUnit, RecordUnit, StateResult
 from crashlab.check.outcome import CheckRecord, Outcome
 from crashlab.cli import campaign as cli
+from crashlab.cli import gate as gate_cli
 from crashlab.cli import worker as worker_cli
 from crashlab.store import Store
 
+pytest_plugins = ["campaign_fakes"]
 CELL = Cell(cache=CACHE_MODES["none"])
 
 
@@ -112,6 +114,12 @@ def test_a_bad_or_silent_scheduler_is_one_line_and_writes_nothing(tmp_path: Path
         out = CliRunner().invoke(cli.run_command, ["-q", *args, "--store", str(store)])
         assert out.exit_code == 2, out.output
         assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    for args, says in [(["--scheduler", "http://x"], "expected tcp://HOST:PORT"),
+                       (["--scheduler", "tcp://127.0.0.1:1"], "cannot connect"),
+                       (["--scheduler", "s", "-j", "2"], "-j sizes the cluster started on this machine")]:
+        out = CliRunner().invoke(gate_cli.command, [*args, "--store", str(store)])  # the gate, too
+        assert out.exit_code == 2, out.output
+        assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not store.exists()
     toml = tmp_path / "m.toml"
     toml.write_text('scheduler = "http://nope"\n')
@@ -149,19 +157,10 @@ class Fakes:
 
 
 @pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
+def fakes(install_fakes: Callable[[Fakes], None]) -> Fakes:
     f = Fakes()
-    monkeypatch.setattr(campaign, "run_record", f.record)
-    monkeypatch.setattr(campaign, "run_check", f.check)
-    monkeypatch.setattr(campaign, "generate_states", lambda cell, rec, n: [f"s{i}" for i in range(n)])
-    monkeypatch.setattr(campaign, "versions", lambda fs: {"crashlab": "test"})
+    install_fakes(f)
     return f
-
-
-@pytest.fixture(scope="module")
-def inprocess() -> Iterator[cluster.Cluster]:
-    with cluster.connect(None, 1, processes=False, resources={"qemu": 1}) as c:
-        yield c
 
 
 def test_a_check_unit_failing_every_try_is_stored_as_checker_error(fakes: Fakes, tmp_path: Path,
@@ -169,14 +168,14 @@ def test_a_check_unit_failing_every_try_is_stored_as_checker_error(fakes: Fakes,
     fakes.fail = 99
     with Store(tmp_path / "s.sqlite") as store:
         prog = campaign.run_matrix([CELL], 2, store, tmp_path, command="t", unit_states=2, on=inprocess)
-        assert fakes.tries == [("s0", "s1")] * (cluster.RETRIES + 1)
+        assert fakes.tries == [("s00", "s01")] * (cluster.RETRIES + 1)
         assert not prog.failed_units and prog.unchecked == {campaign.FAULT_UNIT: 2}
         got = list(store.states(CELL.key))
-        assert [(r.state_id, r.outcome) for r in got] == [(s, Outcome.CHECKER_ERROR) for s in ("s0", "s1")]
+        assert [(r.state_id, r.outcome) for r in got] == [(s, Outcome.CHECKER_ERROR) for s in ("s00", "s01")]
         assert "RuntimeError: the worker's disk is full" in got[0].record.reason
         fakes.fail, fakes.tries = 0, []  # the next run checks them again
         again = campaign.run_matrix([CELL], 2, store, tmp_path, command="t", unit_states=2, on=inprocess)
-        assert again.retried == 2 and fakes.tries == [("s0", "s1")]
+        assert again.retried == 2 and fakes.tries == [("s00", "s01")]
         assert {r.outcome for r in store.states(CELL.key)} == {Outcome.CONSISTENT}
 
 
@@ -186,7 +185,7 @@ def test_a_failure_then_a_success_stores_each_state_once(fakes: Fakes, tmp_path:
     with Store(tmp_path / "s.sqlite") as store:
         prog = campaign.run_matrix([CELL], 4, store, tmp_path, command="t", unit_states=2, on=inprocess)
         assert len(fakes.tries) == 3 and prog.states_done == 4 and not prog.unchecked
-        assert sorted(r.state_id for r in store.states(CELL.key)) == ["s0", "s1", "s2", "s3"]
+        assert sorted(r.state_id for r in store.states(CELL.key)) == ["s00", "s01", "s02", "s03"]
 
 
 def test_a_remote_worker_ships_the_recording_both_ways(fakes: Fakes, tmp_path: Path,
@@ -204,22 +203,25 @@ def test_a_remote_worker_ships_the_recording_both_ways(fakes: Fakes, tmp_path: P
     assert Path(fakes.recordings[0]).name == shipped.digest
 
 
-def test_crash_check_on_two_workers_judges_the_same_states_as_on_one() -> None:
-    """`crash check -j 2` runs its slices on the local Dask cluster; -j 1 in this process."""
+@pytest.mark.parametrize("judge", [["--check-cmd", "e2fsck -fn {image}", "--read-only"], ["--count", "40"]],
+                         ids=["check-cmd", "userspace"])
+def test_crash_check_on_two_workers_judges_the_same_states_as_on_one(judge: list[str]) -> None:
+    """`crash check -j 2` runs its slices on two threads (only a checker guest's on the local Dask
+    cluster); -j 1 in this thread alone."""
     import json
     import subprocess
     import sys
 
     log = Path(__file__).parent / "data" / "logs" / "ext4-dm-barrier-on.log.xz"
+    strategy = "prefix-fua" if "--check-cmd" in judge else "random"
     args = [sys.executable, "-m", "crashlab", "crash", "check", str(log), "--fs", "ext4", "--recorder", "dm",
-            "--cache", "none", "--strategy", "prefix-fua", "--check-cmd", "e2fsck -fn {image}", "--read-only",
-            "--json"]
+            "--cache", "none", "--strategy", strategy, *judge, "--json"]
     one, two = (subprocess.run([*args, "-j", j], capture_output=True, text=True, timeout=600) for j in "12")
     assert one.returncode == two.returncode, one.stderr + two.stderr
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert (b["jobs"], a["jobs"]) == (2, 1) and a["states"] == b["states"] > 1
     assert a["outcomes"] == b["outcomes"] and a["failed"] == b["failed"]
-    assert not two.stderr.strip(), two.stderr  # no Dask chatter
+    assert not two.stderr.strip(), two.stderr  # no executor chatter
 
 
 def _long_unit(marker: str) -> str:

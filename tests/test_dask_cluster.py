@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +21,9 @@ from crashlab import campaign
 
 pytestmark = pytest.mark.guest
 
+pytest_plugins = ["campaign_fakes"]
 CRASHLAB = [sys.executable, "-m", "crashlab"]
 CELL = ["--fs", "ext4", "--cache", "writeback", "--barrier", "on", "--workload", "smallfiles", "--seed", "7"]
-
-
-def tagged(tag: str) -> list[str]:
-    """Live processes whose environment carries `tag`: what this file started, nothing else."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and tag.encode() in (proc / "environ").read_bytes():
-                found.append(proc.name + " " + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return found
 
 
 class Cluster:
@@ -88,7 +77,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory,
+                 tagged: Callable[[str], list[str]]) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("dask"))
     try:
         yield c

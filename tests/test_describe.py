@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fixture_logs import fixture_recording
 
 from crashlab import campaign, gate
 from crashlab.check.describe import FSCK_LINES, VIOLATIONS_SHOWN, describe_failure, exit_text
 from crashlab.check.outcome import CheckRecord, Outcome, ToolRun
 from crashlab.cli import cli
 from crashlab.oracle import Violation, file_state
-from crashlab.record import GuestOutputs
 from crashlab.store import Store
 
 FIXTURES = Path(__file__).parent / "data" / "logs"
@@ -117,21 +115,6 @@ def test_a_record_without_reason_or_fsck_still_says_its_outcome() -> None:
 
 
 # --- on real crash states of a real log, through the store and `crashlab reproduce` ----------------
-
-FIXTURE_DISK = 256 << 20  # tests/data/README.md: every fixture log is of a 256 MiB data disk
-
-
-def fixture_recording(log: str, out: Path) -> GuestOutputs:
-    """A recording directory as a guest run leaves it, from a fixture log (no promises kept)."""
-    rec = GuestOutputs(out)
-    out.mkdir()
-    with lzma.open(FIXTURES / log) as src, rec.log.open("wb") as dst:
-        shutil.copyfileobj(src, dst)
-    with rec.image.open("wb") as f:
-        f.truncate(FIXTURE_DISK)
-    rec.promises.write_text("")
-    return rec
-
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="host loop mounts need root")
 def test_reproduce_and_the_gate_print_fscks_real_exit_code(tmp_path: Path) -> None:

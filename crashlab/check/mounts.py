@@ -251,10 +251,14 @@ class HostMounts:
                  runs: list[ToolRun]) -> Iterator[Path | None]:
         with tempfile.TemporaryDirectory(prefix="crashlab-mnt-") as mnt:
             # mount(8) sets up the loop device with autoclear: the unmount (or a failed mount) frees it.
-            if self.loop:
-                m = run_tool(["mount", "-t", fs, "-o", f"loop,{options}", str(image), mnt], timeout)
-            else:
-                m = _mount_call(fs, options, image, mnt, timeout)
+            try:
+                if self.loop:
+                    m = run_tool(["mount", "-t", fs, "-o", f"loop,{options}", str(image), mnt], timeout)
+                else:
+                    m = _mount_call(fs, options, image, mnt, timeout)
+            except BaseException:  # a signal mid-mount: the kernel may have finished it all the same
+                self._detach(mnt)
+                raise
             runs.append(m)
             if m.rc != 0:
                 if m.timed_out:  # a hung mount may still complete later: do not leave it behind

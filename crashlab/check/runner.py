@@ -8,7 +8,8 @@ Recovery follows a reboot: ext4 and ext3 replay their journal in userspace (`e2f
 default, guarded so it never does more than a kernel mount would) or by mounting; XFS and btrfs only
 by mounting. fsck then runs read-only on the host. A batch goes in three phases so that the mounts
 of many images share one guest boot: host-side replay, all mounts, host-side fsck and oracle.
-The images are modified in place (replayed): they must be disposable copies.
+The images are modified in place (replayed): they must be disposable copies, unless an item names
+an `undo` file (userspace replay only), which lets its caller give a shared image back as it was.
 
 An item whose oracle is a promises file (`promises=`, `present=`) has it run by the mount backend on
 the read-only mount itself, in the guest for the guest backend: no copy of the tree leaves it. An
@@ -66,6 +67,9 @@ class CheckItem:
     oracle: Oracle | None = None
     promises: Path | None = None
     present: frozenset[int] | None = None
+    # The image is not disposable (a shared base checked out in place): the userspace replay keeps
+    # what it overwrites in this file, for the caller to revert (filesystems.Replay.revert).
+    undo: Path | None = None
 
     @property
     def oracle_spec(self) -> OracleSpec | None:
@@ -125,7 +129,10 @@ def _replay(st: _State, replay: filesystems.Replay, timeout: float) -> None:
         st.recovery = pre
         st.record.notes.append(pre.reason)
         return
-    run = run_tool(replay.command(str(st.item.image)), timeout)
+    if st.item.undo is not None and not replay.undo:
+        raise ValueError(f"{st.item.fs}: its replay cannot be undone: check a disposable copy")
+    run = run_tool(replay.command(str(st.item.image), None if st.item.undo is None else str(st.item.undo)),
+                   timeout)
     st.record.recovery = run
     st.record.timings["recovery"] = run.seconds
     st.recovery = replay.verdict(run)
@@ -173,6 +180,8 @@ def _check_chunk(items: Sequence[CheckItem], backend: MountBackend, workdir: Pat
         rec = CheckRecord(state_id=item.state_id, image=str(item.image), fs=item.fs,
                           outcome=oc.Outcome.CHECKER_ERROR, reason="", backend=backend.name)
         st = _State(item, rec, time.monotonic(), mount_recovery=replay is None or ext4_recovery == "mount")
+        if item.undo is not None and st.mount_recovery:
+            raise ValueError(f"{item.image}: a recovery mount cannot be undone: check a disposable copy")
         if item.has_oracle:
             st.tree_dest = workdir / f"tree-{n}"  # made by a backend that copies the tree
         if replay is not None and not st.mount_recovery:
@@ -247,17 +256,18 @@ def make_backend(checker: str, stack: contextlib.ExitStack, **guest_options: Any
 def check_batch(items: Iterable[CheckItem], *, host_mount: bool = False, checker: str = "auto",
                 backend: MountBackend | None = None,
                 ext4_recovery: Ext4Recovery = "e2fsck", timeout: float = DEFAULT_TIMEOUT,
-                mount_timeout: float = MOUNT_TIMEOUT, chunk: int = CHUNK,
+                mount_timeout: float = MOUNT_TIMEOUT, chunk: int = CHUNK, workdir: Path | None = None,
                 **guest_options: Any) -> Iterator[CheckRecord]:
     """Check many disposable images, where `checker` says (CHECKERS; `host_mount=True` is `host`),
-    unless `backend` is given.
+    unless `backend` is given; scratch files go in `workdir` (by default a directory of its own).
 
     A generator: records come out chunk by chunk, so a caller can store them as they arrive.
     """
     with contextlib.ExitStack() as stack:
         if backend is None:
             backend = make_backend("host" if host_mount else checker, stack, **guest_options)
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crashlab-check-")))
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crashlab-check-")))
         it = iter(items)
         while batch := list(itertools.islice(it, chunk)):
             yield from _check_chunk(batch, backend, workdir, ext4_recovery, timeout, mount_timeout)

@@ -132,33 +132,47 @@ def parse_listings(stdout: str, parents: Sequence[str]) -> dict[str, Stat]:
 
 
 def read_tree(image: Path, paths: Sequence[str], attrs: Sequence[tuple[str, str]],
-              timeout: float = MOUNT_TIMEOUT) -> tuple[ImageTree, ToolRun]:
+              timeout: float = MOUNT_TIMEOUT, scratch: Path | None = None) -> tuple[ImageTree, ToolRun]:
     """The oracle's view of `image`, and the debugfs run (rc 32, like a refused mount, when
-    libext2fs could not open the image)."""
+    libext2fs could not open the image). debugfs writes into `scratch`, emptied of its files
+    after; by default into a directory of its own."""
     sc = script(paths, attrs)
+    if scratch is None:
+        with tempfile.TemporaryDirectory(prefix="crashlab-debugfs-", dir=rundir.tmpfs()) as tmp:
+            return _read_tree(image, sc, Path(tmp), timeout)
+    try:
+        return _read_tree(image, sc, scratch, timeout)
+    finally:
+        for name in (COMMANDS, *sc.dumps.values(), *sc.attrs.values()):
+            (scratch / name).unlink(missing_ok=True)
+
+
+COMMANDS = "commands"
+
+
+def _read_tree(image: Path, sc: Script, out_dir: Path, timeout: float) -> tuple[ImageTree, ToolRun]:
     tree = ImageTree()
-    with tempfile.TemporaryDirectory(prefix="crashlab-debugfs-", dir=rundir.tmpfs()) as tmp:
-        cmds = Path(tmp) / "commands"
-        cmds.write_text(sc.text)
-        # cwd is the output directory: dump and ea_get write relative names, so no host path
-        # longer than a name is in the script, and none outside it can be written.
-        run = _debugfs(["-f", str(cmds), str(image.resolve())], timeout, cwd=tmp)
-        run.argv = ["debugfs", "-f", "<oracle reads>", str(image)]
-        if run.rc != 0:
-            return tree, run
-        tree.entries = parse_listings(run.stdout, sc.parents)
-        for rel, name in sc.dumps.items():
-            st = tree.entries.get(rel)
-            out = Path(tmp) / name
-            if st is None or not stat.S_ISREG(st.st_mode) or not out.is_file():
-                continue
-            data = out.read_bytes()
-            if len(data) == st.st_size:  # shorter: a read error part way through
-                tree.contents[rel] = data
-        for key, name in sc.attrs.items():
-            out = Path(tmp) / name
-            if out.is_file():
-                tree.xattrs[key] = out.read_bytes()
+    cmds = out_dir / COMMANDS
+    cmds.write_text(sc.text)
+    # cwd is the output directory: dump and ea_get write relative names, so no host path
+    # longer than a name is in the script, and none outside it can be written.
+    run = _debugfs(["-f", str(cmds), str(image.resolve())], timeout, cwd=str(out_dir))
+    run.argv = ["debugfs", "-f", "<oracle reads>", str(image)]
+    if run.rc != 0:
+        return tree, run
+    tree.entries = parse_listings(run.stdout, sc.parents)
+    for rel, name in sc.dumps.items():
+        st = tree.entries.get(rel)
+        out = out_dir / name
+        if st is None or not stat.S_ISREG(st.st_mode) or not out.is_file():
+            continue
+        data = out.read_bytes()
+        if len(data) == st.st_size:  # shorter: a read error part way through
+            tree.contents[rel] = data
+    for key, name in sc.attrs.items():
+        out = out_dir / name
+        if out.is_file():
+            tree.xattrs[key] = out.read_bytes()
     run.stdout = ""  # the listing is in the record as the oracle's verdict, not as text
     return tree, run
 
@@ -178,6 +192,9 @@ class UserspaceMounts:
     filesystems); a request that asks it to is answered as a checker error, not guessed."""
 
     name = "userspace"
+
+    def __init__(self, scratch: Path | None = None) -> None:
+        self.scratch = scratch  # where debugfs writes what it reads; None: a directory per image
 
     def mount_batch(self, requests: Sequence[MountRequest], timeout: float = MOUNT_TIMEOUT
                     ) -> list[MountSteps]:
@@ -211,7 +228,7 @@ class UserspaceMounts:
             steps.violations, steps.oracle_error = [], oracle_failure(e)
             return ToolRun(argv=["oracle", str(spec.promises)], rc=0)
         paths, attrs = promises.reads(spec.present)
-        tree, run = read_tree(image, sorted(paths), sorted(attrs), timeout)
+        tree, run = read_tree(image, sorted(paths), sorted(attrs), timeout, self.scratch)
         if run.rc == 0:
             t0 = time.monotonic()
             steps.violations, steps.oracle_error = run_oracle(tree, spec)

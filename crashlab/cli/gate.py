@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from crashlab import gate, stats
+from crashlab import cluster, gate, stats
 from crashlab.campaign import MAX_STATES, MAX_WORKERS, CampaignError, Cell
 from crashlab.cli import CrashlabError, shipped
 from crashlab.filesystems import FILESYSTEMS
@@ -54,6 +54,9 @@ Exit status:
               show_default=True, help="Results store; recordings go beside it. Reused across runs.")
 @click.option("-j", "--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
               help="Parallel units [default: cores].")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Run on this Dask scheduler's workers (crashlab worker) instead of a cluster "
+                   "started here; the store stays on this machine.")
 @click.option("--unit-states", type=click.IntRange(1), default=None,
               help="States per checker-guest boot.")
 @click.option("--host-mount", is_flag=True,
@@ -66,8 +69,8 @@ Exit status:
 @shipped.options()
 def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, storage: str,
             window: str, seed: int, scale: int, strategy: str, max_rate: float, sensitivity: bool,
-            store_path: Path, workers: int | None, unit_states: int | None, host_mount: bool,
-            before: Path | None, after: Path | None, **drive_options: Any) -> None:
+            store_path: Path, workers: int | None, scheduler: str | None, unit_states: int | None,
+            host_mount: bool, before: Path | None, after: Path | None, **drive_options: Any) -> None:
     """Refuse a cache policy if any crash state is corrupt or loses fsynced data.
 
     Records the policy's cells (or reuses them from the store), checks STATES crash states each,
@@ -79,6 +82,9 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         raise CrashlabError("--before and --after go together: the domain XML now and as proposed")
     if before is not None and (drive_options.get("domain_xml") or drive_options.get("disk_xml")):
         raise CrashlabError("--before/--after name the disks: leave out --domain-xml/--disk-xml")
+    if scheduler and workers:
+        raise CrashlabError("-j sizes the cluster started on this machine; with --scheduler the "
+                            "cluster's workers run the units")
     drive = shipped.take(drive_options)
     specs = (shipped.xml_spec(before, None), shipped.xml_spec(after, None))
     pair = (specs[0].cell_fields(), specs[1].cell_fields()) if specs[0] and specs[1] else None
@@ -93,18 +99,21 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         cells = policy.cells()
         old = replace(policy, cell=Cell.parse({**fields, **pair[0]})).cells() if pair else []
         reference = policy.sensitivity_cell() if policy.sensitivity else None
-    except CampaignError as e:
+        address = cluster.parse_address(scheduler) if scheduler else None
+        if address:
+            cluster.probe(address)  # before the store is written
+    except (CampaignError, cluster.ClusterError) as e:
         raise CrashlabError(str(e)) from None
     try:
         _gate(cell, barrier, workload, policy, cells, reference, store_path, workers, unit_states, host_mount,
-              old)
-    except StoreError as e:
+              old, address)
+    except (StoreError, cluster.ClusterError) as e:
         raise CrashlabError(str(e)) from None
 
 
 def _gate(cell: Cell, barrier: str, workload: str, policy: gate.Policy, cells: list[Cell],
           reference: Cell | None, store_path: Path, workers: int | None, unit_states: int | None,
-          host_mount: bool, before: list[Cell]) -> None:
+          host_mount: bool, before: list[Cell], scheduler: str | None) -> None:
     Store(store_path).close()  # a path that cannot hold a store is refused before any guest boots
     click.echo(f"crashlab gate: cache={cell.cache.name} barrier={barrier} on {', '.join(policy.fs)}, "
                f"workload {workload}, {policy.states} crash states per cell, max rate "
@@ -118,7 +127,7 @@ def _gate(cell: Cell, barrier: str, workload: str, policy: gate.Policy, cells: l
                    f"after {', '.join(gate.names(c) for c in cells[:1])}")
     prog = gate.run_cells([*before, *cells, *([reference] if reference else [])], policy.states, store_path,
                           command="crashlab " + shlex.join(sys.argv[1:]), workers=workers,
-                          host_mount=host_mount, unit_states=unit_states)
+                          host_mount=host_mount, unit_states=unit_states, scheduler=scheduler)
     for problem in prog.failed_units:
         click.echo(f"error: {problem}", err=True)
     with Store(store_path) as store:
