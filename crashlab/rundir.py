@@ -23,12 +23,14 @@ _owner = ""
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    once it is gone or a zombie (it holds nothing then, and its parent may not reap it soon)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rpartition(")")[2].split()[19]  # the name in parentheses may hold spaces
+    fields = stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def owner_tag(pid: int | None = None) -> str:

@@ -6,6 +6,10 @@ SIGTERM to crashlab, or SIGKILL to one of its QEMUs. After each: once the next c
 has started (it reclaims what a dead run left), no process, mount, loop device, run directory or
 tmpfs directory of the killed run may remain, and every outcome stored before the kill is still
 there, unchanged. At the end one undisturbed rerun completes the cell: every state exactly once.
+
+"The killed run" is every process that descended from it at the moment of the kill (its Dask
+workers and their QEMUs, which start sessions of their own and name their workers' run
+directories, not crashlab's), and every run directory that appeared while it ran.
 """
 
 from __future__ import annotations
@@ -47,11 +51,35 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _zombie(pid: int) -> bool:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1], start time
+    [19]), or [] for a process that is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
-        return True
+        return []
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every live process below `root`, with its start time: a pid reused later is not the same
+    process."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            starts[int(entry)] = fields[19]
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = starts[pid]
+        todo += children.get(pid, [])
+    return found
+
+
+def still_alive(procs: dict[int, str]) -> list[tuple[int, str]]:
+    return [(pid, _cmdline(pid)[:160]) for pid, start in procs.items()
+            if (fields := _stat(pid)) and fields[0] != "Z" and fields[19] == start]
 
 
 def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
@@ -59,13 +87,13 @@ def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             cmd = _cmdline(int(entry))
-            if any(n in cmd for n in needles) and not _zombie(int(entry)):
+            if any(n in cmd for n in needles) and (fields := _stat(int(entry))) and fields[0] != "Z":
                 found.append((int(entry), cmd[:160]))
     return found
 
 
-def run_dirs_of(pid: int) -> list[Path]:
-    return [p for root in rundir.roots() for p in root.glob(f"{rundir.PREFIX}{pid}-*")]
+def run_dirs() -> set[Path]:
+    return {p for root in rundir.roots() for p in root.glob(f"{rundir.PREFIX}*")}
 
 
 def rows(store: Path) -> dict[str, tuple[str, str]]:
@@ -82,16 +110,24 @@ def start(store: Path, states: int) -> subprocess.Popen[str]:
                             start_new_session=True)
 
 
-def wait_under_way(p: subprocess.Popen[str], timeout: float = 60) -> None:
+def wait_under_way(p: subprocess.Popen[str], before: set[Path], timeout: float = 60) -> None:
     """Until the run's own directory exists: its signal handling is in place from there on."""
     end = time.monotonic() + timeout
-    while not run_dirs_of(p.pid):
+    while not any(d.name.startswith(f"{rundir.PREFIX}{p.pid}-") for d in run_dirs() - before):
         assert p.poll() is None, p.stderr.read() if p.stderr else ""
         assert time.monotonic() < end, "crashlab did not start"
         time.sleep(0.05)
 
 
-def kill(p: subprocess.Popen[str], kind: str, tag: str) -> str:
+def kill(p: subprocess.Popen[str], kind: str) -> tuple[str, dict[int, str]]:
+    """What was done, and the run's processes at that moment."""
+    if kind == "qemu-kill":
+        end = time.monotonic() + 60
+        while not (qemus := [pid for pid in descendants(p.pid) if "qemu-system" in _cmdline(pid)]):
+            if p.poll() is not None or time.monotonic() > end:
+                return "no QEMU ran: nothing killed", descendants(p.pid)
+            time.sleep(0.05)
+    procs = descendants(p.pid)
     if kind == "group-kill":
         os.killpg(p.pid, signal.SIGKILL)
     elif kind == "ctrl-c":
@@ -99,24 +135,20 @@ def kill(p: subprocess.Popen[str], kind: str, tag: str) -> str:
     elif kind == "sigterm":
         p.send_signal(signal.SIGTERM)
     else:
-        end = time.monotonic() + 60
-        mine = (tag, f"{rundir.PREFIX}{p.pid}-")  # recordings under tag, checker guests in the run dir
-        while not (qemus := [pid for pid, cmd in processes_mentioning(*mine) if "qemu-system" in cmd]):
-            if p.poll() is not None or time.monotonic() > end:
-                return "no QEMU ran: nothing killed"
-            time.sleep(0.05)
         os.kill(qemus[0], signal.SIGKILL)
-    return kind
+    return kind, procs
 
 
-def assert_nothing_left(pid: int, tag: str) -> None:
-    subprocess.run([*CRASHLAB, "--version"], check=True, capture_output=True)  # reclaims the dead's
-    needles = (tag, f"{rundir.PREFIX}{pid}-")
+def assert_nothing_left(pid: int, procs: dict[int, str], before: set[Path], tag: str) -> None:
+    seen = run_dirs() - before  # the dead run's and its workers': what its QEMUs name
+    needles = (tag, *(str(d) for d in seen))
     end = time.monotonic() + 15  # PR_SET_PDEATHSIG deaths are asynchronous
-    while (left := processes_mentioning(*needles)) and time.monotonic() < end:
+    while ((left := still_alive(procs) + processes_mentioning(*needles)) and time.monotonic() < end):
         time.sleep(0.1)
     assert left == [], f"processes left behind: {left}"
-    assert run_dirs_of(pid) == [], "run directories left behind"
+    subprocess.run([*CRASHLAB, "--version"], check=True, capture_output=True)  # reclaims the dead's
+    new_dirs = run_dirs() - before
+    assert new_dirs == set(), f"run directories left behind: {new_dirs}"
     mounts = Path("/proc/mounts").read_text()
     assert not any(n in mounts for n in needles), "mounts left behind"
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
@@ -139,17 +171,20 @@ def test_a_campaign_killed_again_and_again_leaks_and_loses_nothing(rounds: int, 
         before = rows(store)
         states = len(before) + MORE
         kind = KINDS[round_ % len(KINDS)] if round_ < len(KINDS) else rng.choice(KINDS)
+        dirs = run_dirs()
         p = start(store, states)
-        wait_under_way(p)
+        wait_under_way(p, dirs)
         time.sleep(rng.uniform(0.2, 6.0))
+        procs = descendants(p.pid)
         if p.poll() is None:
-            done.append(kill(p, kind, tag))
+            what, procs = kill(p, kind)
+            done.append(what)
         status = p.wait(300)
         err = p.stderr.read() if p.stderr else ""
         assert "Traceback" not in err, err
         expected = {"group-kill": {-9}, "ctrl-c": {130}, "sigterm": {143}, "qemu-kill": qemu_kill}[kind]
         assert status in expected | {0}, (kind, status, err)  # 0: it finished before the kill
-        assert_nothing_left(p.pid, tag)
+        assert_nothing_left(p.pid, procs, dirs, tag)
         after = rows(store)
         kept = {k: v for k, v in before.items() if json.loads(v[1]).get("outcome") != "checker-error"}
         assert {k: after.get(k) for k in kept} == kept, f"stored outcomes changed after {kind}"

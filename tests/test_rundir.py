@@ -36,6 +36,28 @@ def test_owner_tags_tell_a_reused_pid_apart() -> None:
     assert not rundir.owner_alive(f"{rundir.PREFIX}x-1") and not rundir.owner_alive(rundir.PREFIX)
 
 
+def test_a_dead_owner_its_parent_has_not_reaped_yet_is_dead() -> None:
+    # A killed campaign's Dask workers are zombies for a while: their directories are free.
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        name = rundir.PREFIX + rundir.owner_tag(child.pid)
+        assert rundir.owner_alive(name)
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, still unreaped
+        assert Path(f"/proc/{child.pid}/stat").exists() and not rundir.owner_alive(name)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _as_from_a_shell() -> None:
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def test_signals_unwind_and_exit_130_and_143(tmp_path: Path) -> None:
     # A CLI command blocked in a tool: SIGTERM and SIGINT both unwind (the tool is killed, the run
     # directory removed) and give their documented exit statuses.
@@ -48,13 +70,28 @@ def test_signals_unwind_and_exit_130_and_143(tmp_path: Path) -> None:
             "    print(rundir.scratch(), flush=True); proc.run(['sleep', '600'], 600)\n"
             "sys.argv = ['crashlab', 'block-for-test']; cli.main()\n")
     for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        # Started as from a shell: the suite's own process may hold signals blocked or ignored by
+        # what ran in it before (both are inherited across exec), which would test them, not crashlab.
         p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+                             text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+                             preexec_fn=_as_from_a_shell)
         assert p.stdout is not None
         scratch = Path(p.stdout.readline().strip())
         assert scratch.is_dir()
-        time.sleep(0.3)
+        # Signal once the tool runs (a loaded machine can take seconds to spawn it): a signal
+        # inside the spawn is another test's business.
+        deadline = time.monotonic() + 60
+        while not any((t / "children").read_text().split() for t in Path(f"/proc/{p.pid}/task").iterdir()):
+            assert time.monotonic() < deadline and p.poll() is None, "the tool never started"
+            time.sleep(0.05)
         p.send_signal(sig)
-        assert p.wait(20) == status, p.stderr.read() if p.stderr else ""
+        try:
+            rc = p.wait(60)
+        except subprocess.TimeoutExpired:
+            status_lines = Path(f"/proc/{p.pid}/status").read_text().splitlines()
+            masks = [ln for ln in status_lines if ln.startswith("Sig")]
+            p.kill()
+            raise AssertionError(f"{sig!r} did not end the run: {masks}") from None
+        assert rc == status, p.stderr.read() if p.stderr else ""
         assert not scratch.exists()
         assert subprocess.run(["pgrep", "-f", "sleep 600", "-P", str(p.pid)], capture_output=True).returncode
