@@ -13,7 +13,7 @@ import io
 import json
 import textwrap
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -92,7 +92,19 @@ def results(store: Store, match: dict[str, str] | None = None) -> list[CellResul
         counts = store.counts(row.cell)
         if counts:
             out.append(CellResult(row.cell, row.config, counts))
-    return sorted(out, key=lambda r: tuple(str(r.config.get(k, "")) for k in CELL_KEYS))
+    return sorted(out, key=lambda r: tuple(sort_value(k, r.config.get(k, "")) for k in CELL_KEYS))
+
+
+def sort_value(key: str, value: Any) -> tuple[float, str]:
+    """A cell key's value as rows are ordered: text, but a window by its length (0.1s, 1s, 5s,
+    30s, inf; as text, 30s came before 5s)."""
+    text = str(value)
+    if key == "window" and text:
+        try:
+            return float(text.removesuffix("s")), ""
+        except ValueError:
+            pass
+    return 0.0, text
 
 
 def environment(store: Store, cells: list[CellResult]) -> dict[str, str]:
@@ -111,12 +123,33 @@ def environment(store: Store, cells: list[CellResult]) -> dict[str, str]:
     return {k: " | ".join(sorted(v)) for k, v in sorted(values.items())}
 
 
-def _short_rate(r: stats.Rate) -> str:
+def _short_rate(r: stats.Rate, count: bool = True) -> str:
     if not r.n:
         return "-"
     if r.k == 0:
         return f"0 (<={100 * r.upper95:.0f}%)" if r.upper95 >= 0.1 else f"0 (<={100 * r.upper95:.1f}%)"
-    return f"{r.k} {100 * r.value:.0f}% [{100 * r.low:.0f},{100 * r.high:.0f}]"
+    return (f"{r.k} " if count else "") + f"{100 * r.value:.0f}% [{100 * r.low:.0f},{100 * r.high:.0f}]"
+
+
+def _widths(heads: Sequence[str], table: Sequence[Sequence[str]]) -> list[int]:
+    return [1 + max([len(h), *(len(r[i]) for r in table)]) for i, h in enumerate(heads)]
+
+
+def mail_table(heads: Sequence[str], rows: Callable[[bool], Sequence[Sequence[str]]]
+               ) -> tuple[list[str], list[Sequence[str]], list[int]]:
+    """A mail table's header lines, rows and column widths: columns as wide as their widest
+    value, never cut (a cut "1000" reads "100"); `rows(True)` renders rates with their counts,
+    `rows(False)` without, which is what a table too wide for 72 columns gets."""
+    table = list(rows(True))
+    if sum(_widths(heads, table)) - 1 > MAIL_WIDTH:
+        table = list(rows(False))
+    widths = _widths(heads, table)
+    return (["".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip(),
+             "-" * (sum(widths) - 1)], table, widths)
+
+
+def mail_row(vals: Sequence[str], widths: Sequence[int]) -> str:
+    return "".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)).rstrip()
 
 
 def table_rows(cells: list[CellResult]) -> list[dict[str, Any]]:
@@ -207,33 +240,41 @@ def json_text(cells: list[CellResult], env: dict[str, Any] | None = None) -> str
 def mail(cells: list[CellResult], env: dict[str, Any], commands: list[str],
          costs: list[CostResult] | None = None) -> str:
     """Plain text for a mailing-list reply: at most 72 columns, nothing that needs rendering."""
-    cols = (("fs", 5), ("cache", 13), ("bar", 4), ("workload", 15), ("n", 4),
-            ("corrupt", 15), ("fsync-lost", 15))
+    heads = ("fs", "cache", "bar", "workload", "n", "corrupt", "fsync-lost")
     out = ["crashlab: host power loss at random instants, per guest config.",
            "corrupt = fsck errors after journal replay, or replay failed;",
            "fsync-lost = fsck clean but fsync'd data missing. n = states checked.",
            "k rate [95% Wilson interval]; 0 (<=x%) = 95% upper bound.", ""]
-    out.append("".join(name.ljust(w) for name, w in cols).rstrip())
-    out.append("-" * (sum(w for _, w in cols) - 1))
-    # What else tells rows apart (a disk model, a window sweep) heads a group of rows: the columns
-    # are as wide as 72 columns allow.
-    # A default window follows from the cache mode (said below the table).
+    # What else tells rows apart (a disk model, a window sweep) heads a group of rows, which keeps
+    # the table within 72 columns. A default window follows from the cache mode (said below it).
     swept = any(c.config.get("window_spec", "default") != "default" for c in cells)
     shown = ("fs", "cache", "barrier", "workload", *(() if swept else ("window",)))
     extra = [k for k in split_keys(cells)[0] if k not in shown]
+
+    def group_of(c: CellResult) -> tuple[str, ...]:
+        return tuple(str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in extra)
+
+    ordered = sorted(cells, key=lambda c: tuple(map(sort_value, extra, group_of(c))))
+
+    def rows(count: bool) -> list[tuple[str, ...]]:
+        return [tuple(str(v) for v in (c.config.get("fs", ""), c.config.get("cache", ""),
+                                       c.config.get("barrier", ""), c.config.get("workload", ""), c.checked,
+                                       _short_rate(c.corrupt, count), _short_rate(c.lost, count)))
+                for c in ordered]
+
+    lines, table, widths = mail_table(heads, rows)
+    out += lines
     group = None
-    for c in sorted(cells, key=lambda c: tuple(str(c.config.get(k, LATER_KEYS.get(k, ""))) for k in extra)):
-        if extra and group != (group := " ".join(f"{k}={c.config.get(k, LATER_KEYS.get(k, ''))}"
-                                                 for k in extra)):
+    for c, vals in zip(ordered, table, strict=True):
+        heading = " ".join(f"{k}={v}" for k, v in zip(extra, group_of(c), strict=True))
+        if extra and group != (group := heading):
             out.append(f"{group}:")
-        vals = (c.config.get("fs", ""), c.config.get("cache", ""), c.config.get("barrier", ""),
-                c.config.get("workload", ""), c.checked, _short_rate(c.corrupt), _short_rate(c.lost))
-        out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
+        out.append(mail_row(vals, widths))
     errors = sum(c.counts[Outcome.CHECKER_ERROR] for c in cells)
     if errors:
         out += ["", f"{errors} state(s) ended in {Outcome.CHECKER_ERROR} (not counted above)."]
     out += cost_mail(costs or [])
-    windows = sorted({str(c.config.get("window", "")) for c in cells})
+    windows = sorted({str(c.config.get("window", "")) for c in cells}, key=lambda w: sort_value("window", w))
     recorders = sorted({str(c.config.get("recorder", "")) for c in cells})
     out += ["", f"Volatility window(s): {', '.join(windows)}; recorder(s): {', '.join(recorders)}."]
     need = stats.states_needed(TARGET_BOUND)
@@ -528,17 +569,19 @@ def cost_mail(costs: list[CostResult]) -> list[str]:
     """The cost table's mail lines (72 columns), none when there are no costs."""
     if not costs:
         return []
-    cols = (("fs", 5), ("cache", 13), ("bar", 4), ("accel", 6), ("MB/s", 7), ("IOPS", 7), ("p50ms", 8),
-            ("p99ms", 8), ("corrupt", 14))
+    heads = ("fs", "cache", "bar", "accel", "MB/s", "IOPS", "p50ms", "p99ms", "corrupt")
     out = ["", "Cost of safety (fio in the guest, no recorder in the path;",
            "TCG = emulated CPU: compare modes only within one accelerator;",
            "corrupt pools every workload's states of that configuration):", ""]
-    out.append("".join(name.ljust(w) for name, w in cols).rstrip())
-    out.append("-" * (sum(w for _, w in cols) - 1))
-    for r in costs:
-        vals = (r.config.get("fs", ""), r.config.get("cache", ""), r.config.get("barrier", ""), r.accel,
-                *_cost_values(r), _short_rate(r.corrupt))
-        out.append("".join(str(v)[:w - 1].ljust(w) for v, (_, w) in zip(vals, cols, strict=True)).rstrip())
+
+    def rows(count: bool) -> list[tuple[str, ...]]:
+        return [tuple(str(v) for v in (r.config.get("fs", ""), r.config.get("cache", ""),
+                                       r.config.get("barrier", ""), r.accel, *_cost_values(r),
+                                       _short_rate(r.corrupt, count)))
+                for r in costs]
+
+    lines, table, widths = mail_table(heads, rows)
+    out += lines + [mail_row(vals, widths) for vals in table]
     sizes = sorted({f"{r.config.get('size_mib')} MiB file, {r.config.get('runtime_s')} s a job"
                     for r in costs})
     said = f"fio: {', '.join(sizes)}; guest images on the host's {host_storage(costs)}; measured with:"

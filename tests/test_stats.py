@@ -44,6 +44,21 @@ def test_clopper_pearson_upper_matches_binomial_tail() -> None:
     assert stats.binom_cdf(8, 30, u) == pytest.approx(0.05, abs=1e-6)
 
 
+@given(st.integers(1, 120), st.data())
+def test_binom_cdf_is_the_exact_binomial_sum(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(0, n))
+    p = data.draw(st.floats(0.001, 0.999))
+    exact = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+    assert stats.binom_cdf(k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+
+
+def test_bounds_of_cells_of_thousands_of_states() -> None:
+    """Pooled claims reach tens of thousands of states: no overflow, the tail still exact."""
+    for k, n in ((2500, 5000), (9000, 20000), (3, 60000)):
+        u = stats.rate(k, n).upper95
+        assert k / n < u < 1 and stats.binom_cdf(k, n, u) == pytest.approx(0.05, abs=1e-9)
+
+
 @pytest.mark.parametrize(("table", "p"), [
     ((1, 9, 11, 3), 0.002759),  # Fisher's lady tasting tea, as usually tabulated
     ((0, 30, 8, 22), 0.004575),  # 0/30 vs 8/30

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,23 @@ def test_mail_fits_72_columns_and_names_everything(store: Store) -> None:
     assert "1 state(s) ended in checker-error" in text
 
 
+def test_mail_never_cuts_a_value_to_fit() -> None:
+    """A cell of 1000 states once read "100": columns are as wide as their values, and the counts
+    before the rates go when the table would not fit."""
+    def cell(fs: str, cache: str, counts: dict[Outcome, int]) -> report.CellResult:
+        return report.CellResult(f"{fs}/{cache}", {"fs": fs, "cache": cache, "barrier": "off",
+                                                   "workload": "metadata_storm"}, Counter(counts))
+    cells = [cell("btrfs", "writethrough", {Outcome.CONSISTENT: 20}),
+             cell("ext4", "none", {Outcome.FS_INCONSISTENT: 697, Outcome.DATA_LOSS: 250,
+                                   Outcome.CONSISTENT: 53})]
+    lines = report.mail(cells, {}, []).splitlines()
+    assert max(len(line) for line in lines) <= 72
+    row = next(line for line in lines if line.startswith("ext4"))
+    assert row.split()[:5] == ["ext4", "none", "off", "metadata_storm", "1000"]
+    assert "70% [67,72]" in row and "25% [22,28]" in row
+    assert any(line.startswith("btrfs writethrough") for line in lines)
+
+
 def test_csv_json_markdown_agree(store: Store) -> None:
     cells = report.results(store)
     rows = list(csv.DictReader(io.StringIO(report.csv_text(cells))))
@@ -152,3 +170,16 @@ def test_each_cell_says_how_many_states_bound_it_below_the_target(store: Store) 
     assert (failing.states_for_bound, failing.bound_text) == (None, "-")  # a bound on zero does not apply
     assert f"| {need} ({need - 30} more) |" in report.markdown([clean])
     assert report.table_rows([clean])[0]["states_for_0.3pct"] == need
+
+
+def test_windows_are_ordered_by_length_not_as_text() -> None:
+    def cell(window: str, spec: str) -> report.CellResult:
+        return report.CellResult(f"ext4/{window}", {"fs": "ext4", "cache": "writeback", "barrier": "off",
+                                                    "workload": "mailserver", "window": window,
+                                                    "window_spec": spec}, Counter({Outcome.CONSISTENT: 5}))
+    windows = ["inf", "30s", "5s", "1s", "0.1s", "0s"]
+    text = report.mail([cell(w, w.removesuffix("s")) for w in windows], {}, [])
+    groups = [line.removeprefix("window=").rstrip(":") for line in text.splitlines()
+              if line.startswith("window=")]
+    assert groups == windows[::-1]
+    assert "Volatility window(s): 0s, 0.1s, 1s, 5s, 30s, inf;" in text
