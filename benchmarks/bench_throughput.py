@@ -6,9 +6,12 @@
 1. ext4 full pipeline (build, journal replay, fsck, fsync oracle): `campaign.run_check` units on
    `--jobs` workers, with the userspace checker (the default) and with the checker guest, on the
    same states of one real recording (smallfiles, writeback, barrier off: every outcome class).
-2. Harness overhead: the same per-state commands run by hand (sparse copy of a prepared image,
-   `e2fsck -E journal_only`, `e2fsck -fn`, one `debugfs -f` of the oracle's reads) in a shell loop,
-   on one core, against the engine's per-state seconds on one worker.
+2. Harness overhead: the engine's per-state commands run by hand on images prepared beforehand
+   (`e2fsck -E journal_only -z UNDO`, `e2fsck -fn`, one `debugfs -f` of the oracle's reads,
+   `e2undo`) in a shell loop, on one core, against the engine's per-state seconds on one worker
+   (which does the same work, but writes the undo file back in process instead of spawning
+   `e2undo`); and the copy-per-state loop the engine used to mirror (sparse copy, replay, fsck,
+   debugfs).
 3. XFS and btrfs full pipeline (checker guest under this host's accelerator) on `--jobs` workers,
    on a nofsync recording (hundreds of distinct states) and a smallfiles one (few, with barriers).
 4. Same-check mode: `crashlab crash check` of the ext4-dm-barrier-on fixture with
@@ -85,16 +88,17 @@ def pipeline(rec: Path, states: int, jobs: int, checker: str, unit: int = 50
     return len(results) / dt, len(results), counts
 
 
-def by_hand(rec: Path, states: int, tmp: Path) -> tuple[float, float]:
+def by_hand(rec: Path, states: int, tmp: Path) -> tuple[float, float, float]:
     """Seconds per state of the engine's own commands run by hand in a shell loop on prepared
-    images (one core), and of the engine on one worker over the same states."""
+    images (one core), of the copy-per-state loop, and of the engine on one worker over the same
+    states."""
     cell = cell_of(rec)
     ids = campaign.generate_states(cell, rec, states)
     outs = GuestOutputs(rec)
     promises = load_promises(outs.promises)
     prepared = tmp / "prepared"
     prepared.mkdir()
-    lines = []
+    lines, copying = [], []
     with logformat.open_log(outs.log) as reader:
         entries = reader.index()
         m = campaign.cell_model(cell, rec, entries)
@@ -105,18 +109,26 @@ def by_hand(rec: Path, states: int, tmp: Path) -> tuple[float, float]:
                 mat.build(st, prepared / f"{n}.img")
                 paths, attrs = promises.reads(crashstates.present_markers(entries, st.end))
                 (prepared / f"{n}.cmds").write_text(script(sorted(paths), sorted(attrs)).text)
-                lines.append(f"cp --sparse=always {n}.img s.img && "
-                             "e2fsck -E journal_only -y s.img >/dev/null 2>&1; "
-                             "e2fsck -fn s.img >/dev/null 2>&1; "
-                             f"debugfs -f {n}.cmds s.img >/dev/null 2>&1; rm -f s.img")
+                lines.append(f"rm -f u; e2fsck -E journal_only -y -z u {n}.img >/dev/null 2>&1; "
+                             f"e2fsck -fn {n}.img >/dev/null 2>&1; "
+                             f"debugfs -f {n}.cmds {n}.img >/dev/null 2>&1; "
+                             f"[ -e u ] && e2undo u {n}.img >/dev/null 2>&1")
+                copying.append(f"cp --sparse=always {n}.img s.img && "
+                               "e2fsck -E journal_only -y s.img >/dev/null 2>&1; "
+                               "e2fsck -fn s.img >/dev/null 2>&1; "
+                               f"debugfs -f {n}.cmds s.img >/dev/null 2>&1; rm -f s.img")
     (prepared / "loop.sh").write_text("\n".join(lines) + "\n")
+    (prepared / "copying.sh").write_text("\n".join(copying) + "\n")
     t0 = time.monotonic()
-    subprocess.run(["sh", "loop.sh"], cwd=prepared, check=True)
+    subprocess.run(["sh", "copying.sh"], cwd=prepared, check=True)
+    hand_copying = (time.monotonic() - t0) / len(ids)
+    t0 = time.monotonic()
+    subprocess.run(["sh", "loop.sh"], cwd=prepared, check=False)
     hand = (time.monotonic() - t0) / len(ids)
     t0 = time.monotonic()
     campaign.run_check(campaign.CheckUnit(cell, str(rec), tuple(ids)))
     engine = (time.monotonic() - t0) / len(ids)
-    return hand, engine
+    return hand, hand_copying, engine
 
 
 def same_check(tmp: Path, jobs: int) -> dict[str, float]:
@@ -165,8 +177,9 @@ def main() -> int:
         checkguest.close_live_guests()
         print(f"ext4 full pipeline, checker guest     : {grate:7.1f} states/s ({gn} states, {gcounts})")
         print(f"  userspace / guest                   : {rate / grate:7.1f}x")
-    hand, engine = by_hand(ext4, args.hand_states, tmp)
+    hand, hand_copying, engine = by_hand(ext4, args.hand_states, tmp)
     print(f"per state, same commands by hand       : {hand * 1000:7.1f} ms (shell loop, one core)")
+    print(f"per state, by hand with a copy a state : {hand_copying * 1000:7.1f} ms")
     print(f"per state, the engine on one worker    : {engine * 1000:7.1f} ms")
     print(f"  harness overhead                    : {100 * (engine / hand - 1):7.1f} %")
     if not args.skip_guest:
