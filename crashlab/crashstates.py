@@ -55,6 +55,7 @@ PAGE = 4096  # the host page cache's unit of writeback (DESIGN.md, "What the hos
 EXHAUSTIVE_MAX_VOLATILE = 10  # 2**10 subsets per crash point at most
 _TORN_SALT = 0x746F726E  # keeps the tear draws independent of the subset draw
 TEAR_PROBABILITY = 0.25
+ZERO_RUN = 1 << 20  # the stretch of a base write tested for zeroes, punched as a hole if so
 
 
 class CrashStateError(logformat.InputError, ValueError):
@@ -458,6 +459,10 @@ def _copy_range(fi: int, fo: int, off: int, length: int) -> None:
         off += n
 
 
+def _all_zero(piece: memoryview) -> bool:
+    return bytes(piece).count(0) == len(piece)
+
+
 class Materializer:
     """Builds crash-state images from one log, keeping a base image at the last durable point.
 
@@ -503,8 +508,23 @@ class Materializer:
             self.rebuilds += 1
         entries = self.reader.index()
         for e in entries[self._at:stable]:
-            logformat.apply(self.reader, e, self._fd)
+            if e.is_write:
+                self._write_sparse(e)
+            else:
+                logformat.apply(self.reader, e, self._fd)
         self._at = stable
+
+    def _write_sparse(self, e: logformat.Entry) -> None:
+        """Write an entry into the base, its all-zero stretches as holes: mkfs.xfs zeroes its whole
+        log, and a base that stores those zeroes costs every state's sparse copy a full read and
+        write of them (179 ms a state against 1.7 ms, measured). A hole reads as the same zeroes."""
+        data = memoryview(self.reader.data(e))
+        for start in range(0, len(data), ZERO_RUN):
+            piece = data[start:start + ZERO_RUN]
+            if _all_zero(piece):
+                logformat.punch_hole(self._fd, e.offset + start, len(piece))
+            else:
+                os.pwrite(self._fd, piece, e.offset + start)
 
     def _apply(self, fd: int, r: Resolved, undo: list[tuple[int, bytes]] | None) -> None:
         entries = self.reader.index()
