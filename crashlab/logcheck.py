@@ -20,13 +20,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crashlab import cluster, crashstates, logformat, model
+from crashlab import cluster, crashstates, logformat, model, readtrace
 from crashlab.check import inplace
 from crashlab.check.outcome import Outcome
 from crashlab.check.runner import CheckItem, check_batch
@@ -57,6 +57,7 @@ class LogCheck:
     read_only: bool = False  # the command never writes the image: no per-state copy
     checker: str = "auto"
     size: int | None = None
+    same_reads: bool = True  # a state the command would read the same bytes of reuses a verdict
 
 
 @dataclass
@@ -64,6 +65,7 @@ class StateVerdict:
     state_id: str
     outcome: Outcome
     reason: str
+    same_as: str = ""  # the state whose verdict this is: the command read the same bytes of both
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Summary:
     seconds: float = 0.0
     duplicates: int = 0
     jobs: int = 1
+    same_reads: int = 0  # states given an earlier state's verdict (readtrace)
+    untraced: str = ""  # why reads could not be traced, if they could not
 
     @property
     def rate(self) -> float:
@@ -82,9 +86,10 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         return {"states": self.states, "outcomes": dict(sorted(self.counts.items())),
                 "seconds": round(self.seconds, 3), "states_per_s": round(self.rate, 1), "jobs": self.jobs,
-                "duplicates_dropped": self.duplicates,
-                "failed": [{"state_id": v.state_id, "outcome": v.outcome.value, "reason": v.reason}
-                           for v in self.failed]}
+                "duplicates_dropped": self.duplicates, "same_reads": self.same_reads,
+                **({"untraced": self.untraced} if self.untraced else {}),
+                "failed": [{"state_id": v.state_id, "outcome": v.outcome.value, "reason": v.reason,
+                            **({"same_reads_as": v.same_as} if v.same_as else {})} for v in self.failed]}
 
 
 def plan(job: LogCheck) -> tuple[list[str], int]:
@@ -96,18 +101,32 @@ def plan(job: LogCheck) -> tuple[list[str], int]:
     return [s.id for s in camp.states], camp.duplicates
 
 
-def command_verdict(argv: Sequence[str], image: Path, timeout: float = CHECK_CMD_TIMEOUT
-                    ) -> tuple[Outcome, str]:
+def command_verdict(argv: Sequence[str], image: Path, timeout: float = CHECK_CMD_TIMEOUT,
+                    env: Mapping[str, str] | None = None) -> tuple[Outcome, str]:
     """The user's command on one image: exit 0 consistent, another exit inconsistent; a command
     that hangs, is missing or is killed says nothing about the image (a checker error)."""
-    run = run_tool([a.replace("{image}", str(image)) for a in argv], timeout)
+    run = run_tool([a.replace("{image}", str(image)) for a in argv], timeout, env=env)
     if run.missing or run.timed_out or run.rc is None or run.rc < 0:
         why = run.error or ("timed out" if run.timed_out else f"killed by signal {-(run.rc or 0)}")
         return Outcome.CHECKER_ERROR, f"{argv[0]}: {why}"
     if run.rc == 0:
         return Outcome.CONSISTENT, f"{argv[0]} exit 0"
-    first = (run.stdout + run.stderr).strip().splitlines()[-1:] or [""]
+    # The image's path is a scratch file's: named as the command line names it, the reason is the
+    # same from run to run (and for a state given this verdict for reading the same bytes).
+    first = (run.stdout + run.stderr).replace(str(image), "{image}").strip().splitlines()[-1:] or [""]
     return Outcome.FS_INCONSISTENT, f"{argv[0]} exit {run.rc}: {first[0][:200]}"
+
+
+def _judge(job: LogCheck, st: crashstates.CrashState, image: Path, memo: readtrace.SameReads[
+        tuple[Outcome, str]] | None, workdir: str) -> StateVerdict:
+    """The command's verdict on one state's image, its reads traced when `memo` keeps them."""
+    if memo is None:
+        return StateVerdict(st.id, *command_verdict(job.check_cmd, image))
+    with readtrace.tracing(image, workdir) as (env, log):
+        outcome, why = command_verdict(job.check_cmd, image, env=env)
+        if outcome is not Outcome.CHECKER_ERROR:  # a hang or a kill says nothing to reuse
+            memo.add(image, readtrace.read_log(log), (outcome, why), st.id)
+    return StateVerdict(st.id, outcome, why)
 
 
 def check_slice(job: LogCheck, ids: Sequence[str], stop: threading.Event | None = None
@@ -129,19 +148,26 @@ def check_slice(job: LogCheck, ids: Sequence[str], stop: threading.Event | None 
             return stop is not None and stop.is_set()
 
         if job.check_cmd:
+            memo = readtrace.SameReads[tuple[Outcome, str]]() if traced(job) else None
             with materializer() as mat:
                 for st in states:
                     if stopped():
                         break
-                    if job.read_only:
+                    verdict = None
+                    if memo is not None or job.read_only:
+                        # Checked out in place to be compared, even when the command gets a copy.
                         with mat.checkout(st) as image:
-                            outcome, why = command_verdict(job.check_cmd, image)
-                    else:
-                        image = Path(tmp) / "state.img"
-                        mat.build(st, image)
-                        outcome, why = command_verdict(job.check_cmd, image)
-                        image.unlink()
-                    out.append(StateVerdict(st.id, outcome, why))
+                            if memo is not None and (hit := memo.lookup(image)) is not None:
+                                (outcome, why), same = hit
+                                verdict = StateVerdict(st.id, outcome, why, same_as=same)
+                            elif job.read_only:
+                                verdict = _judge(job, st, image, memo, tmp)
+                    if verdict is None:
+                        copy = Path(tmp) / "state.img"
+                        mat.build(st, copy)
+                        verdict = _judge(job, st, copy, memo, tmp)
+                        copy.unlink()
+                    out.append(verdict)
             return out
         promises = load_promises(job.promises) if job.promises else None
 
@@ -172,6 +198,11 @@ def check_slice(job: LogCheck, ids: Sequence[str], stop: threading.Event | None 
             out.append(StateVerdict(rec.state_id, rec.outcome, rec.reason))
             Path(rec.image).unlink(missing_ok=True)
     return out
+
+
+def traced(job: LogCheck) -> bool:
+    """Whether the command's reads are traced, so verdicts can be reused (readtrace)."""
+    return bool(job.check_cmd) and job.same_reads and readtrace.library() is not None
 
 
 def slice_resources(job: LogCheck) -> dict[str, float]:
@@ -206,6 +237,8 @@ def _check_log(job: LogCheck, jobs: int | None, on_progress: Callable[[Summary, 
     ids, dupes = plan(job)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(ids) or 1))
     summary = Summary(duplicates=dupes, jobs=jobs)
+    if job.check_cmd and job.same_reads and not traced(job):  # built here once, not in each thread
+        summary.untraced = readtrace.unavailable()
     n = max(1, len(ids) // (jobs * SLICES_PER_JOB) + (len(ids) % (jobs * SLICES_PER_JOB) > 0))
     slices = [ids[k:k + n] for k in range(0, len(ids), n)]
     order = {sid: k for k, sid in enumerate(ids)}
@@ -246,5 +279,6 @@ def _check_log(job: LogCheck, jobs: int | None, on_progress: Callable[[Summary, 
 
 def _tally(summary: Summary, verdicts: list[StateVerdict]) -> list[StateVerdict]:
     summary.states += len(verdicts)
+    summary.same_reads += sum(bool(v.same_as) for v in verdicts)
     summary.counts.update(v.outcome.value for v in verdicts)
     return verdicts

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +73,8 @@ class ToolError(RuntimeError):
 
 
 def run(argv: Sequence[str | Path], timeout: float, *, input: bytes | None = None,
-        cwd: str | Path | None = None, stdout: int | None = subprocess.PIPE) -> Completed:
+        cwd: str | Path | None = None, stdout: int | None = subprocess.PIPE,
+        env: Mapping[str, str] | None = None) -> Completed:
     """Run `argv` to completion or its deadline; never raises for the tool's own failure."""
     args = [str(a) for a in argv]
     t0 = time.monotonic()
@@ -87,7 +88,7 @@ def run(argv: Sequence[str | Path], timeout: float, *, input: bytes | None = Non
     else:
         hook = die_with_parent
     try:
-        proc = _popen(spawn, input, stdout, cwd, hook)
+        proc = _popen(spawn, input, stdout, cwd, hook, env)
     except OSError as e:
         if e.errno != errno.ENOMEM or not getattr(_anchors, "ok", False):
             raise
@@ -95,7 +96,7 @@ def run(argv: Sequence[str | Path], timeout: float, *, input: bytes | None = Non
         _anchors.ok = None
         if not anchored():
             spawn = [SETPRIV, "--pdeathsig", "KILL", "--", *args] if SETPRIV else args
-        proc = _popen(spawn, input, stdout, cwd, hook)
+        proc = _popen(spawn, input, stdout, cwd, hook, env)
     timed_out = False
     try:
         out, err, timed_out = _communicate(proc, input, t0 + timeout)
@@ -119,10 +120,10 @@ def run(argv: Sequence[str | Path], timeout: float, *, input: bytes | None = Non
 
 
 def _popen(spawn: list[str], input: bytes | None, stdout: int | None, cwd: str | Path | None,
-           hook: Callable[[], None] | None) -> subprocess.Popen[bytes]:
+           hook: Callable[[], None] | None, env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
     with _in_anchor():
         return subprocess.Popen(spawn, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=stdout, stderr=subprocess.PIPE, cwd=cwd,
+                                stdout=stdout, stderr=subprocess.PIPE, cwd=cwd, env=env,
                                 start_new_session=True, preexec_fn=hook)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from crashlab import filesystems, proc
 from crashlab.check.outcome import ToolRun
@@ -18,7 +18,8 @@ from crashlab.check.outcome import ToolRun
 DEFAULT_TIMEOUT = 120.0
 
 
-def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None) -> ToolRun:
+def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None,
+             env: Mapping[str, str] | None = None) -> ToolRun:
     """Run `argv`, never raising for the tool's own failures: those are data for the record.
 
     crashlab.proc runs it: its own process group (a timeout kills the wrapper's children too), death
@@ -35,7 +36,7 @@ def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, cwd: str | N
         run.error = f"{argv[0]} not found"
         return run
     # Pipes, not ptys: a guest has none.
-    done = proc.run([path, *argv[1:]], timeout, cwd=cwd)
+    done = proc.run([path, *argv[1:]], timeout, cwd=cwd, env=env)
     run.timed_out = done.timed_out
     run.rc = done.returncode  # None: killed at the deadline; negative: killed from elsewhere
     run.stdout = _text(done.stdout)

@@ -165,13 +165,18 @@ def build(log: Path, state_id: str, image: Path, size: int | None, salvage: bool
               "--fsck does.")
 @click.option("--read-only", is_flag=True,
               help="The --check-cmd never writes the image: check each state in place, no copy.")
+@click.option("--no-same-reads", "same_reads", flag_value=False, default=True,
+              help="Run the --check-cmd on every state, even one whose bytes at every offset the "
+              "command read for an earlier state are the same (by default that state gets the earlier "
+              "verdict: the command's reads are traced).")
 @click.option("--checker", type=click.Choice(CHECKERS), default="auto", show_default=True,
               help="Where the built-in checks mount: auto = ext4 in userspace, XFS/btrfs in a guest.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Workers [default: every core].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def check(log: Path, fs: str, recorder: str | None, cache: str | None, promises: Path | None, strategy: str,
           count: int | None, seed: int, window: str | None, torn: str | None, baseline: str,
-          check_cmd: str | None, read_only: bool, checker: str, jobs: int | None, as_json: bool) -> None:
+          check_cmd: str | None, read_only: bool, same_reads: bool, checker: str, jobs: int | None,
+          as_json: bool) -> None:
     """Check LOG's crash states and print the outcome counts.
 
     Exits 0 when every state is consistent, 1 when some are not, 4 when none failed but some could
@@ -184,6 +189,8 @@ def check(log: Path, fs: str, recorder: str | None, cache: str | None, promises:
             raise click.UsageError("--check-cmd must name the image as {image}, e.g. 'e2fsck -fn {image}'")
     elif read_only:
         raise click.UsageError("--read-only is about --check-cmd")
+    elif not same_reads:
+        raise click.UsageError("--no-same-reads is about --check-cmd")
     recorded = _recorded(log)
     if recorded is None and (recorder is None or cache is None):
         raise click.UsageError(f"{log}: no run.json beside it: give --recorder and --cache")
@@ -195,7 +202,8 @@ def check(log: Path, fs: str, recorder: str | None, cache: str | None, promises:
         raise CrashlabError(f"{log}: {e}") from None
     if count is None:
         count = 1000 if strategy in ("random", "epochs", "writeback-order", "prefix") else 1 << 30
-    job = logcheck.LogCheck(log, cfg, fs, strategy, count, seed, promises, argv, read_only, checker)
+    job = logcheck.LogCheck(log, cfg, fs, strategy, count, seed, promises, argv, read_only, checker,
+                            same_reads=same_reads)
 
     def progress(s: logcheck.Summary, total: int) -> None:
         if not as_json and sys.stderr.isatty():
@@ -221,6 +229,12 @@ def check(log: Path, fs: str, recorder: str | None, cache: str | None, promises:
                    f"{summary.jobs} workers, {summary.seconds:.1f} s ({summary.rate:.1f} states/s)")
         for name, n in sorted(summary.counts.items()):
             click.echo(f"  {name:16} {n}")
+        if summary.same_reads:
+            click.echo(f"  ({summary.same_reads} of them given an earlier state's verdict: the command "
+                       "read the same bytes of both; --no-same-reads runs it on each)")
+        if summary.untraced:
+            click.echo(f"  (the command ran on every state: its reads cannot be traced here: "
+                       f"{summary.untraced})")
         for v in summary.failed[:20]:
             click.echo(f"  {v.outcome.value}: {v.state_id}: {v.reason}")
         if len(summary.failed) > 20:
