@@ -36,6 +36,7 @@ from crashlab.oracle import load_promises
 
 CHECK_CMD_TIMEOUT = 300.0
 SLICES_PER_JOB = 4  # smaller slices balance the workers; each costs one base replay
+MIN_SLICE = 250  # states: a short check is cut once per worker, not finer (one replay each)
 
 
 class LogCheckError(logformat.InputError):
@@ -239,7 +240,8 @@ def _check_log(job: LogCheck, jobs: int | None, on_progress: Callable[[Summary, 
     summary = Summary(duplicates=dupes, jobs=jobs)
     if job.check_cmd and job.same_reads and not traced(job):  # built here once, not in each thread
         summary.untraced = readtrace.unavailable()
-    n = max(1, len(ids) // (jobs * SLICES_PER_JOB) + (len(ids) % (jobs * SLICES_PER_JOB) > 0))
+    cuts = max(jobs, min(jobs * SLICES_PER_JOB, len(ids) // MIN_SLICE))
+    n = max(1, -(-len(ids) // cuts))
     slices = [ids[k:k + n] for k in range(0, len(ids), n)]
     order = {sid: k for k, sid in enumerate(ids)}
     results: list[StateVerdict] = []
