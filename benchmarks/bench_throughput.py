@@ -137,10 +137,13 @@ def same_check(tmp: Path, jobs: int) -> dict[str, float]:
             "writeback", "--strategy", "prefix-fua", "--check-cmd", "e2fsck -fn {image}", "--json",
             "-j", str(jobs)]
     out: dict[str, float] = {}
-    for name, extra in (("copy", []), ("read-only", ["--read-only"])):
+    each = "--no-same-reads"
+    for name, extra in (("copy", []), ("read-only", ["--read-only"]), ("copy-each", [each]),
+                        ("read-only-each", ["--read-only", each])):
         r = subprocess.run(base + extra, capture_output=True, text=True, check=False)
         out[name] = json.loads(r.stdout)["states_per_s"]
         out["states"] = json.loads(r.stdout)["states"]
+        out[name + "-reused"] = json.loads(r.stdout)["same_reads"]
     images = tmp / "fua"
     subprocess.run([sys.executable, "-m", "crashlab", "crash", "generate", log, "--recorder", "dm", "--cache",
                     "writeback", "--baseline", "none", "--strategy", "prefix-fua", "--count", "100000",
@@ -194,11 +197,15 @@ def main() -> int:
                       f"({workload}, {fn} distinct states, {fcounts})")
     sc = same_check(tmp, args.jobs)
     print(f"same-check, crash check (copies)       : {sc['copy']:7.1f} states/s "
-          f"({sc['states']:.0f} prefix-fua states)")
+          f"({sc['states']:.0f} prefix-fua states, {sc['copy-reused']:.0f} given an earlier verdict)")
     print(f"same-check, crash check --read-only    : {sc['read-only']:7.1f} states/s")
+    print(f"same-check, --no-same-reads (copies)   : {sc['copy-each']:7.1f} states/s (the command on each)")
+    print(f"same-check, --no-same-reads --read-only: {sc['read-only-each']:7.1f} states/s")
     print(f"same-check, bare shell loop            : {sc['loop']:7.1f} states/s")
     print(f"  crash check / loop                  : {sc['copy'] / sc['loop']:7.2f}x (copies), "
           f"{sc['read-only'] / sc['loop']:.2f}x (--read-only)")
+    print(f"  --no-same-reads / loop              : {sc['copy-each'] / sc['loop']:7.2f}x (copies), "
+          f"{sc['read-only-each'] / sc['loop']:.2f}x (--read-only)")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
