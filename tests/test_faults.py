@@ -82,6 +82,13 @@ def still_alive(procs: dict[int, str]) -> list[tuple[int, str]]:
             if (fields := _stat(pid)) and fields[0] != "Z" and fields[19] == start]
 
 
+def dir_owners(dirs: set[Path]) -> list[tuple[int, str]]:
+    """The live processes that run directories are named after."""
+    owners = {int(d.name.removeprefix(rundir.PREFIX).partition("-")[0]) for d in dirs
+              if rundir.owner_alive(d.name)}
+    return [(pid, _cmdline(pid)[:160]) for pid in sorted(owners)]
+
+
 def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
     found = []
     for entry in os.listdir("/proc"):
@@ -142,8 +149,11 @@ def kill(p: subprocess.Popen[str], kind: str) -> tuple[str, dict[int, str]]:
 def assert_nothing_left(pid: int, procs: dict[int, str], before: set[Path], tag: str) -> None:
     seen = run_dirs() - before  # the dead run's and its workers': what its QEMUs name
     needles = (tag, *(str(d) for d in seen))
-    end = time.monotonic() + 15  # PR_SET_PDEATHSIG deaths are asynchronous
-    while ((left := still_alive(procs) + processes_mentioning(*needles)) and time.monotonic() < end):
+    end = time.monotonic() + 30  # PR_SET_PDEATHSIG deaths are asynchronous, and slow under load
+    # The owners of those directories too: a worker started after the snapshot (a nanny replacing
+    # one the kill took) is the run's as much as one that was there.
+    while ((left := still_alive(procs) + processes_mentioning(*needles) + dir_owners(seen))
+           and time.monotonic() < end):
         time.sleep(0.1)
     assert left == [], f"processes left behind: {left}"
     subprocess.run([*CRASHLAB, "--version"], check=True, capture_output=True)  # reclaims the dead's
