@@ -5,18 +5,27 @@ sockets and consoles, mount points. A `kill -9` leaves them all behind, and noth
 owner knew they were there. So every one of them lives under one directory named after its owner
 (`crashlab-run-<pid>-<start time>`): the next crashlab command removes every such directory whose
 owner is no longer running (a pid reused by another process has another start time).
+
+Python's multiprocessing leaves one more kind of file: a named semaphore (`/dev/shm/sem.mp-*`) of
+the spawn context, which Dask's nannies use, is unlinked by multiprocessing's resource tracker, and
+a `kill -9` of the process group takes the tracker too. sem_open maps the file before it gives it
+its name and every user keeps it mapped, so one that no process maps is nobody's: it goes too.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 PREFIX = "crashlab-run-"
 SHM = Path("/dev/shm")
+SEMAPHORE_PREFIX = "sem.mp-"  # multiprocessing's named semaphores
+SEMAPHORE_MIN_AGE_S = 60.0  # younger ones are left alone, whatever the maps say
 
 _active: dict[str, Path] = {}
 _owner = ""
@@ -67,7 +76,46 @@ def reclaim() -> list[Path]:
             if not owner_alive(name):
                 shutil.rmtree(root / name, ignore_errors=True)
                 removed.append(root / name)
+    return removed + reclaim_semaphores()
+
+
+def reclaim_semaphores(min_age: float = SEMAPHORE_MIN_AGE_S) -> list[Path]:
+    """Remove multiprocessing's named semaphores that no process maps; what was removed."""
+    try:
+        now = time.time()
+        old = [(e.name, e.stat().st_ino) for e in os.scandir(SHM)
+               if e.name.startswith(SEMAPHORE_PREFIX) and now - e.stat().st_mtime >= min_age]
+    except OSError:
+        return []
+    if not old:
+        return []
+    used = _inodes_mapped_from(SHM)
+    removed = []
+    for name, inode in old:
+        if inode not in used:
+            with contextlib.suppress(OSError):
+                (SHM / name).unlink()
+                removed.append(SHM / name)
     return removed
+
+
+def _inodes_mapped_from(directory: Path) -> set[int]:
+    """Inodes of the files in `directory` that some process maps. By inode, not name: glibc's
+    sem_open maps a temporary file and links it to the name after, so the maps name the other."""
+    prefix = f"{directory}/"
+    inodes = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(None, 5)  # address perms offset dev inode [path]
+                    if len(fields) == 6 and fields[5].startswith(prefix):
+                        inodes.add(int(fields[4]))
+        except (OSError, ValueError):
+            continue
+    return inodes
 
 
 def _mine(root: Path) -> Path:

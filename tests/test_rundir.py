@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,38 @@ def test_signals_unwind_and_exit_130_and_143(tmp_path: Path) -> None:
         assert rc == status, p.stderr.read() if p.stderr else ""
         assert not scratch.exists()
         assert subprocess.run(["pgrep", "-f", "sleep 600", "-P", str(p.pid)], capture_output=True).returncode
+
+
+LEAKY = """
+import multiprocessing, sys
+lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore, unlinked by the tracker
+print(lock._semlock.name, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_semaphore_a_killed_process_group_left_is_reclaimed_and_a_live_one_kept(tmp_path: Path) -> None:
+    # A campaign's Dask nannies make these; a kill -9 of the group takes the tracker that would
+    # have unlinked them.
+    import multiprocessing
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-c", LEAKY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    assert p.stdout is not None
+    dead = rundir.SHM / ("sem." + p.stdout.readline().strip().lstrip("/"))
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    live = multiprocessing.get_context("spawn").Lock()  # this process maps it
+    kept = rundir.SHM / ("sem." + live._semlock.name.lstrip("/"))  # type: ignore[attr-defined]
+    try:
+        assert dead.exists() and kept.exists()
+        assert rundir.reclaim_semaphores() == [] and dead.exists()  # too young to judge
+        old = time.time() - 2 * rundir.SEMAPHORE_MIN_AGE_S
+        for f in (dead, kept):
+            os.utime(f, (old, old))
+        assert dead in rundir.reclaim() and not dead.exists()
+        assert kept.exists(), "a live process's semaphore was removed"
+    finally:
+        dead.unlink(missing_ok=True)
+        del live
