@@ -40,3 +40,13 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_more() -> None:
+    """Once an interrupt has unwound the run, what is left (exit handlers, the local cluster's
+    close) finishes and the documented status is given: a second SIGINT or SIGTERM then would
+    otherwise land after the interpreter has put the default handlers back and end the process
+    by the signal itself (seen as status -2 in the kill loop). SIGKILL still ends it."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)

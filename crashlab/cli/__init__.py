@@ -79,9 +79,11 @@ def main() -> None:
         with signals.sigterm_raises():
             status = cli.main(prog_name="crashlab", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        signals.ignore_more()
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except signals.Terminated:
+        signals.ignore_more()
         click.echo("terminated", err=True)
         sys.exit(EXIT_TERMINATED)
     except click.ClickException as e:
