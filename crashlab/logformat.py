@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import lzma
 import mmap
@@ -37,6 +36,7 @@ from types import TracebackType
 from typing import IO, BinaryIO
 
 from crashlab import markers, rundir
+from crashlab.proc import LIBC
 
 MAGIC = 0x6A736677736872
 VERSION = 1
@@ -573,8 +573,7 @@ class LogWriter:
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -582,7 +581,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     writing zeroes where the filesystem cannot punch holes."""
     if length <= 0:
         return
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    if LIBC.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return
     err = ctypes.get_errno()
     if err not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV):

@@ -42,6 +42,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError, netns  # type: ignore[import-untyped]
 
 from crashlab import rundir
+from crashlab.proc import LIBC
 
 PREFIX = "crashlab-ns-"
 NETNS_DIR = "/run/netns"
@@ -146,7 +147,6 @@ _SYS_BPF = 321  # x86_64
 _SCHED_CLS = 3
 _SYS_SETNS, _CLONE_NEWNET = 308, 0x40000000  # x86_64
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _insn(code: int, imm: int = 0, off: int = 0) -> bytes:
@@ -176,7 +176,7 @@ def load_bpf(program: bytes, name: str) -> int:
                        ctypes.addressof(license_), 1, len(log), ctypes.addressof(log), 0, 0,
                        name.encode()[:15])
     buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
-    fd = int(_libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, buf, 128))
+    fd = int(LIBC.syscall(_SYS_BPF, _BPF_PROG_LOAD, buf, 128))
     if fd < 0:
         err = ctypes.get_errno()
         raise NetnsError(f"the kernel refused the loss program: {os.strerror(err)} "
@@ -241,7 +241,7 @@ def _create(name: str) -> None:
         os.close(go_w)
 
         def unshare() -> bytes:
-            if _libc.unshare(_CLONE_NEWNET) != 0:
+            if LIBC.unshare(_CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
             os.write(w, b"ready")  # then wait until the parent has bound our namespace
             os.read(go_r, 1)
@@ -263,7 +263,7 @@ def _create(name: str) -> None:
 def _setns(name: str) -> None:
     fd = os.open(f"{NETNS_DIR}/{name}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syscall(_SYS_SETNS, fd, _CLONE_NEWNET) != 0:
+        if LIBC.syscall(_SYS_SETNS, fd, _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns into {name} failed")
     finally:
         os.close(fd)

@@ -40,7 +40,9 @@ DRAIN_S = 2.0  # how long the pipes are read after the group is killed
 # preexec hook costs a full fork per spawn: there, tools spawn without it.
 IN_GUEST = os.environ.get("CRASHLAB_IN_GUEST") == "1"
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# The process's own symbols, libc's among them: ctypes.util.find_library would spawn ldconfig
+# (tenths of a second under TCG) every time it is asked.
+LIBC = ctypes.CDLL(None, use_errno=True)
 SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
 UNSHARE = shutil.which("unshare")
 SLEEP = shutil.which("sleep")
@@ -51,7 +53,7 @@ _anchors = threading.local()
 
 def die_with_parent() -> None:
     """For preexec_fn: SIGKILL this child when the process that spawned it dies."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -222,13 +224,13 @@ def _in_anchor() -> Iterator[None]:
         yield
         return
     there, home = held.there, held.home
-    if _libc.setns(there, CLONE_NEWPID) != 0:
+    if LIBC.setns(there, CLONE_NEWPID) != 0:
         _anchors.ok = False  # cannot happen once it worked; setpriv from now on
         raise OSError(ctypes.get_errno(), "setns into the anchor's PID namespace")
     try:
         yield
     finally:
-        if _libc.setns(home, CLONE_NEWPID) != 0:
+        if LIBC.setns(home, CLONE_NEWPID) != 0:
             raise OSError(ctypes.get_errno(), "setns back into this process's PID namespace")
 
 
@@ -250,7 +252,7 @@ def _anchor() -> _Anchor | None:
             there = os.open(f"/proc/{init}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
             if os.fstat(there).st_ino == os.fstat(home).st_ino:
                 os.close(there)  # the child, before unshare's namespace: look again
-            elif _libc.setns(there, CLONE_NEWPID) == 0 and _libc.setns(home, CLONE_NEWPID) == 0:
+            elif LIBC.setns(there, CLONE_NEWPID) == 0 and LIBC.setns(home, CLONE_NEWPID) == 0:
                 return _Anchor(p, there, home)
             else:  # no permission after all (a container): setpriv it is
                 os.close(there)

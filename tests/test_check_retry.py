@@ -258,3 +258,17 @@ def test_a_cells_own_kernel_and_qemu_boot_its_checker_guest(monkeypatch: pytest.
     backend = GuestMounts(kernel="/k/bzImage", modules="/k/modules", qemu="/opt/qemu")
     backend.mount_batch(fake.requests, timeout=5)
     assert provisioned == [("/k/bzImage", "/k/modules")] and booted == ["/opt/qemu"]
+
+
+def test_results_are_taken_line_by_line_and_a_line_being_written_waits(tmp_path: Path) -> None:
+    path = tmp_path / results_name(0)
+    first = json.dumps({"index": 0, "event": "start"}) + "\n"
+    path.write_text(first + '{"index": 0, "ev')
+    evs, read = checkguest._events(path)
+    assert [e["event"] for e in evs] == ["start"] and read == len(first)
+    with path.open("a") as f:
+        f.write('ent": "done"}\n' + "not json\n")
+    evs, read = checkguest._events(path, read)
+    assert [e["event"] for e in evs] == ["done"] and read == path.stat().st_size
+    assert checkguest._events(path, read) == ([], read)
+    assert checkguest._events(tmp_path / "absent", 0) == ([], 0)

@@ -26,6 +26,7 @@ from crashlab import filesystems
 from crashlab.check.outcome import ToolRun, violation_to_json
 from crashlab.check.tools import run_tool
 from crashlab.oracle import Promises, Tree, load_promises
+from crashlab.proc import LIBC
 
 MOUNT_TIMEOUT = 120.0
 MNT_EX_FAIL = 32  # what mount(8) and umount(8) exit with when the call fails
@@ -207,8 +208,7 @@ def _syscall(argv: list[str], call: str, args: tuple[Any, ...], timeout: float) 
     errno: list[int] = []
 
     def go() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        errno.append(0 if getattr(libc, call)(*args) == 0 else ctypes.get_errno())
+        errno.append(0 if getattr(LIBC, call)(*args) == 0 else ctypes.get_errno())
     t0 = time.monotonic()
     thread = threading.Thread(target=go, daemon=True, name=call)
     thread.start()

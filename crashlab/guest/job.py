@@ -111,7 +111,13 @@ def boot(job: GuestJob, guest: Guest, *, initrd: Path | None = None, append: str
 
 
 def read_guest_file(path: Path, limit: int = READ_LIMIT) -> str | None:
-    """A file the guest wrote, as text; None if there is none.
+    """A file the guest wrote, as text; None if there is none (read_guest_bytes says how)."""
+    data = read_guest_bytes(path, limit)
+    return None if data is None else data.decode(errors="replace")
+
+
+def read_guest_bytes(path: Path, limit: int = READ_LIMIT, offset: int = 0) -> bytes | None:
+    """A file the guest wrote, from byte `offset`; None if there is none.
 
     The guest owns the share, so a name there may be a link it planted to a host file, or a FIFO
     that would block the host: only a regular file is read, never through a link, and at most
@@ -126,7 +132,9 @@ def read_guest_file(path: Path, limit: int = READ_LIMIT) -> str | None:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise GuestFileError(f"{path}: refused: not a regular file")
-        return f.read(limit).decode(errors="replace")
+        if offset:
+            f.seek(offset)
+        return f.read(limit)
 
 
 def read_guest_json(path: Path) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import json
 import os
@@ -33,6 +32,7 @@ from crashlab.check.mounts import HostMounts, OracleSpec
 from crashlab.check.tools import run_tool
 from crashlab.guest.inguest.init import OUT
 from crashlab.guest.inguest.runtime import Result, load_fs_modules
+from crashlab.proc import LIBC
 
 READY = "serving"  # result.json status once `serve` takes batches
 POLL_S = 0.02  # how often an idle serving guest looks for the next batch
@@ -45,10 +45,9 @@ _LEVEL = re.compile(r"^<\d+>", re.MULTILINE)
 def kernel_messages() -> str:
     """Read and clear the kernel ring buffer: what `dmesg -c` prints, without a process."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        size = libc.klogctl(SYSLOG_ACTION_SIZE_BUFFER, None, 0)
+        size = LIBC.klogctl(SYSLOG_ACTION_SIZE_BUFFER, None, 0)
         buf = ctypes.create_string_buffer(max(size, 1))
-        n = libc.klogctl(SYSLOG_ACTION_READ_CLEAR, buf, size) if size > 0 else -1
+        n = LIBC.klogctl(SYSLOG_ACTION_READ_CLEAR, buf, size) if size > 0 else -1
     except (OSError, AttributeError):
         n = -1
     if n < 0:
@@ -71,8 +70,8 @@ def _oracle(req: dict[str, Any]) -> OracleSpec | None:
 
 
 def check_one(req: dict[str, Any], dev: str, mounts: HostMounts, timeout: float, out: Path
-              ) -> dict[str, object]:
-    """Mount one image's device as asked; the `done` event the host reads."""
+              ) -> tuple[dict[str, object], dict[str, float]]:
+    """Mount one image's device as asked; the `done` event the host reads, and its steps' timings."""
     tree = out / "trees" / str(req["index"]) if req["tree"] else None  # made only for a copy
     steps = mounts.mount_steps(Path(dev), req["fs"], recover=req["recover"], tree_dest=tree,
                                timeout=timeout, oracle=_oracle(req))
@@ -80,7 +79,7 @@ def check_one(req: dict[str, Any], dev: str, mounts: HostMounts, timeout: float,
             "recovery": steps.recovery.to_dict() if steps.recovery else None,
             "tree": steps.tree.to_dict() if steps.tree else None,
             "violations": steps.violations, "oracle_error": steps.oracle_error,
-            "timings": steps.timings, "kernel_log": kernel_messages()}
+            "kernel_log": kernel_messages()}, steps.timings
 
 
 @contextlib.contextmanager
@@ -143,13 +142,19 @@ def serve(job: dict[str, Any], result: Result, out: Path = OUT) -> int:
                     load_fs_modules(req["fs"])
                     loaded.add(req["fs"])
                     kernel_messages()
-                emit({"index": req["index"], "event": "start", "uptime": time.monotonic()})
+                t0 = time.monotonic()
+                emit({"index": req["index"], "event": "start", "uptime": t0})
                 try:
                     with loop_device(out / req["image"]) as dev:
-                        done = check_one(req, dev, mounts, batch["timeout"], out)
+                        t1 = time.monotonic()
+                        done, timings = check_one(req, dev, mounts, batch["timeout"], out)
+                        t2 = time.monotonic()
                 except OSError as e:
                     emit({"index": req["index"], "event": "missing", "error": str(e)})
                     continue
+                t3 = time.monotonic()
+                # Beside the mounts' own: what the whole image cost the guest, for profiles.
+                done["timings"] = timings | {"attach": t1 - t0, "detach": t3 - t2, "guest": t3 - t0}
                 emit(done)
         k += 1
     result.set(status="done")
