@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--modes", default="writeback,unsafe,writethrough")
     ap.add_argument("logs", nargs="*")
     args = ap.parse_args()
-    cases = [(Path(p), "dm", None) for p in args.logs] or [(FIXTURES / f"{n}.log.xz", r, b)
-                                                           for n, r, b in CASES]
+    cases: list[tuple[Path, str, str | None]] = [(Path(p), "dm", None) for p in args.logs]
+    cases = cases or [(FIXTURES / f"{n}.log.xz", r, b) for n, r, b in CASES]
     workdir = cs.default_workdir()
     print(f"workdir {workdir or tempfile.gettempdir()}, {args.count} random states per row, window inf")
     print(f"{'log':<26} {'mode':<12} {'vol/st':>7} {'build/s':>8} {'checkout/s':>10} "
