@@ -58,13 +58,7 @@ def interrupt(dask_worker: Any) -> None:
 def _terminate_children() -> None:
     me = str(os.getpid())
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        if stat.rpartition(")")[2].split()[1] == me:  # field 4: the parent's pid
+        if proc.name.isdigit() and (fields := rundir.proc_stat(int(proc.name))) and fields[1] == me:
             with contextlib.suppress(OSError):
                 os.kill(int(proc.name), signal.SIGTERM)
 

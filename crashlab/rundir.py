@@ -31,29 +31,38 @@ _active: dict[str, Path] = {}
 _owner = ""
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None
-    once it is gone or a zombie (it holds nothing then, and its parent may not reap it soon)."""
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1], start time
+    [19]), or [] for a process that is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
-    return None if fields[0] in ("Z", "X") else fields[19]
+        return []
+    return stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    once it is gone or a zombie (it holds nothing then, and its parent may not reap it soon)."""
+    fields = proc_stat(pid)
+    return None if not fields or fields[0] in ("Z", "X") else fields[19]
 
 
 def owner_tag(pid: int | None = None) -> str:
     pid = os.getpid() if pid is None else pid
-    return f"{pid}-{_start_time(pid)}"
+    return f"{pid}-{start_time(pid)}"
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid a run directory is named after (pure)."""
+    pid_text = name.removeprefix(PREFIX).partition("-")[0]
+    return int(pid_text) if pid_text.isdigit() else None
 
 
 def owner_alive(name: str) -> bool:
     """Whether the process a run directory is named after still runs (pure but for /proc)."""
-    tag = name.removeprefix(PREFIX)
-    pid_text, _, start = tag.partition("-")
-    if not pid_text.isdigit():
-        return False
-    return _start_time(int(pid_text)) == start
+    pid = owner_pid(name)
+    return pid is not None and f"{pid}-{start_time(pid)}" == name.removeprefix(PREFIX)
 
 
 def roots() -> list[Path]:
@@ -83,8 +92,8 @@ def reclaim_semaphores(min_age: float = SEMAPHORE_MIN_AGE_S) -> list[Path]:
     """Remove multiprocessing's named semaphores that no process maps; what was removed."""
     try:
         now = time.time()
-        old = [(e.name, e.stat().st_ino) for e in os.scandir(SHM)
-               if e.name.startswith(SEMAPHORE_PREFIX) and now - e.stat().st_mtime >= min_age]
+        stats = [(e.name, e.stat()) for e in os.scandir(SHM) if e.name.startswith(SEMAPHORE_PREFIX)]
+        old = [(name, st.st_ino) for name, st in stats if now - st.st_mtime >= min_age]
     except OSError:
         return []
     if not old:

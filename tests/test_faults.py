@@ -51,22 +51,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1], start time
-    [19]), or [] for a process that is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return []
-
-
 def descendants(root: int) -> dict[int, str]:
     """Every live process below `root`, with its start time: a pid reused later is not the same
     process."""
     children: dict[int, list[int]] = {}
     starts: dict[int, str] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) and fields[0] != "Z":
+        if entry.isdigit() and (fields := rundir.proc_stat(int(entry))) and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry))
             starts[int(entry)] = fields[19]
     found, todo = {}, list(children.get(root, []))
@@ -79,13 +70,12 @@ def descendants(root: int) -> dict[int, str]:
 
 def still_alive(procs: dict[int, str]) -> list[tuple[int, str]]:
     return [(pid, _cmdline(pid)[:160]) for pid, start in procs.items()
-            if (fields := _stat(pid)) and fields[0] != "Z" and fields[19] == start]
+            if rundir.start_time(pid) == start]
 
 
 def dir_owners(dirs: set[Path]) -> list[tuple[int, str]]:
     """The live processes that run directories are named after."""
-    owners = {int(d.name.removeprefix(rundir.PREFIX).partition("-")[0]) for d in dirs
-              if rundir.owner_alive(d.name)}
+    owners = {pid for d in dirs if rundir.owner_alive(d.name) and (pid := rundir.owner_pid(d.name))}
     return [(pid, _cmdline(pid)[:160]) for pid in sorted(owners)]
 
 
@@ -94,7 +84,7 @@ def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             cmd = _cmdline(int(entry))
-            if any(n in cmd for n in needles) and (fields := _stat(int(entry))) and fields[0] != "Z":
+            if any(n in cmd for n in needles) and rundir.start_time(int(entry)) is not None:
                 found.append((int(entry), cmd[:160]))
     return found
 

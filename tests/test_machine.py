@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from crashlab import rundir
 from crashlab.cachemodes import CACHE_MODES
 from crashlab.guest.inguest import dm as guest_dm
 from crashlab.guest.inguest.init import guest_env
@@ -93,11 +94,7 @@ def _exec_machine(guest: Guest, out: Path, argv: list[str], timeout: float = 120
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    return rundir.start_time(pid) is not None
 
 
 @pytest.mark.guest

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crashlab import proc
+from crashlab import proc, rundir
 from crashlab.check.tools import run_tool
 
 # A tool's pid as this test sees it: `$$` is its pid inside the anchor's PID namespace, while
@@ -21,10 +21,7 @@ HOST_PID = "read -r pid rest < /proc/self/stat; echo $pid"
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    return rundir.start_time(pid) is not None
 
 
 def test_a_hung_tool_whose_child_holds_stdout_still_times_out(tmp_path: Path) -> None:
