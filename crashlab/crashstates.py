@@ -57,6 +57,7 @@ _TORN_SALT = 0x746F726E  # keeps the tear draws independent of the subset draw
 TEAR_PROBABILITY = 0.25
 ZERO_RUN = 1 << 20  # the stretch of a base write tested for zeroes, punched as a hole if so
 ZERO_TESTED = 32 << 10  # writes smaller than this go to the base as they are
+CHECKOUT_MAX_BYTES = 256 << 20  # overwritten bytes a checkout may hold in memory
 
 
 class CrashStateError(logformat.InputError, ValueError):
@@ -572,10 +573,21 @@ class Materializer:
                 os.close(fd)
         return r
 
+    def written(self, state: CrashState) -> int:
+        """The bytes the state's ops write over the base, at most what a checkout keeps in memory."""
+        entries = self.reader.index()
+        return sum(entries[i].length for i, _ in self.resolve(state).ops())
+
+    def checkout_fits(self, state: CrashState) -> bool:
+        """Whether a checkout of the state keeps at most CHECKOUT_MAX_BYTES of overwritten bytes
+        in memory (a window with gigabytes of unflushed writes is built as a copy instead)."""
+        return self.written(state) <= CHECKOUT_MAX_BYTES
+
     @contextlib.contextmanager
     def checkout(self, state: CrashState) -> Iterator[Path]:
         """The state's image in place, no copy: valid inside the `with` only, and read-only (use it
-        as a qcow2 backing file, hash it, or copy it). Undone from a journal of overwritten bytes."""
+        as a qcow2 backing file, hash it, or copy it). Undone from a journal of overwritten bytes,
+        held in memory: ask checkout_fits first."""
         r = self.resolve(state)
         self._advance(r.cp.stable)
         undo: list[tuple[int, bytes]] = []

@@ -118,6 +118,15 @@ def command_verdict(argv: Sequence[str], image: Path, timeout: float = CHECK_CMD
     return Outcome.FS_INCONSISTENT, f"{argv[0]} exit {run.rc}: {first[0][:200]}"
 
 
+def _remembered(memo: readtrace.SameReads[tuple[Outcome, str]] | None, st: crashstates.CrashState,
+                image: Path) -> StateVerdict | None:
+    """The verdict of an earlier state that read the same bytes as `image` holds, if any."""
+    if memo is None or (hit := memo.lookup(image)) is None:
+        return None
+    (outcome, why), same = hit
+    return StateVerdict(st.id, outcome, why, same_as=same)
+
+
 def _judge(job: LogCheck, st: crashstates.CrashState, image: Path, memo: readtrace.SameReads[
         tuple[Outcome, str]] | None, workdir: str) -> StateVerdict:
     """The command's verdict on one state's image, its reads traced when `memo` keeps them."""
@@ -155,18 +164,19 @@ def check_slice(job: LogCheck, ids: Sequence[str], stop: threading.Event | None 
                     if stopped():
                         break
                     verdict = None
-                    if memo is not None or job.read_only:
-                        # Checked out in place to be compared, even when the command gets a copy.
+                    # Checked out in place to be compared, even when the command gets a copy; a
+                    # state too large to check out is compared on its copy.
+                    compared = (memo is not None or job.read_only) and mat.checkout_fits(st)
+                    if compared:
                         with mat.checkout(st) as image:
-                            if memo is not None and (hit := memo.lookup(image)) is not None:
-                                (outcome, why), same = hit
-                                verdict = StateVerdict(st.id, outcome, why, same_as=same)
-                            elif job.read_only:
+                            verdict = _remembered(memo, st, image)
+                            if verdict is None and job.read_only:
                                 verdict = _judge(job, st, image, memo, tmp)
                     if verdict is None:
                         copy = Path(tmp) / "state.img"
                         mat.build(st, copy)
-                        verdict = _judge(job, st, copy, memo, tmp)
+                        verdict = (None if compared else _remembered(memo, st, copy)) or \
+                            _judge(job, st, copy, memo, tmp)
                         copy.unlink()
                     out.append(verdict)
             return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crashlab import readtrace
+from crashlab import crashstates, logcheck, model, readtrace
 from crashlab.check.tools import run_tool
 
 LOGS = Path(__file__).parent / "data" / "logs"
@@ -144,3 +144,17 @@ def test_crash_check_reuses_verdicts_and_judges_every_state_as_running_the_comma
     assert b["same_reads"] == 0 and a["same_reads"] > a["states"] // 2  # most states cost no run
     if strategy == "random":
         assert a["outcomes"].get("fs-inconsistent") and any("same_reads_as" in f for f in a["failed"])
+
+
+def test_a_state_too_large_to_check_out_is_compared_on_its_copy_with_the_same_verdicts(
+        shim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = logcheck.LogCheck(LOGS / "ext4-dm-barrier-on.log.xz", model.config("dm", "writeback"),
+                            check_cmd=("e2fsck", "-fn", "{image}"), read_only=True)
+
+    def verdicts() -> tuple[list[tuple[str, str, str]], int]:
+        s = logcheck.check_log(job, jobs=1)
+        return [(v.state_id, v.outcome.value, v.reason) for v in s.failed], s.same_reads
+    in_place = verdicts()
+    monkeypatch.setattr(crashstates, "CHECKOUT_MAX_BYTES", 0)  # no state fits: every one is a copy
+    copies = verdicts()
+    assert copies == in_place and copies[1] > 100

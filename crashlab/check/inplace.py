@@ -64,7 +64,7 @@ def check_in_place(fs: str, states: Sequence[crashstates.CrashState],
     try:
         for st in states:
             record = None
-            if _written(mat, st) * COPY_RATIO <= mat.copy_bytes():
+            if mat.checkout_fits(st) and mat.written(st) * COPY_RATIO <= mat.copy_bytes():
                 undo.unlink(missing_ok=True)  # e2fsck refuses an undo file of another run
                 with mat.checkout(st) as base:
                     [record] = check_batch([item(st, base, undo)], backend=backend, workdir=scratch)
@@ -96,7 +96,3 @@ def revert(replay: Replay, undo: Path, image: Path) -> bool:
             return False
     return run_tool(replay.revert_command(str(undo), str(image)), REVERT_TIMEOUT).rc == 0
 
-
-def _written(mat: crashstates.Materializer, st: crashstates.CrashState) -> int:
-    entries = mat.reader.index()
-    return sum(entries[i].length for i, _ in mat.resolve(st).ops())
