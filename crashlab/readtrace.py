@@ -120,14 +120,25 @@ def contents(image: str | os.PathLike[str], reads: Sequence[tuple[int, int]]) ->
     return b"".join(parts)
 
 
-@functools.cache
 def library() -> Path | None:
     """The shim, compiled on first use into the cache (by a hash of its source and the compiler);
     None where there is no compiler or the build fails (`unavailable()` says why)."""
+    built = _build()
+    return built if isinstance(built, Path) else None
+
+
+def unavailable() -> str:
+    """Why reads cannot be traced here ("" when they can)."""
+    built = _build()
+    return built if isinstance(built, str) else ""
+
+
+@functools.cache
+def _build() -> Path | str:
+    """The shim's path, or why there is none."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
-        _why.append("no C compiler (gcc)")
-        return None
+        return "no C compiler (gcc)"
     version = proc.run([gcc, "--version"], 30).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + version).hexdigest()[:16]
     dest = cache_root() / f"readtrace-{key}.so"
@@ -140,21 +151,12 @@ def library() -> Path | None:
         done = proc.run([gcc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-ldl"], BUILD_TIMEOUT_S)
         if done.returncode != 0:
             first = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
-            _why.append(f"the shim did not build: {first[:200]}")
-            return None
+            return f"the shim did not build: {first[:200]}"
         os.replace(tmp, dest)  # another process building the same source renames the same bytes
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return dest
-
-
-_why: list[str] = []
-
-
-def unavailable() -> str:
-    """Why reads cannot be traced here ("" when they can)."""
-    return "" if library() is not None else (_why[-1] if _why else "unknown")
 
 
 @contextlib.contextmanager
