@@ -48,8 +48,9 @@ EXIT_INCONCLUSIVE = 4  # states missing, not checked, or too few to bound the ra
 
 # The known-unsafe reference: only its fs, cache mode and barrier; the rest comes from the policy.
 SENSITIVITY = Cell(fs="ext4", cache=CACHE_MODES["unsafe"], barrier=False)
-DEFAULT_STATES = 32  # 0 of 32 bounds the failure rate below 9 % at 95 %
-DEFAULT_MAX_RATE = 0.01  # a pass bounds the failure rate below this at 95 %: 299 clean states
+DEFAULT_MAX_RATE = 0.01  # a pass bounds the failure rate below this at 95 %
+# As many as can pass at the default max rate (299): fewer could never pass, whatever they showed.
+DEFAULT_STATES = stats.states_needed(DEFAULT_MAX_RATE)
 DEFAULT_CELL = Cell(cache=CACHE_MODES["none"])
 STATES_DESCRIBED = 10  # in full; the rest by id, so a bad policy does not bury the verdict
 

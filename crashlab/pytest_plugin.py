@@ -43,8 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--crashlab-cache", default="none", help="Cache mode under test [default: none].")
     g.addoption("--crashlab-barrier", default="on", choices=("on", "off"),
                 help="Filesystem barriers [default: on].")
-    g.addoption("--crashlab-states", type=int, default=32,
-                help="Crash states per cell [default: 32: 0 of 32 bounds the rate below 9 %% at 95 %%].")
+    g.addoption("--crashlab-states", type=int, default=None,
+                help="Crash states per cell [default: as many as can pass at --crashlab-max-rate, 299 "
+                     "at 1 %%].")
     g.addoption("--crashlab-max-rate", type=float, default=1.0, metavar="PERCENT",
                 help="assert_safe passes only if the cell's exact 95 %% upper bound on its failure rate "
                      "is below this [default: 1: 299 states without a failure].")
@@ -86,7 +87,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _fs_list(config.getoption("crashlab_fs"))
     _drive(config)
     _scheduler(config)
-    if config.getoption("crashlab_states") < 1:
+    if (states := config.getoption("crashlab_states")) is not None and states < 1:
         raise pytest.UsageError("--crashlab-states must be at least 1")
     if not 0 < config.getoption("crashlab_max_rate") <= 100:
         raise pytest.UsageError("--crashlab-max-rate must be a percentage above 0 and at most 100")
@@ -165,10 +166,12 @@ class Options:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Options:
+        from crashlab import stats
         opt = config.getoption
         store = opt("crashlab_store")
         return cls(fs=tuple(_fs_list(opt("crashlab_fs"))), cache=opt("crashlab_cache"),
-                   barrier=opt("crashlab_barrier"), states=opt("crashlab_states"),
+                   barrier=opt("crashlab_barrier"),
+                   states=opt("crashlab_states") or stats.states_needed(opt("crashlab_max_rate") / 100),
                    max_rate=opt("crashlab_max_rate") / 100, seed=opt("crashlab_seed"),
                    workload=opt("crashlab_workload"), strategy=opt("crashlab_strategy"),
                    store=Path(store).absolute() if store else config.rootpath / "results" / "crashlab.sqlite",

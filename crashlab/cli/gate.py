@@ -30,8 +30,8 @@ Exit status:
               help=f"Filesystems, comma-separated: {', '.join(FILESYSTEMS)}.")
 @click.option("--cache", default="none", show_default=True, help="The proposed cache mode.")
 @click.option("--barrier", type=click.Choice(["on", "off"]), default="on", show_default=True)
-@click.option("--states", type=click.IntRange(1, MAX_STATES), default=gate.DEFAULT_STATES, show_default=True,
-              help="Crash states per cell (0 of 32 bounds the rate below 9 % at 95 %).")
+@click.option("--states", type=click.IntRange(1, MAX_STATES), default=None,
+              help="Crash states per cell [default: as many as can pass at --max-rate, 299 at 1 %].")
 @click.option("--workload", default="smallfiles", show_default=True)
 @click.option("--recorder", default="qemu", show_default=True)
 @click.option("--storage", default="local", show_default=True,
@@ -67,7 +67,7 @@ Exit status:
               help="The XML as proposed: the gate decides on it, and compares it with --before "
                    "(Fisher's exact test per filesystem, Holm-adjusted).")
 @shipped.options()
-def command(fs: str, cache: str, barrier: str, states: int, workload: str, recorder: str, storage: str,
+def command(fs: str, cache: str, barrier: str, states: int | None, workload: str, recorder: str, storage: str,
             window: str, seed: int, scale: int, strategy: str, max_rate: float, sensitivity: bool,
             store_path: Path, workers: int | None, scheduler: str | None, unit_states: int | None,
             host_mount: bool, before: Path | None, after: Path | None, **drive_options: Any) -> None:
@@ -94,6 +94,7 @@ def command(fs: str, cache: str, barrier: str, states: int, workload: str, recor
         fields = dict(cache=drive.pop("cache", cache), barrier=barrier, workload=workload, recorder=recorder,
                       window=window, seed=seed, scale=scale, strategy=strategy, storage=storage, **drive)
         cell = Cell.parse({**fields, **(pair[1] if pair else {})})
+        states = states or stats.states_needed(max_rate / 100)
         policy = gate.Policy(cell, fs=tuple(f.strip() for f in fs.split(",") if f.strip()), states=states,
                              sensitivity=sensitivity, max_rate=max_rate / 100)
         cells = policy.cells()
