@@ -89,6 +89,7 @@ class CellCheck:
     expected: int
     unchecked: Counter[str] = field(default_factory=Counter)  # checker-errors the checker caused, by why
     rows: tuple[StateRow, ...] = ()  # the stored states counted, when read from a store
+    exhausted: bool = False  # its recording yields fewer distinct crash states than were asked
 
     @property
     def result(self) -> report.CellResult:
@@ -184,10 +185,15 @@ def decide(policy: Sequence[CellCheck], sensitivity: CellCheck | None,
     weak = [c for c in policy if c.failed.upper95 >= max_rate]
     if weak:
         need = stats.states_needed(max_rate)
+        few = [c for c in weak if c.exhausted]
+        # More --states cannot help a cell whose recording has no more distinct states to give.
+        bigger = ("; " + ", ".join(names(c.cell) for c in few) + f": its recording yields only "
+                  f"{', '.join(str(c.expected) for c in few)} distinct crash states, so it needs a larger "
+                  "workload (a higher scale)") if few else ""
         return Decision(EXIT_INCONCLUSIVE, "INCONCLUSIVE: no failure, but too few states: "
                         + ", ".join(f"{names(c.cell)} {rate_text(c.failed)}" for c in weak)
                         + f", not below the max rate {percent(max_rate)}; {need} states per cell without "
-                        "a failure would bound it below", lines)
+                        "a failure would bound it below" + bigger, lines)
     note = "" if sensitivity is not None else " (sensitivity check skipped)"
     return Decision(EXIT_PASS, f"PASS: no crash state of the proposed policy was corrupt or lost fsynced "
                     f"data; {rate_text(pooled(policy))}, below the max rate {percent(max_rate)}{note}", lines)
@@ -266,7 +272,8 @@ def check(store: Store, cell: Cell, states: int) -> CellCheck:
     rows = tuple(r for r in store.states(cell.key) if r.state_id in asked)
     unchecked = Counter(r.record.checker_fault for r in rows
                         if r.outcome is Outcome.CHECKER_ERROR and r.record.checker_fault)
-    return CellCheck(cell, Counter(r.outcome for r in rows), len(ids) or states, unchecked, rows)
+    return CellCheck(cell, Counter(r.outcome for r in rows), len(ids) or states, unchecked, rows,
+                     exhausted=0 < len(ids) < states)
 
 
 # --- running -------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "is below this [default: 1: 299 states without a failure].")
     g.addoption("--crashlab-seed", type=int, default=1, help="Workload and crash-state seed [default: 1].")
     g.addoption("--crashlab-workload", default="smallfiles", help="Workload [default: smallfiles].")
+    g.addoption("--crashlab-scale", type=int, default=1,
+                help="Workload scale: a larger one yields more distinct crash states, which a policy "
+                     "cell with barriers needs to reach --crashlab-states [default: 1].")
     g.addoption("--crashlab-storage", default="local", choices=("local", "nbd"),
                 help="The guest's disk: a local file, or an NBD export logged on its server "
                      "[default: local].")
@@ -89,6 +92,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _scheduler(config)
     if (states := config.getoption("crashlab_states")) is not None and states < 1:
         raise pytest.UsageError("--crashlab-states must be at least 1")
+    if config.getoption("crashlab_scale") < 1:
+        raise pytest.UsageError("--crashlab-scale must be at least 1")
     if not 0 < config.getoption("crashlab_max_rate") <= 100:
         raise pytest.UsageError("--crashlab-max-rate must be a percentage above 0 and at most 100")
 
@@ -163,6 +168,7 @@ class Options:
     storage: str = "local"
     drive: dict[str, str] = field(default_factory=dict)  # cell fields of the disk, kernel and QEMU
     scheduler: str | None = None  # a Dask scheduler's address; None: a cluster on this machine
+    scale: int = 1
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Options:
@@ -177,7 +183,8 @@ class Options:
                    store=Path(store).absolute() if store else config.rootpath / "results" / "crashlab.sqlite",
                    host_mount=opt("crashlab_host_mount"), workers=opt("crashlab_workers"),
                    command="pytest " + shlex.join(config.invocation_params.args),
-                   storage=opt("crashlab_storage"), drive=_drive(config), scheduler=_scheduler(config))
+                   storage=opt("crashlab_storage"), drive=_drive(config), scheduler=_scheduler(config),
+                   scale=opt("crashlab_scale"))
 
     @property
     def policy(self) -> gate.Policy:
@@ -187,7 +194,7 @@ class Options:
 
         cell = Cell.parse({"cache": self.cache, "barrier": self.barrier, "workload": self.workload,
                            "seed": self.seed, "strategy": self.strategy, "storage": self.storage,
-                           **self.drive}, gate.DEFAULT_CELL)
+                           "scale": self.scale, **self.drive}, gate.DEFAULT_CELL)
         return gate.Policy(cell, fs=self.fs, states=self.states, max_rate=self.max_rate)
 
 

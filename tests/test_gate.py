@@ -98,6 +98,15 @@ def test_the_default_max_rate_does_not_pass_a_handful_of_clean_states() -> None:
     assert d.code == gate.EXIT_INCONCLUSIVE and "95 % upper bound 52.7 %" in d.verdict
 
 
+def test_a_cell_whose_recording_has_too_few_distinct_states_is_told_more_states_cannot_help() -> None:
+    few = replace(cc(expected=124, consistent=124), exhausted=True)
+    d = gate.decide([few], cc(cell=REFERENCE, data_loss=4), 0.01)
+    assert d.code == gate.EXIT_INCONCLUSIVE
+    assert "yields only 124 distinct crash states" in d.verdict and "larger workload" in d.verdict
+    d = gate.decide([cc(expected=124, consistent=124)], cc(cell=REFERENCE, data_loss=4), 0.01)
+    assert "distinct" not in d.verdict  # fewer asked: more states would do
+
+
 def test_max_rate_holds_per_cell_not_pooled() -> None:
     # 0/299 and 0/60 pool to 0/359, bound below 1 %; the 60-state cell alone is not.
     big = cc(expected=299, consistent=299)

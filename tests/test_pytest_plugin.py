@@ -83,7 +83,8 @@ def test_crashlab_fs_runs_once_per_filesystem_and_the_marker_deselects(pytester:
 def test_bad_options_stop_the_session(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x="def test_nothing(): pass")
     for args in (["--crashlab-states", "0"], ["--crashlab-fs", " , "], ["--crashlab-max-rate", "0"],
-                 ["--crashlab-max-rate", "101"], ["--crashlab-scheduler", "http://x"]):
+                 ["--crashlab-max-rate", "101"], ["--crashlab-scheduler", "http://x"],
+                 ["--crashlab-scale", "0"]):
         result = pytester.runpytest(*args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         assert "--crashlab-" in result.stderr.str()
