@@ -7,10 +7,14 @@ that; raising `Terminated` from the handler gives it the same unwinding, then ex
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from typing import NoReturn
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -50,3 +54,16 @@ def ignore_more() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_after_cleanup(status: int) -> NoReturn:
+    """Run every exit handler (guests, clusters, run directories), then end with `status` itself.
+    A plain `sys.exit` leaves the status to the interpreter's finalization, and that can still end
+    the process by SIGINT: CI's kill loop saw status -2 after "interrupted" was printed and SIGINT
+    was ignored (the cause was not found; CPython kills itself with SIGINT at exit once it has seen
+    a KeyboardInterrupt escape), so the documented status is given here, after the same cleanup."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

@@ -81,11 +81,11 @@ def main() -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         signals.ignore_more()
         click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        signals.exit_after_cleanup(EXIT_INTERRUPTED)
     except signals.Terminated:
         signals.ignore_more()
         click.echo("terminated", err=True)
-        sys.exit(EXIT_TERMINATED)
+        signals.exit_after_cleanup(EXIT_TERMINATED)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
