@@ -489,6 +489,7 @@ class Materializer:
                 raise
         self._at = 0  # ops [0, _at) are applied to the base
         self.rebuilds = 0
+        self._resolved: tuple[CrashState, Resolved] | None = None  # the last state's, asked again
 
     def resolve(self, state: CrashState) -> Resolved:
         if state.digest != self.digest[:DIGEST_CHARS]:
@@ -496,7 +497,10 @@ class Materializer:
                                   f"not this log ({self.digest[:DIGEST_CHARS]})")
         if state.cfg != self.model.cfg:
             raise CrashStateError(f"crash state {state.id} uses another model config than this builder")
-        return resolve(self.model, state)
+        # A checker asks what a state writes, whether it fits a checkout, then checks it out: once.
+        if self._resolved is None or self._resolved[0] != state:
+            self._resolved = (state, resolve(self.model, state))
+        return self._resolved[1]
 
     def _advance(self, stable: int) -> None:
         with _writing(f"the base image {self.base}"):
