@@ -30,16 +30,14 @@ def run_tool(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, cwd: str | N
     run = ToolRun(argv=argv)
     t0 = time.monotonic()
     search = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"  # the PATH of the moment
-    path = _which(argv[0], search)
-    if path is None:
-        run.missing = True
-        run.error = f"{argv[0]} not found"
-        return run
-    try:
-        # Pipes, not ptys: a guest has none.
-        done = proc.run([path, *argv[1:]], timeout, cwd=cwd, env=env)
-    except FileNotFoundError:  # removed since it was found: look again next time
-        _found.pop((argv[0], search), None)
+    done = None
+    if (path := _which(argv[0], search)) is not None:
+        try:
+            # Pipes, not ptys: a guest has none.
+            done = proc.run([path, *argv[1:]], timeout, cwd=cwd, env=env)
+        except FileNotFoundError:  # removed since it was found: look again next time
+            _found.pop((argv[0], search), None)
+    if done is None:
         run.missing = True
         run.error = f"{argv[0]} not found"
         return run
