@@ -61,7 +61,9 @@ def exit_after_cleanup(status: int) -> NoReturn:
     A plain `sys.exit` leaves the status to the interpreter's finalization, and that can still end
     the process by SIGINT: CI's kill loop saw status -2 after "interrupted" was printed and SIGINT
     was ignored (the cause was not found; CPython kills itself with SIGINT at exit once it has seen
-    a KeyboardInterrupt escape), so the documented status is given here, after the same cleanup."""
+    a KeyboardInterrupt escape), so the documented status is given here, after the same cleanup,
+    in finalization's order: other threads joined first, then the exit handlers."""
+    threading._shutdown()  # type: ignore[attr-defined]  # what finalization calls first
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
